@@ -1,0 +1,1 @@
+"""Built-in pipeline stages and provider adapters, registered as entry points."""

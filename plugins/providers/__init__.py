@@ -1,0 +1,1 @@
+"""Provider adapters: turn a context into an upstream request and the answer back into OpenAI's shape."""

@@ -1,0 +1,124 @@
+"""Builds the aiohttp application from a `Config`: everything is decided here, once, at start-up."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+import uuid
+from typing import Any, Awaitable, Callable, Mapping
+
+import structlog
+from aiohttp import web
+
+from proxy.catalog import Catalog, seed_rows
+from proxy.clientip import ClientIP
+from proxy.config import Config
+from proxy.errors import GatewayError
+from proxy.forward import Forwarder
+from proxy.handlers import CONTEXT, REQUEST_ID, ChatHandler, ModelsHandler, healthz
+from proxy.pipeline import compose
+from proxy.registry import STAGES, build, load
+from proxy.routing import Router, build_providers
+from proxy import sync
+
+BASES = ("/api/gateway", "/api/gateway/v1", "/api/openrouter", "/api/openrouter/v1", "/api/v1", "/v1")
+
+access_log = structlog.get_logger("turnstile.access")
+log = structlog.get_logger("turnstile")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _http_error(exc: web.HTTPException, max_body: int) -> GatewayError:
+    if exc.status == 404:
+        return GatewayError(404, "not_found", "No such endpoint. Chat is at {base}/chat/completions.", code="not_found")
+    if exc.status == 405:
+        return GatewayError(405, "method_not_allowed", "Method not allowed.", code="method_not_allowed",
+                            headers={"Allow": exc.headers.get("Allow", "")})
+    if exc.status == 413:
+        return GatewayError(413, "request_too_large", f"Request body is larger than the {max_body}-byte limit.",
+                            code="request_too_large")
+    return GatewayError(exc.status, "invalid_request", exc.reason or "Bad request.")
+
+
+def make_middleware(max_body: int) -> Any:
+    @web.middleware
+    async def gateway_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Gives every request an id, renders every refusal, and writes the one access-log line."""
+        request[REQUEST_ID] = uuid.uuid4().hex
+        start = time.monotonic()
+        try:
+            response = await handler(request)
+        except GatewayError as exc:
+            response = exc.response()
+        except web.HTTPException as exc:
+            response = _http_error(exc, max_body).response()
+        except asyncio.CancelledError:
+            _access(request, start, 499)
+            raise
+        except Exception:
+            log.exception("unhandled_error", request_id=request[REQUEST_ID], path=request.path)
+            response = GatewayError(500, "internal_error", "Internal error; it has been logged.").response()
+        _access(request, start, response.status)
+        return response
+
+    return gateway_middleware
+
+
+def _access(request: web.Request, start: float, status: int) -> None:
+    ctx = request.get(CONTEXT)
+    now = time.monotonic()
+    fields: dict[str, Any] = {
+        "request_id": request[REQUEST_ID],
+        "method": request.method,
+        "path": request.path,
+        "status": status,
+        "total_ms": round((now - start) * 1000, 2),
+    }
+    if ctx is not None:
+        fields["status"] = ctx.status or status
+        fields["model"] = ctx.model.id
+        if ctx.requested_model != ctx.model.id:
+            fields["requested_model"] = ctx.requested_model
+        fields["route"] = ctx.provider
+        fields["bytes_out"] = ctx.bytes_out
+        if ctx.first_byte_at:
+            fields["ttfb_ms"] = round((ctx.first_byte_at - start) * 1000, 2)
+    access_log.info("request", **fields)
+
+
+async def _request_id_header(request: web.Request, response: web.StreamResponse) -> None:
+    rid = request.get(REQUEST_ID)
+    if rid:
+        response.headers["X-Request-Id"] = rid
+
+
+def create_app(config: Config, env: Mapping[str, str] = os.environ) -> web.Application:
+    catalog = Catalog(seed_rows())
+    catalog.update(config.models)
+    router = Router(build_providers(config.providers, env), catalog)
+    forwarder = Forwarder(router, config.upstream)
+    client_ip = ClientIP(config.server.trusted_proxies)
+    resources: dict[str, Any] = {"catalog": catalog, "config": config, "env": env}
+    stages = [
+        build(load(STAGES, row.use, f"pipeline[{i}] ({row.use})"), row.options, f"pipeline[{i}] ({row.use})", **resources)
+        for i, row in enumerate(config.pipeline)
+    ]
+    chat = ChatHandler(catalog, client_ip, compose(stages, forwarder))
+    models = ModelsHandler(catalog)
+
+    app = web.Application(client_max_size=config.server.max_body_bytes, middlewares=[make_middleware(config.server.max_body_bytes)])
+    app.on_response_prepare.append(_request_id_header)
+    app.cleanup_ctx.append(forwarder.session_ctx)
+    if config.catalog.sync:
+        app.cleanup_ctx.append(sync.catalog_sync(config.catalog, forwarder, router, env))
+    for base in BASES:
+        app.router.add_post(base + "/chat/completions", chat)
+        app.router.add_get(base + "/models", models)
+    app.router.add_get("/healthz", healthz)
+    app[CATALOG] = catalog
+    return app
+
+
+CATALOG = web.AppKey("catalog", Catalog)

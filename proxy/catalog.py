@@ -1,0 +1,96 @@
+"""The model catalog: the shipped seed list, the config's additions, and optionally OpenRouter's list.
+
+`/models` is serialised once per change, never per request.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any, Iterable
+
+import orjson
+
+from proxy.errors import model_not_found
+
+_PRIVATE = ("routes", "free")
+
+
+def is_free_id(model_id: str) -> bool:
+    return model_id.endswith(":free") or model_id in ("openrouter/free", "kilo-auto/free")
+
+
+@dataclass(slots=True, frozen=True)
+class Model:
+    id: str
+    free: bool
+    routes: dict[str, str]  # provider name -> that provider's name for the model
+    entry: dict[str, Any]  # the public `/models` entry
+    virtual: bool  # resolved to another model by a stage (kilo-auto/*)
+
+
+def _model(row: dict[str, Any]) -> Model:
+    entry = {k: v for k, v in row.items() if k not in _PRIVATE}
+    model_id = entry["id"]
+    free = bool(row.get("free", False)) or is_free_id(model_id)
+    entry.setdefault("name", model_id)
+    entry.setdefault("context_length", 0)
+    entry["isFree"] = free
+    entry.setdefault("mayTrainOnYourPrompts", free)
+    routes = dict(row.get("routes", {}))
+    return Model(model_id, free, routes, entry, virtual=not routes and model_id.startswith("kilo-auto/"))
+
+
+def seed_rows() -> list[dict[str, Any]]:
+    text = resources.files("proxy").joinpath("catalog.json").read_text("utf-8")
+    rows: list[dict[str, Any]] = json.loads(text)["models"]
+    return rows
+
+
+class Catalog:
+    """Models by id, plus the `/models` body ready to send."""
+
+    def __init__(self, rows: Iterable[dict[str, Any]]) -> None:
+        self._rows: dict[str, dict[str, Any]] = {}
+        self.models: dict[str, Model] = {}
+        self.body = b""
+        self.version = 0
+        self.update(rows)
+
+    def update(self, rows: Iterable[dict[str, Any]], *, keep_existing: bool = False) -> None:
+        """Add or override models (a row with a known id is merged over the old one)."""
+        for row in rows:
+            old = self._rows.get(row["id"])
+            if old is not None and keep_existing:
+                continue
+            self._rows[row["id"]] = {**old, **row} if old else dict(row)
+        self.models = {mid: _model(row) for mid, row in self._rows.items()}
+        entries = [m.entry for m in self.models.values()]
+        preferred = sorted((e for e in entries if "preferredIndex" in e), key=lambda e: e["preferredIndex"])
+        rest = [e for e in entries if "preferredIndex" not in e]
+        self.body = orjson.dumps({"data": preferred + rest})
+        self.version += 1
+
+    def get(self, model_id: str) -> Model | None:
+        return self.models.get(model_id)
+
+    def require(self, model_id: str) -> Model:
+        model = self.models.get(model_id)
+        if model is None:
+            raise model_not_found()
+        return model
+
+
+def from_upstream(data: Any, provider: str) -> list[dict[str, Any]]:
+    """Rows from an OpenRouter-shaped `/models` answer, each served by `provider`."""
+    rows = []
+    for e in data.get("data", []) if isinstance(data, dict) else []:
+        if not isinstance(e, dict) or not isinstance(e.get("id"), str):
+            continue
+        if not isinstance(e.get("context_length"), int) or not isinstance(e.get("name"), str):
+            continue  # the Kilo CLI rejects the whole list over one such entry
+        if e["id"].endswith(":batch"):
+            continue
+        rows.append({**e, "routes": {provider: e["id"]}})
+    return rows

@@ -1,0 +1,75 @@
+"""The HTTP endpoints: chat completions (validated, then handed to the pipeline), models, health."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from proxy.catalog import Catalog
+from proxy.clientip import ClientIP
+from proxy.context import Context
+from proxy.errors import GatewayError, invalid_request, model_not_found
+from proxy.pipeline import Next
+
+REQUEST_ID = web.RequestKey("request_id", str)
+CONTEXT = web.RequestKey("context", Context)
+
+_JSON = "application/json"
+
+
+def parse_body(raw: bytes) -> dict[str, Any]:
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise GatewayError(400, "invalid_request", f"Request body is not valid JSON: {exc}", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise invalid_request("Request body must be a JSON object.")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise invalid_request("Invalid request: `messages` must be a non-empty array.", param="messages")
+    stream = body.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise invalid_request("Invalid request: `stream` must be a boolean.", param="stream")
+    return body
+
+
+class ChatHandler:
+    def __init__(self, catalog: Catalog, client_ip: ClientIP, pipeline: Next) -> None:
+        self.catalog = catalog
+        self.client_ip = client_ip
+        self.pipeline = pipeline
+
+    async def __call__(self, request: web.Request) -> web.StreamResponse:
+        body = parse_body(await request.read())
+        model_id = body.get("model")
+        if not isinstance(model_id, str) or not model_id:
+            raise model_not_found()
+        model = self.catalog.get(model_id) or self.catalog.get(model_id.strip().lower())
+        if model is None:
+            raise model_not_found()
+        ctx = Context(
+            request=request,
+            request_id=request[REQUEST_ID],
+            catalog=self.catalog,
+            body=body,
+            stream=body.get("stream") is True,
+            client_ip=self.client_ip(request),
+            requested_model=model_id,
+            model=model,
+        )
+        request[CONTEXT] = ctx
+        return await self.pipeline(ctx)
+
+
+class ModelsHandler:
+    def __init__(self, catalog: Catalog) -> None:
+        self.catalog = catalog
+
+    async def __call__(self, request: web.Request) -> web.Response:
+        return web.Response(body=self.catalog.body, content_type=_JSON)
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.Response(body=b'{"status":"ok"}', content_type=_JSON)

@@ -1,0 +1,95 @@
+"""Which provider serves which model: decided once per catalog change, never per request."""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Callable, Mapping
+
+from plugins.providers.base import Provider
+from proxy.catalog import Catalog, Model
+from proxy.config import ProviderRow
+from proxy.errors import GatewayError, model_not_found
+from proxy.registry import PROVIDERS, build, load
+
+
+@dataclass(slots=True, frozen=True)
+class Route:
+    provider: Provider
+    upstream_model: str
+
+
+@dataclass(slots=True)
+class _Upstream:
+    row: ProviderRow
+    adapter: Provider | None  # None: its key is not set
+
+    def upstream_name(self, model: Model) -> str | None:
+        row = self.row
+        if model.id in row.model_map:
+            return row.model_map[model.id]
+        if row.name in model.routes:
+            return model.routes[row.name]
+        if any(fnmatch.fnmatchcase(model.id, p) for p in row.models):
+            return model.id.split("/", 1)[-1] if row.strip_prefix else model.id
+        return None
+
+
+def build_providers(rows: list[ProviderRow], env: Mapping[str, str] = os.environ) -> list[_Upstream]:
+    upstreams = []
+    for i, row in enumerate(rows):
+        where = f"providers[{i}] ({row.name})"
+        cls = load(PROVIDERS, row.use, where)
+        key = env.get(row.api_key_env, "") if row.api_key_env else ""
+        adapter = None
+        if key or not row.api_key_env:
+            base_url = env.get(row.base_url_env) or row.base_url
+            options: dict[str, Any] = {"name": row.name, "base_url": base_url, "api_key": key, "headers": row.headers}
+            adapter = build(cls, options, where)
+        upstreams.append(_Upstream(row, adapter))
+    return upstreams
+
+
+class Router:
+    def __init__(self, upstreams: list[_Upstream], catalog: Catalog) -> None:
+        self.upstreams = upstreams
+        self.catalog = catalog
+        # A refusal is stored as a factory: re-raising one instance would grow its traceback.
+        self.table: dict[str, Route | Callable[[], GatewayError]] = {}
+        self._version = -1
+        self.rebuild()
+
+    def rebuild(self) -> None:
+        self.table = {mid: self._decide(m) for mid, m in self.catalog.models.items()}
+        self._version = self.catalog.version
+
+    def _decide(self, model: Model) -> Route | Callable[[], GatewayError]:
+        wanted = []
+        for up in self.upstreams:
+            name = up.upstream_name(model)
+            if name is None:
+                continue
+            if up.adapter is not None:
+                return Route(up.adapter, name)
+            wanted.append(up.row.api_key_env)
+        if not wanted:
+            return model_not_found
+        env = " or ".join(dict.fromkeys(wanted))
+        return partial(
+            GatewayError,
+            503,
+            "provider_not_configured",
+            f"No provider is configured for {model.id}: set {env} in the gateway's environment.",
+        )
+
+    def route(self, model: Model) -> Route:
+        if self._version != self.catalog.version:
+            self.rebuild()
+        decided = self.table.get(model.id)
+        if decided is None:
+            raise model_not_found()
+        if isinstance(decided, Route):
+            return decided
+        raise decided()

@@ -1,0 +1,68 @@
+"""Optional catalog sync: merge an upstream's `/models` (OpenRouter's) at start-up and on an interval."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import AsyncIterator, Callable, Mapping
+
+import aiohttp
+import orjson
+import structlog
+from aiohttp import web
+
+from proxy.catalog import from_upstream
+from proxy.config import CatalogSettings, ConfigError
+from proxy.forward import Forwarder
+from proxy.routing import Router
+
+log = structlog.get_logger("turnstile.catalog")
+
+
+async def fetch_once(forwarder: Forwarder, router: Router, provider: str, url: str, headers: dict[str, str]) -> int:
+    assert forwarder.session is not None
+    async with forwarder.session.get(url, headers=headers) as resp:
+        resp.raise_for_status()
+        data = orjson.loads(await resp.read())
+    rows = from_upstream(data, provider)
+    # Curated entries (shipped or configured) win over the upstream's.
+    router.catalog.update(rows, keep_existing=True)
+    router.rebuild()
+    return len(rows)
+
+
+def catalog_sync(
+    settings: CatalogSettings, forwarder: Forwarder, router: Router, env: Mapping[str, str]
+) -> Callable[[web.Application], AsyncIterator[None]]:
+    row = next((u.row for u in router.upstreams if u.row.name == settings.sync_provider), None)
+    if row is None:
+        raise ConfigError(f"catalog.sync_provider: no provider named {settings.sync_provider!r}")
+    url = (env.get(row.base_url_env) or row.base_url).rstrip("/") + "/models"
+    headers = dict(row.headers)
+    key = env.get(row.api_key_env, "") if row.api_key_env else ""
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+
+    async def run_once() -> None:
+        try:
+            count = await fetch_once(forwarder, router, row.name, url, headers)
+            log.info("catalog_synced", provider=row.name, models=count, total=len(router.catalog.models))
+        except (aiohttp.ClientError, asyncio.TimeoutError, orjson.JSONDecodeError) as exc:
+            log.warning("catalog_sync_failed", provider=row.name, error=type(exc).__name__)
+
+    async def loop() -> None:
+        while True:
+            await asyncio.sleep(settings.sync_interval)
+            await run_once()
+
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        await run_once()
+        task = asyncio.create_task(loop())
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    return ctx
+
+
