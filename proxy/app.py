@@ -114,8 +114,8 @@ def create_app(config: Config, env: Mapping[str, str] = os.environ) -> web.Appli
     if config.catalog.sync:
         app.cleanup_ctx.append(sync.catalog_sync(config.catalog, forwarder, router, env))
     for base in BASES:
-        app.router.add_post(base + "/chat/completions", chat)
-        app.router.add_get(base + "/models", models)
+        app.router.add_post(base + "/chat/completions", chat.__call__)
+        app.router.add_get(base + "/models", models.__call__)
     app.router.add_get("/healthz", healthz)
     app[CATALOG] = catalog
     return app

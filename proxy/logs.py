@@ -16,7 +16,7 @@ from proxy.config import ConfigError, Logging
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
 
-def setup(settings: Logging, stream: object = None) -> None:
+def setup(settings: Logging, stream: object = None, cache: bool = False) -> None:
     level = _LEVELS.get(settings.level.lower())
     if level is None:
         raise ConfigError(f"logging.level: {settings.level!r} is not one of {', '.join(_LEVELS)}")
@@ -39,7 +39,7 @@ def setup(settings: Logging, stream: object = None) -> None:
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(level),
         logger_factory=factory,  # type: ignore[arg-type]
-        cache_logger_on_first_use=True,
+        cache_logger_on_first_use=cache,
     )
     # aiohttp and asyncio report through the standard library: route them to the same stream.
     logging.basicConfig(level=max(level, logging.WARNING), stream=out, format="%(levelname)s %(name)s: %(message)s")

@@ -24,7 +24,7 @@ def _use_uvloop() -> bool:
 
 
 def run(cfg: Config) -> int:
-    logs.setup(cfg.logging)
+    logs.setup(cfg.logging, cache=True)
     uvloop = _use_uvloop()
     app = create_app(cfg)
     host, port = cfg.server.host, cfg.server.port

@@ -1,0 +1,38 @@
+from __future__ import annotations
+
+from typing import Any, Awaitable, Callable
+
+import pytest
+from aiohttp.test_utils import TestClient
+
+from proxy.app import create_app
+from proxy.config import _merge, defaults_table, parse
+from tests.fakes import Upstream
+
+GatewayFactory = Callable[..., Awaitable[TestClient]]
+
+
+def make_config(**overrides: Any) -> Any:
+    """The embedded defaults with `overrides` laid over them as a config file would be."""
+    return parse(_merge(defaults_table(), overrides))
+
+
+@pytest.fixture
+async def upstream(aiohttp_server: Any) -> Upstream:
+    fake = Upstream()
+    fake.server = await aiohttp_server(fake.app())  # type: ignore[attr-defined]
+    fake.url = str(fake.server.make_url(""))  # type: ignore[attr-defined]
+    return fake
+
+
+@pytest.fixture
+def gateway(aiohttp_client: Any, upstream: Upstream) -> GatewayFactory:
+    """A gateway under aiohttp_client with only OpenRouter configured, pointed at the fake upstream."""
+
+    async def make(env: dict[str, str] | None = None, **overrides: Any) -> TestClient:
+        environment = {"OPENROUTER_API_KEY": "sk-or-test-key", "OPENROUTER_BASE_URL": upstream.url}  # type: ignore[attr-defined]
+        environment.update(env or {})
+        overrides.setdefault("pipeline", [])
+        return await aiohttp_client(create_app(make_config(**overrides), environment))
+
+    return make

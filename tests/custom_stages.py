@@ -1,0 +1,24 @@
+"""Stages a third party might write, loaded in tests by `module:Class` path."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from proxy.context import Context
+from proxy.pipeline import Next
+
+ORDER: list[str] = []
+
+
+class Tag:
+    """Records its name on the way in and out, and stamps a response header."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    async def __call__(self, ctx: Context, call_next: Next) -> web.StreamResponse:
+        ORDER.append(f"in:{self.name}")
+        ctx.response_headers[f"X-Stage-{self.name}"] = "1"
+        response = await call_next(ctx)
+        ORDER.append(f"out:{self.name}")
+        return response

@@ -1,0 +1,90 @@
+"""Fake upstreams: real aiohttp servers speaking OpenAI/OpenRouter on loopback, replaying recorded payloads."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+# Copies of shared/fixtures (recorded real payloads; each .src.txt names its origin).
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+
+def fixture_bytes(name: str) -> bytes:
+    return (FIXTURES / name).read_bytes()
+
+
+def fixture_json(name: str) -> Any:
+    return json.loads(fixture_bytes(name))
+
+
+STREAM_BODY = fixture_bytes("openrouter-chat-stream-reasoning-usage.derived.sse")
+JSON_BODY = fixture_bytes("openrouter-chat-response-nonstream-whitespace-prefix.json")
+
+
+@dataclass
+class Seen:
+    path: str
+    headers: dict[str, str]
+    body: dict[str, Any]
+
+
+@dataclass
+class Upstream:
+    """State and knobs of one fake upstream."""
+
+    seen: list[Seen] = field(default_factory=list)
+    models: list[dict[str, Any]] = field(default_factory=list)
+    # Behaviour of /chat/completions streams: "fixture", "huge", "slow".
+    mode: str = "fixture"
+    bytes_sent: int = 0
+    closed_at: float = 0.0
+    status: int = 200
+    error_body: bytes = b""
+    sndbuf: int = 0  # >0: a fixed send buffer, so the kernel holds little of what we "sent"
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_post("/chat/completions", self.chat)
+        app.router.add_post("/v1/chat/completions", self.chat)
+        app.router.add_get("/models", self.list_models)
+        return app
+
+    async def list_models(self, request: web.Request) -> web.Response:
+        return web.json_response({"data": self.models})
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        self.seen.append(Seen(request.path, dict(request.headers), body))
+        if self.status != 200:
+            return web.Response(status=self.status, body=self.error_body, content_type="application/json")
+        if not body.get("stream"):
+            return web.Response(body=JSON_BODY, content_type="application/json")
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        if self.sndbuf and request.transport is not None:
+            request.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.sndbuf)
+        await resp.prepare(request)
+        try:
+            if self.mode == "fixture":
+                await resp.write(STREAM_BODY)
+            elif self.mode == "huge":
+                chunk = b"data: " + b"x" * (64 * 1024 - 8) + b"\n\n"
+                while self.bytes_sent < 50 * 1024 * 1024:
+                    await resp.write(chunk)
+                    self.bytes_sent += len(chunk)
+            elif self.mode == "slow":
+                for i in range(600):
+                    await resp.write(b'data: {"choices":[{"index":0,"delta":{"content":"x"}}]}\n\n')
+                    self.bytes_sent += 1
+                    await asyncio.sleep(0.05)
+            await resp.write_eof()
+        except (ConnectionResetError, asyncio.CancelledError):
+            self.closed_at = time.monotonic()
+            raise
+        return resp

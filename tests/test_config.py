@@ -1,0 +1,66 @@
+"""Configuration: defaults, overrides, and errors that name the bad key; `turnstile check-config`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from proxy import config
+from proxy.cli import main
+from proxy.config import ConfigError
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "deploy" / "turnstile.example.toml"
+
+
+def test_defaults_need_no_file():
+    cfg = config.load(None)
+    assert (cfg.server.host, cfg.server.port) == ("127.0.0.1", 8787)
+    assert cfg.server.max_body_bytes == 4 * 1024 * 1024
+    assert cfg.limits.storage == "memory://"
+    assert [p.name for p in cfg.providers][-1] == "openrouter"
+
+
+def test_file_overrides_merge(tmp_path):
+    f = tmp_path / "c.toml"
+    f.write_text('[server]\nport = 9000\n[[providers]]\nname = "openrouter"\nbase_url = "http://mirror/v1"\n'
+                 '[[providers]]\nname = "ollama"\nbase_url = "http://127.0.0.1:11434/v1"\nmodels = ["ollama/*"]\nstrip_prefix = true\n')
+    cfg = config.load(f)
+    assert cfg.server.port == 9000 and cfg.server.host == "127.0.0.1"
+    by_name = {p.name: p for p in cfg.providers}
+    assert by_name["openrouter"].base_url == "http://mirror/v1"
+    assert by_name["openrouter"].api_key_env == "OPENROUTER_API_KEY"
+    assert cfg.providers[0].name == "ollama"  # an operator's own provider is preferred
+
+
+@pytest.mark.parametrize("text, named", [
+    ("[server]\nprot = 1\n", "server.prot: unknown key"),
+    ("[server]\nport = \"80\"\n", "server.port: expected int"),
+    ("[serverr]\n", "serverr: unknown key"),
+    ("[[providers]]\nname = \"x\"\n", "providers[0]: missing required key 'base_url'"),
+    ("[[providers]]\nname = \"x\"\nbase_url = \"u\"\napi_key = \"sk-secret\"\n", "providers[0].api_key: unknown key"),
+    ("[[pipeline]]\nopt = 1\n", "pipeline[0].use"),
+    ("[[models]]\nname = \"x\"\n", "models[0].id"),
+    ("[server]\nport = [\n", "not valid TOML"),
+])
+def test_errors_name_the_key(tmp_path, text, named):
+    f = tmp_path / "bad.toml"
+    f.write_text(text)
+    with pytest.raises(ConfigError, match=named.replace("[", r"\[").replace("]", r"\]")):
+        config.load(f)
+
+
+def test_check_config_cli(tmp_path, capsys):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[upstream]\nread_timout = 5\n")
+    assert main(["check-config", str(bad)]) == 2
+    assert "upstream.read_timout: unknown key" in capsys.readouterr().err
+    good = tmp_path / "good.toml"
+    good.write_text("[server]\nport = 9001\n")
+    assert main(["check-config", str(good)]) == 0
+    assert "OK" in capsys.readouterr().out
+    assert main(["check-config", str(tmp_path / "missing.toml")]) == 2
+
+
+def test_annotated_example_is_valid(capsys):
+    assert main(["check-config", str(EXAMPLE)]) == 0

@@ -1,0 +1,46 @@
+"""One access-log line per request, with the fields operators need and nothing secret."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import structlog
+from structlog.testing import capture_logs
+
+from proxy import logs
+from proxy.config import Logging
+
+SECRET_USER_KEY = "sk-user-very-secret-0001"
+CONTENT = "my private medical question"
+
+
+async def test_one_line_per_request_without_secrets(gateway):
+    client = await gateway()
+    body = {"model": "openai/gpt-5.4", "messages": [{"role": "user", "content": CONTENT}], "stream": True}
+    with capture_logs() as captured:
+        resp = await client.post("/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {SECRET_USER_KEY}"})
+        await resp.read()
+        await client.get("/v1/models")
+    lines = [e for e in captured if e["event"] == "request"]
+    assert len(lines) == 2
+    chat = lines[0]
+    assert chat["request_id"] == resp.headers["X-Request-Id"]
+    assert (chat["method"], chat["path"], chat["status"]) == ("POST", "/v1/chat/completions", 200)
+    assert chat["model"] == "openai/gpt-5.4" and chat["route"] == "openrouter"
+    assert chat["bytes_out"] > 0 and chat["ttfb_ms"] >= 0 and chat["total_ms"] >= chat["ttfb_ms"]
+    everything = json.dumps(captured, default=str)
+    assert SECRET_USER_KEY not in everything
+    assert "sk-or-test-key" not in everything
+    assert CONTENT not in everything
+
+
+def test_json_lines_when_not_a_terminal():
+    out = io.BytesIO()
+    logs.setup(Logging(level="info", format="json"), stream=out)
+    try:
+        structlog.get_logger("t").info("hello", n=1)
+        line = json.loads(out.getvalue().splitlines()[-1])
+        assert line["event"] == "hello" and line["n"] == 1 and line["level"] == "info"
+    finally:
+        structlog.reset_defaults()

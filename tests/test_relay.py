@@ -1,0 +1,101 @@
+"""The OpenAI-compatible relay: right upstream, right headers, bytes unchanged, SSE headers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from proxy.catalog import Catalog, seed_rows
+from tests.fakes import JSON_BODY, STREAM_BODY
+
+SEED = Catalog(seed_rows())
+ROUTED = [m for m in SEED.models.values() if "openrouter" in m.routes]
+
+
+def chat(model: str, stream: bool = False, **extra: object) -> dict:
+    return {"model": model, "messages": [{"role": "user", "content": "hi"}], "stream": stream, **extra}
+
+
+@pytest.mark.parametrize("model", [m.id for m in ROUTED])
+async def test_every_seed_model_reaches_openrouter_unchanged(gateway, upstream, model):
+    client = await gateway()
+    resp = await client.post("/api/gateway/chat/completions", json=chat(model))
+    assert resp.status == 200
+    assert await resp.read() == JSON_BODY
+    resp = await client.post("/api/gateway/chat/completions", json=chat(model, stream=True))
+    assert resp.status == 200
+    assert await resp.read() == STREAM_BODY
+    assert len(upstream.seen) == 2
+    for seen in upstream.seen:
+        assert seen.path == "/chat/completions"
+        assert seen.body["model"] == SEED.models[model].routes["openrouter"]
+        assert seen.headers["Authorization"] == "Bearer sk-or-test-key"
+        assert seen.headers["X-Title"] == "Turnstile"
+        assert seen.headers["Content-Type"] == "application/json"
+    assert upstream.seen[1].body["stream_options"] == {"include_usage": True}
+    assert "stream_options" not in upstream.seen[0].body
+
+
+async def test_stream_response_headers(gateway):
+    client = await gateway()
+    resp = await client.post("/v1/chat/completions", json=chat("openai/gpt-5.4", stream=True))
+    assert resp.headers["Content-Type"] == "text/event-stream"
+    assert resp.headers["Cache-Control"] == "no-cache"
+    assert resp.headers["X-Accel-Buffering"] == "no"
+    assert resp.headers["X-Request-Id"]
+    await resp.read()
+
+
+async def test_unknown_keys_pass_through_and_client_stream_options_are_kept(gateway, upstream):
+    client = await gateway()
+    body = chat("openai/gpt-5.4", stream=True, description="from the catalog", usage={"include": True},
+                stream_options={"include_obfuscation": False}, models=["a/b"])
+    resp = await client.post("/v1/chat/completions", json=body)
+    await resp.read()
+    seen = upstream.seen[0].body
+    assert seen["description"] == "from the catalog"
+    assert seen["usage"] == {"include": True}
+    assert seen["stream_options"] == {"include_obfuscation": False, "include_usage": True}
+    assert "models" not in seen  # our fallback list is not the upstream's business
+
+
+async def test_upstream_error_status_and_body_are_relayed(gateway, upstream):
+    upstream.status = 400
+    upstream.error_body = (json.dumps({"error": {"code": 400, "message": "Provider returned error"}})).encode()
+    client = await gateway()
+    resp = await client.post("/v1/chat/completions", json=chat("openai/gpt-5.4"))
+    assert resp.status == 400
+    assert await resp.read() == upstream.error_body
+
+
+async def test_direct_provider_preferred_when_its_key_is_set(gateway, upstream):
+    client = await gateway(env={"OPENAI_API_KEY": "sk-openai", "OPENAI_BASE_URL": upstream.url})
+    resp = await client.post("/v1/chat/completions", json=chat("openai/gpt-5.4"))
+    assert resp.status == 200
+    await resp.read()
+    assert upstream.seen[0].body["model"] == "gpt-5.4"
+    assert upstream.seen[0].headers["Authorization"] == "Bearer sk-openai"
+    # Anthropic's own adapter is not configured: Claude still goes through OpenRouter.
+    resp = await client.post("/v1/chat/completions", json=chat("anthropic/claude-sonnet-4.6"))
+    await resp.read()
+    assert upstream.seen[1].body["model"] == "anthropic/claude-sonnet-4.6"
+    assert upstream.seen[1].headers["Authorization"] == "Bearer sk-or-test-key"
+
+
+async def test_model_without_configured_provider_names_the_variable(gateway):
+    client = await gateway(env={"OPENROUTER_API_KEY": ""})
+    resp = await client.post("/v1/chat/completions", json=chat("x-ai/grok-4"))
+    assert resp.status == 503
+    body = await resp.json()
+    assert body["error_type"] == "provider_not_configured"
+    assert "XAI_API_KEY" in body["error"]["message"] and "OPENROUTER_API_KEY" in body["error"]["message"]
+
+
+async def test_unreachable_upstream_is_502(gateway, unused_tcp_port):
+    client = await gateway(env={"OPENROUTER_BASE_URL": f"http://127.0.0.1:{unused_tcp_port}"})
+    resp = await client.post("/v1/chat/completions", json=chat("openai/gpt-5.4"))
+    assert resp.status == 502
+    body = await resp.json()
+    assert body["error_type"] == "upstream_error"
+    assert "sk-or-test-key" not in json.dumps(body)
