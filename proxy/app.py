@@ -17,7 +17,9 @@ from proxy.config import Config
 from proxy.errors import GatewayError
 from proxy.forward import Forwarder
 from proxy.handlers import CONTEXT, REQUEST_ID, ChatHandler, ModelsHandler, healthz
+from proxy.keys import KeyStore
 from proxy.pipeline import compose
+from proxy.ratelimits import open_storage
 from proxy.registry import STAGES, build, load
 from proxy.routing import Router, build_providers
 from proxy import sync
@@ -100,17 +102,22 @@ def create_app(config: Config, env: Mapping[str, str] = os.environ) -> web.Appli
     router = Router(build_providers(config.providers, env), catalog)
     forwarder = Forwarder(router, config.upstream)
     client_ip = ClientIP(config.server.trusted_proxies)
-    resources: dict[str, Any] = {"catalog": catalog, "config": config, "env": env}
-    stages = [
-        build(load(STAGES, row.use, f"pipeline[{i}] ({row.use})"), row.options, f"pipeline[{i}] ({row.use})", **resources)
-        for i, row in enumerate(config.pipeline)
-    ]
+    keys = KeyStore(env.get("TURNSTILE_KEYS_DB") or config.keys.db, config.keys.refresh_interval)
+    storage = open_storage(config.limits.storage)
+    # What a stage may ask for by naming a constructor parameter after it.
+    resources: dict[str, Any] = {"catalog": catalog, "config": config, "keys": keys, "storage": storage}
+    stages = []
+    for i, row in enumerate(config.pipeline):
+        where = f"pipeline[{i}] ({row.use})"
+        stages.append(build(load(STAGES, row.use, where), row.options, where, **resources))
     chat = ChatHandler(catalog, client_ip, compose(stages, forwarder))
     models = ModelsHandler(catalog)
 
     app = web.Application(client_max_size=config.server.max_body_bytes, middlewares=[make_middleware(config.server.max_body_bytes)])
     app.on_response_prepare.append(_request_id_header)
     app.cleanup_ctx.append(forwarder.session_ctx)
+    if any(getattr(stage, "keys", None) is keys for stage in stages):
+        app.cleanup_ctx.append(keys.cleanup_ctx)  # opens (and first creates) the database
     if config.catalog.sync:
         app.cleanup_ctx.append(sync.catalog_sync(config.catalog, forwarder, router, env))
     for base in BASES:

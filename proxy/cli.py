@@ -32,6 +32,51 @@ def _check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _keys(args: argparse.Namespace) -> int:
+    import os
+
+    from proxy import keys
+
+    path = args.db or os.environ.get("TURNSTILE_KEYS_DB") or configuration.load(args.config).keys.db
+    db = keys.connect(path)
+    try:
+        if args.action == "create":
+            account, key = keys.create(db, args.name, args.balance)
+            print(f"Created account {account.id} ({account.name}), balance ${account.balance:.2f}.")
+            print("API key (shown only this once):")
+            print(key)
+        elif args.action == "list":
+            print(f"{'ID':>4}  {'NAME':<24} {'KEY':<10} {'BALANCE USD':>14}  STATUS")
+            for a in keys.list_accounts(db):
+                status = "revoked" if a.revoked_at else "active"
+                print(f"{a.id:>4}  {a.name[:24]:<24} {a.key_hint:<10} {a.balance_micros / 1e6:>14.6f}  {status}")
+        elif args.action == "set-balance":
+            if not keys.set_balance(db, args.id, args.usd):
+                print(f"turnstile: no account {args.id}", file=sys.stderr)
+                return 1
+            print(f"Account {args.id}: balance set to ${args.usd}.")
+        elif args.action == "revoke":
+            if not keys.revoke(db, args.id):
+                print(f"turnstile: no active account {args.id}", file=sys.stderr)
+                return 1
+            print(f"Account {args.id}: key revoked.")
+    finally:
+        db.close()
+    return 0
+
+
+def _usd(text: str) -> str:
+    from decimal import Decimal, InvalidOperation
+
+    try:
+        value = Decimal(text)
+    except InvalidOperation:
+        raise argparse.ArgumentTypeError(f"not an amount in USD: {text!r}") from None
+    if not value.is_finite():
+        raise argparse.ArgumentTypeError(f"not an amount in USD: {text!r}")
+    return text
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="turnstile", description="Turnstile, an OpenAI-compatible AI gateway.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -44,6 +89,21 @@ def parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-config", help="validate a config file and exit")
     check.add_argument("file")
     check.set_defaults(run=_check)
+
+    keys = sub.add_parser("keys", help="manage accounts and their API keys")
+    keys.add_argument("--config", help="config file whose [keys] db to use")
+    keys.add_argument("--db", help="SQLite file (default: TURNSTILE_KEYS_DB, else the config's [keys] db)")
+    actions = keys.add_subparsers(dest="action", required=True)
+    create = actions.add_parser("create", help="create an account and print its key once")
+    create.add_argument("--name", required=True)
+    create.add_argument("--balance", type=_usd, default="0", help="starting balance in USD (default 0)")
+    actions.add_parser("list", help="list accounts (keys are never shown)")
+    balance = actions.add_parser("set-balance", help="set an account's balance in USD")
+    balance.add_argument("id", type=int)
+    balance.add_argument("usd", type=_usd)
+    revoke = actions.add_parser("revoke", help="revoke an account's key")
+    revoke.add_argument("id", type=int)
+    keys.set_defaults(run=_keys)
     return p
 
 

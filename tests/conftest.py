@@ -8,6 +8,7 @@ from aiohttp.test_utils import TestClient
 from proxy.app import create_app
 from proxy.config import _merge, defaults_table, parse
 from tests.fakes import Upstream
+from tests.redis_server import redis_url  # noqa: F401  (a fixture)
 
 GatewayFactory = Callable[..., Awaitable[TestClient]]
 
@@ -34,5 +35,38 @@ def gateway(aiohttp_client: Any, upstream: Upstream) -> GatewayFactory:
         environment.update(env or {})
         overrides.setdefault("pipeline", [])
         return await aiohttp_client(create_app(make_config(**overrides), environment))
+
+    return make
+
+
+@pytest.fixture
+def keys_db(tmp_path: Any) -> str:
+    return str(tmp_path / "keys.db")
+
+
+@pytest.fixture
+def kilo(gateway: GatewayFactory, keys_db: str) -> GatewayFactory:
+    """A gateway with the default Kilo pipeline (auth, automodel, freegate, ratelimit)."""
+
+    async def make(**overrides: Any) -> TestClient:
+        keys = {"db": keys_db, "refresh_interval": 0.2, **overrides.pop("keys", {})}
+        server = {"trusted_proxies": ["127.0.0.0/8"], **overrides.pop("server", {})}
+        pipeline = defaults_table()["pipeline"]
+        return await gateway(keys=keys, server=server, pipeline=overrides.pop("pipeline", pipeline), **overrides)
+
+    return make
+
+
+@pytest.fixture
+def account(keys_db: str) -> Callable[..., str]:
+    """Creates an account in the test's key database and returns its key."""
+    from proxy import keys
+
+    def make(name: str = "alice", balance: str = "10") -> str:
+        db = keys.connect(keys_db)
+        try:
+            return keys.create(db, name, balance)[1]
+        finally:
+            db.close()
 
     return make

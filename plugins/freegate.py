@@ -1,0 +1,38 @@
+"""Free models for everyone, paid models for accounts with balance (decisions 4, 5, 10).
+
+Reads ctx.model (already resolved from kilo-auto/*) and ctx.account.
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from proxy.context import Context
+from proxy.errors import GatewayError
+from proxy.pipeline import Next
+
+
+class FreeGate:
+    def __init__(
+        self,
+        title: str = "Paid Model - Credits Required",
+        message: str = "This is a paid model. To use paid models, you need to add credits.",
+        buy_credits_url: str = "",
+    ) -> None:
+        self.title = title
+        self.message = message
+        self.buy_credits_url = buy_credits_url
+
+    async def __call__(self, ctx: Context, call_next: Next) -> web.StreamResponse:
+        if not ctx.model.free:
+            account = ctx.account
+            if account is None:
+                raise GatewayError(
+                    401, "paid_model_auth_required", "You need to sign in to use this model.", code="PAID_MODEL_AUTH_REQUIRED"
+                )
+            if account.balance_micros <= 0:
+                extra: dict[str, object] = {"title": self.title, "balance": account.balance}
+                if self.buy_credits_url:
+                    extra["buyCreditsUrl"] = self.buy_credits_url
+                raise GatewayError(402, "usage_limit_exceeded", self.message, extra=extra)
+        return await call_next(ctx)

@@ -1,0 +1,80 @@
+"""Per-IP limits on free models (decisions 7, 8): a moving hourly window answered with 429, and a
+daily promotion cap for anonymous callers answered with 401 `PROMOTION_MODEL_LIMIT_REACHED`.
+
+Counted when the request starts, atomically in the shared storage. Reads ctx.model, ctx.account and
+ctx.client_ip; writes X-RateLimit-* into ctx.response_headers.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+from aiohttp import web
+from limits import parse
+from limits.aio.storage import Storage
+from limits.aio.strategies import MovingWindowRateLimiter
+
+from proxy.config import Config, ConfigError
+from proxy.context import Context
+from proxy.errors import GatewayError
+from proxy.pipeline import Next
+from proxy.ratelimits import is_shared
+
+RATE_LIMITED = "Free model usage limit reached. Please try again later or upgrade to a paid model."
+PROMOTION = (
+    "Sign up for free to continue and explore 500 other models. Takes 2 minutes, no credit card required. "
+    "Or come back later."
+)
+
+
+class RateLimit:
+    def __init__(
+        self,
+        storage: Storage,
+        config: Config,
+        limit: str = "200/hour",
+        daily_limit: str = "10000/day",
+        who: str = "anonymous",
+        retry_after: bool = False,
+        promotion_message: str = PROMOTION,
+    ) -> None:
+        if who not in ("anonymous", "free"):
+            raise ConfigError("ratelimit: option who must be 'anonymous' or 'free'")
+        if config.server.workers > 1 and not is_shared(config.limits.storage):
+            raise ConfigError(
+                f"ratelimit: server.workers = {config.server.workers} with memory:// storage would give each "
+                "process its own count and multiply the limit; set [limits] storage = \"redis://host:6379\""
+            )
+        try:
+            self.hourly = parse(limit)
+            self.daily = parse(daily_limit) if daily_limit else None
+        except ValueError as exc:
+            raise ConfigError(f"ratelimit: {exc}") from None
+        self.limiter = MovingWindowRateLimiter(storage)
+        self.everyone = who == "free"
+        self.retry_after = retry_after
+        self.promotion_message = promotion_message
+        self.limit_header = str(self.hourly.amount)
+
+    async def __call__(self, ctx: Context, call_next: Next) -> web.StreamResponse:
+        if not ctx.model.free or not (ctx.account is None or self.everyone):
+            return await call_next(ctx)
+        ip = ctx.client_ip
+        admitted = await self.limiter.hit(self.hourly, "free", ip)
+        reset, remaining = await self.limiter.get_window_stats(self.hourly, "free", ip)
+        headers = {
+            "X-RateLimit-Limit": self.limit_header,
+            "X-RateLimit-Remaining": str(max(remaining, 0)),
+            "X-RateLimit-Reset": str(math.ceil(reset)),
+        }
+        if not admitted:
+            if self.retry_after:
+                headers["Retry-After"] = str(max(1, math.ceil(reset - time.time())))
+            raise GatewayError(429, "rate_limit_exceeded", RATE_LIMITED, headers=headers)
+        if ctx.account is None and self.daily is not None and not await self.limiter.hit(self.daily, "promo", ip):
+            raise GatewayError(
+                401, "promotion_limit_reached", self.promotion_message, code="PROMOTION_MODEL_LIMIT_REACHED"
+            )
+        ctx.response_headers.update(headers)
+        return await call_next(ctx)

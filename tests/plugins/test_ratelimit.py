@@ -1,0 +1,93 @@
+"""The anonymous free-model limit: exact under concurrency, per client IP, shared through Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import pytest
+
+from proxy.app import create_app
+from proxy.config import ConfigError
+from tests.conftest import make_config
+
+FREE = {"model": "minimax/minimax-m2.5:free", "messages": [{"role": "user", "content": "hi"}]}
+
+
+def from_ip(ip: str) -> dict[str, str]:
+    return {"X-Forwarded-For": ip}
+
+
+async def burst(client, n: int, headers: dict[str, str]) -> list[int]:
+    async def one() -> int:
+        resp = await client.post("/v1/chat/completions", json=FREE, headers=headers)
+        await resp.read()
+        return resp.status
+
+    return list(await asyncio.gather(*(one() for _ in range(n))))
+
+
+async def test_exactly_200_per_ip_with_concurrency(kilo, account):
+    key = account("alice", balance="0")
+    client = await kilo()
+    ip = "198.51.100.7"
+    remaining = []
+    for _ in range(150):
+        resp = await client.post("/v1/chat/completions", json=FREE, headers=from_ip(ip))
+        assert resp.status == 200
+        assert resp.headers["X-RateLimit-Limit"] == "200"
+        remaining.append(int(resp.headers["X-RateLimit-Remaining"]))
+        await resp.read()
+    assert remaining == list(range(199, 49, -1))
+    statuses = await burst(client, 100, from_ip(ip))  # 100 at once across the boundary: exactly 50 fit
+    assert (statuses.count(200), statuses.count(429)) == (50, 50)
+    statuses = await burst(client, 50, from_ip(ip))
+    assert statuses == [429] * 50
+    # another IP, and a caller with a key, are unaffected
+    assert (await burst(client, 5, from_ip("203.0.113.9"))) == [200] * 5
+    assert (await burst(client, 5, {**from_ip(ip), "Authorization": f"Bearer {key}"})) == [200] * 5
+
+
+async def test_paid_models_are_not_counted(kilo, account):
+    key = account("alice", balance="10")
+    client = await kilo(pipeline=[{"use": "auth"}, {"use": "ratelimit", "limit": "1/hour"}])
+    paid = {**FREE, "model": "openai/gpt-5.4"}
+    for _ in range(3):
+        resp = await client.post("/v1/chat/completions", json=paid, headers={"Authorization": f"Bearer {key}"})
+        assert resp.status == 200 and "X-RateLimit-Remaining" not in resp.headers
+
+
+async def test_who_free_limits_key_holders_too(kilo, account):
+    key = account()
+    client = await kilo(pipeline=[{"use": "auth"}, {"use": "ratelimit", "limit": "2/hour", "who": "free"}])
+    statuses = await burst(client, 3, {"Authorization": f"Bearer {key}"})
+    assert sorted(statuses) == [200, 200, 429]
+
+
+async def test_retry_after_only_when_turned_on(kilo):
+    client = await kilo(pipeline=[{"use": "ratelimit", "limit": "1/hour", "retry_after": True}])
+    await burst(client, 1, {})
+    resp = await client.post("/v1/chat/completions", json=FREE)
+    assert resp.status == 429
+    assert 0 < int(resp.headers["Retry-After"]) <= 3600
+
+
+async def test_two_gateways_share_one_redis_limit(gateway, aiohttp_client, upstream, redis_url, keys_db):
+    ip = f"2001:db8::{uuid.uuid4().hex[:4]}"  # a fresh IP: the server may be shared between runs
+    cfg = dict(limits={"storage": redis_url}, server={"trusted_proxies": ["127.0.0.0/8"]},
+               keys={"db": keys_db}, pipeline=[{"use": "auth"}, {"use": "ratelimit"}])
+    first, second = await gateway(**cfg), await gateway(**cfg)
+    statuses = await asyncio.gather(burst(first, 150, from_ip(ip)), burst(second, 150, from_ip(ip)))
+    flat = statuses[0] + statuses[1]
+    assert flat.count(200) == 200
+    assert flat.count(429) == 100
+
+
+def test_memory_storage_with_several_workers_is_refused():
+    cfg = make_config(server={"workers": 2})
+    with pytest.raises(ConfigError, match="use|redis"):
+        create_app(cfg, {})
+
+
+def test_redis_storage_with_several_workers_is_accepted(redis_url):
+    create_app(make_config(server={"workers": 2}, limits={"storage": redis_url}), {})

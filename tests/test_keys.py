@@ -1,0 +1,82 @@
+"""Accounts and keys: the `turnstile keys` commands against a running gateway, and the stored form."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+
+from proxy.cli import main
+from proxy.keys import hash_key
+
+PAID = {"model": "openai/gpt-5.4", "messages": [{"role": "user", "content": "hi"}]}
+
+
+def cli(capsys, *args: str) -> str:
+    assert main(list(args)) == 0
+    return capsys.readouterr().out
+
+
+async def test_create_use_revoke(kilo, keys_db, capsys):
+    out = cli(capsys, "keys", "--db", keys_db, "create", "--name", "alice", "--balance", "12.5")
+    key = out.strip().splitlines()[-1]
+    assert key.startswith("tsk_") and len(key) > 40
+    client = await kilo()
+    auth = {"Authorization": f"Bearer {key}"}
+    resp = await client.post("/v1/chat/completions", json=PAID, headers=auth)
+    assert resp.status == 200
+
+    listing = cli(capsys, "keys", "--db", keys_db, "list")
+    assert "alice" in listing and "12.500000" in listing and key not in listing
+
+    cli(capsys, "keys", "--db", keys_db, "revoke", "1")
+    revoked_at = time.monotonic()
+    while True:
+        resp = await client.post("/v1/chat/completions", json=PAID, headers=auth)
+        if resp.status == 401:
+            break
+        assert time.monotonic() - revoked_at < 5, "the running gateway still accepts a revoked key"
+        await asyncio.sleep(0.1)
+    assert (await resp.json())["error"]["code"] == "invalid_api_key"
+
+
+async def test_set_balance_reaches_the_running_gateway(kilo, keys_db, capsys):
+    key = cli(capsys, "keys", "--db", keys_db, "create", "--name", "bob").strip().splitlines()[-1]
+    client = await kilo()
+    auth = {"Authorization": f"Bearer {key}"}
+    assert (await client.post("/v1/chat/completions", json=PAID, headers=auth)).status == 402
+    cli(capsys, "keys", "--db", keys_db, "set-balance", "1", "3")
+    deadline = time.monotonic() + 5
+    while (await client.post("/v1/chat/completions", json=PAID, headers=auth)).status != 200:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.1)
+
+
+def test_database_holds_no_key_in_clear(keys_db, capsys):
+    keys = [cli(capsys, "keys", "--db", keys_db, "create", "--name", f"u{i}").strip().splitlines()[-1] for i in range(3)]
+    raw = b""
+    for suffix in ("", "-wal", "-shm"):
+        try:
+            with open(keys_db + suffix, "rb") as f:
+                raw += f.read()
+        except FileNotFoundError:
+            pass
+    for key in keys:
+        assert key.encode() not in raw
+        assert key[4:20].encode() not in raw  # not even a long piece of it
+    db = sqlite3.connect(keys_db)
+    hashes = {row[0] for row in db.execute("SELECT key_hash FROM accounts")}
+    assert hashes == {hash_key(k) for k in keys}
+
+
+def test_env_variable_overrides_the_db_path(tmp_path, monkeypatch, capsys):
+    path = tmp_path / "env.db"
+    monkeypatch.setenv("TURNSTILE_KEYS_DB", str(path))
+    cli(capsys, "keys", "create", "--name", "carol")
+    assert path.exists()
+    assert "carol" in cli(capsys, "keys", "list")
+
+
+def test_unknown_account(keys_db, capsys):
+    assert main(["keys", "--db", keys_db, "revoke", "99"]) == 1
+    assert main(["keys", "--db", keys_db, "set-balance", "99", "1"]) == 1
