@@ -16,8 +16,10 @@ from proxy.clientip import ClientIP
 from proxy.config import Config
 from proxy.errors import GatewayError
 from proxy.forward import Forwarder
+from proxy.account import AccountHandlers
 from proxy.handlers import CONTEXT, REQUEST_ID, ChatHandler, ModelsHandler, healthz
 from proxy.keys import KeyStore
+from proxy.ledger import Ledger
 from proxy.pipeline import compose
 from proxy.ratelimits import open_storage
 from proxy.registry import STAGES, build, load
@@ -100,9 +102,10 @@ def create_app(config: Config, env: Mapping[str, str] = os.environ) -> web.Appli
     catalog = Catalog(seed_rows())
     catalog.update(config.models)
     router = Router(build_providers(config.providers, env), catalog)
-    forwarder = Forwarder(router, config.upstream)
-    client_ip = ClientIP(config.server.trusted_proxies)
     keys = KeyStore(env.get("TURNSTILE_KEYS_DB") or config.keys.db, config.keys.refresh_interval)
+    ledger = Ledger(keys, config.ledger.flush_interval)
+    forwarder = Forwarder(router, config.upstream, ledger)
+    client_ip = ClientIP(config.server.trusted_proxies)
     storage = open_storage(config.limits.storage)
     # What a stage may ask for by naming a constructor parameter after it.
     resources: dict[str, Any] = {"catalog": catalog, "config": config, "keys": keys, "storage": storage}
@@ -112,17 +115,21 @@ def create_app(config: Config, env: Mapping[str, str] = os.environ) -> web.Appli
         stages.append(build(load(STAGES, row.use, where), row.options, where, **resources))
     chat = ChatHandler(catalog, client_ip, compose(stages, forwarder))
     models = ModelsHandler(catalog)
+    account = AccountHandlers(keys, ledger, config)
 
     app = web.Application(client_max_size=config.server.max_body_bytes, middlewares=[make_middleware(config.server.max_body_bytes)])
     app.on_response_prepare.append(_request_id_header)
+    app.cleanup_ctx.append(keys.cleanup_ctx)  # opens (and first creates) the database
+    app.cleanup_ctx.append(ledger.cleanup_ctx)  # closed after the session: its last flush sees every request
     app.cleanup_ctx.append(forwarder.session_ctx)
-    if any(getattr(stage, "keys", None) is keys for stage in stages):
-        app.cleanup_ctx.append(keys.cleanup_ctx)  # opens (and first creates) the database
     if config.catalog.sync:
         app.cleanup_ctx.append(sync.catalog_sync(config.catalog, forwarder, router, env))
     for base in BASES:
         app.router.add_post(base + "/chat/completions", chat.__call__)
         app.router.add_get(base + "/models", models.__call__)
+        app.router.add_get(base + "/key", account.key)
+        app.router.add_get(base + "/auth/key", account.key)
+        app.router.add_get(base + "/generation", account.generation)
     app.router.add_get("/healthz", healthz)
     app[CATALOG] = catalog
     return app

@@ -13,6 +13,7 @@ from typing import Any, Iterable
 import orjson
 
 from proxy.errors import model_not_found
+from proxy.usage import Prices
 
 _PRIVATE = ("routes", "free")
 
@@ -27,7 +28,7 @@ class Model:
     free: bool
     routes: dict[str, str]  # provider name -> that provider's name for the model
     entry: dict[str, Any]  # the public `/models` entry
-    virtual: bool  # resolved to another model by a stage (kilo-auto/*)
+    prices: Prices
 
 
 def _model(row: dict[str, Any]) -> Model:
@@ -39,7 +40,7 @@ def _model(row: dict[str, Any]) -> Model:
     entry["isFree"] = free
     entry.setdefault("mayTrainOnYourPrompts", free)
     routes = dict(row.get("routes", {}))
-    return Model(model_id, free, routes, entry, virtual=not routes and model_id.startswith("kilo-auto/"))
+    return Model(model_id, free, routes, entry, Prices.from_pricing(entry.get("pricing"), free))
 
 
 def seed_rows() -> list[dict[str, Any]]:

@@ -53,6 +53,11 @@ class Keys:
 
 
 @dataclass(slots=True)
+class LedgerSettings:
+    flush_interval: float = 1.0
+
+
+@dataclass(slots=True)
 class Limits:
     storage: str = "memory://"
 
@@ -87,6 +92,7 @@ class Config:
     logging: Logging = field(default_factory=Logging)
     catalog: CatalogSettings = field(default_factory=CatalogSettings)
     keys: Keys = field(default_factory=Keys)
+    ledger: LedgerSettings = field(default_factory=LedgerSettings)
     limits: Limits = field(default_factory=Limits)
     pipeline: list[StageRow] = field(default_factory=list)
     providers: list[ProviderRow] = field(default_factory=list)
@@ -99,6 +105,7 @@ _SECTIONS = {
     "logging": Logging,
     "catalog": CatalogSettings,
     "keys": Keys,
+    "ledger": LedgerSettings,
     "limits": Limits,
 }
 

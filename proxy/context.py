@@ -10,6 +10,7 @@ from aiohttp import web
 if TYPE_CHECKING:
     from proxy.catalog import Catalog, Model
     from proxy.keys import Account
+    from proxy.usage import Meter
 
 
 @dataclass(slots=True)
@@ -22,12 +23,15 @@ class Context:
     client_ip: str
     requested_model: str
     model: Model  # the catalog entry that will be served; stages may replace it
+    started_at: float = 0.0
+    request_bytes: int = 0
     account: Account | None = None  # None = anonymous
     response_headers: dict[str, str] = field(default_factory=dict)
     provider: str = ""  # name of the provider that served the request
     first_byte_at: float = 0.0
     bytes_out: int = 0
     status: int = 0
+    meter: Meter | None = None  # usage and cost, once the provider answers
 
     @property
     def anonymous(self) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import orjson
@@ -42,7 +43,9 @@ class ChatHandler:
         self.pipeline = pipeline
 
     async def __call__(self, request: web.Request) -> web.StreamResponse:
-        body = parse_body(await request.read())
+        started = time.monotonic()
+        raw = await request.read()
+        body = parse_body(raw)
         model_id = body.get("model")
         if not isinstance(model_id, str) or not model_id:
             raise model_not_found()
@@ -58,6 +61,8 @@ class ChatHandler:
             client_ip=self.client_ip(request),
             requested_model=model_id,
             model=model,
+            started_at=started,
+            request_bytes=len(raw),
         )
         request[CONTEXT] = ctx
         return await self.pipeline(ctx)

@@ -33,7 +33,30 @@ CREATE TABLE IF NOT EXISTS accounts (
     balance_micros INTEGER NOT NULL DEFAULT 0,
     created_at REAL NOT NULL,
     revoked_at REAL
-)
+);
+CREATE TABLE IF NOT EXISTS ledger (
+    request_id TEXT PRIMARY KEY,
+    account_id INTEGER,
+    ip_hash TEXT,
+    model_asked TEXT NOT NULL,
+    model TEXT NOT NULL,
+    provider TEXT NOT NULL,
+    prompt_tokens INTEGER NOT NULL,
+    completion_tokens INTEGER NOT NULL,
+    reasoning_tokens INTEGER NOT NULL,
+    cached_tokens INTEGER NOT NULL,
+    cache_write_tokens INTEGER NOT NULL,
+    cost_micros INTEGER NOT NULL,
+    estimated INTEGER NOT NULL,
+    status INTEGER NOT NULL,
+    ttfb_ms REAL,
+    duration_ms REAL NOT NULL,
+    finish_reason TEXT,
+    streamed INTEGER NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS ledger_account ON ledger (account_id, created_at);
+CREATE INDEX IF NOT EXISTS ledger_time ON ledger (created_at);
 """
 
 
@@ -45,7 +68,7 @@ def to_micros(usd: str | float | Decimal) -> int:
     return int((Decimal(str(usd)) * MICROS).to_integral_value())
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True)
 class Account:
     id: int
     name: str
@@ -56,14 +79,16 @@ class Account:
 
     @property
     def balance(self) -> float:
-        """USD, for display only: arithmetic stays in integer micro-dollars."""
+        """USD, for display only: arithmetic stays in integer micro-dollars.
+
+        In the gateway, the balance already has this process's not-yet-written debits taken off."""
         return self.balance_micros / 1_000_000
 
 
 def connect(path: str) -> sqlite3.Connection:
     db = sqlite3.connect(path, timeout=10, isolation_level=None, check_same_thread=False)
     db.execute("PRAGMA journal_mode=WAL")
-    db.execute(_SCHEMA)
+    db.executescript(_SCHEMA)
     return db
 
 
@@ -96,40 +121,68 @@ def revoke(db: sqlite3.Connection, account_id: int) -> bool:
 
 
 class KeyStore:
-    """Live keys by hash, in memory; reloaded when the database changes."""
+    """Live keys by hash, in memory; reloaded when the database changes.
+
+    Debits of this process that the ledger has not written yet are kept aside (`unflushed`) and
+    taken off every balance it loads, so a balance never jumps back up between two writes.
+    """
 
     def __init__(self, path: str, refresh_interval: float = 1.0) -> None:
         self.path = path
         self.refresh_interval = refresh_interval
         self._by_hash: dict[str, Account] = {}
+        self._by_id: dict[int, Account] = {}
+        self.unflushed: dict[int, int] = {}
+        self.lock = asyncio.Lock()  # one reload or ledger write at a time
         self._db: sqlite3.Connection | None = None
         self._version = -1
 
     def lookup(self, key: str) -> Account | None:
         return self._by_hash.get(hash_key(key))
 
-    def _reload_if_changed(self) -> bool:
+    def debit(self, account_id: int, micros: int) -> None:
+        self.unflushed[account_id] = self.unflushed.get(account_id, 0) + micros
+        account = self._by_id.get(account_id)
+        if account is not None:
+            account.balance_micros -= micros
+
+    def _read_if_changed(self) -> list[tuple[str, Account]] | None:
         assert self._db is not None
         version = self._db.execute("PRAGMA data_version").fetchone()[0]
         if version == self._version:
-            return False
+            return None
+        self._version = version
         rows = self._db.execute(
             "SELECT key_hash, id, name, balance_micros, created_at, key_hint FROM accounts WHERE revoked_at IS NULL"
         ).fetchall()
-        self._by_hash = {r[0]: Account(r[1], r[2], r[3], r[4], None, r[5]) for r in rows}
-        self._version = version
-        return True
+        return [(r[0], Account(r[1], r[2], r[3], r[4], None, r[5])) for r in rows]
+
+    def _install(self, rows: list[tuple[str, Account]]) -> None:
+        for _, account in rows:
+            account.balance_micros -= self.unflushed.get(account.id, 0)
+        self._by_hash = dict(rows)
+        self._by_id = {a.id: a for _, a in rows}
 
     def open(self) -> None:
         self._db = connect(self.path)
-        self._reload_if_changed()
+        rows = self._read_if_changed()
+        self._install(rows or [])
+
+    async def refresh(self) -> bool:
+        """Reload if another connection committed; the caller holds `lock`."""
+        rows = await asyncio.to_thread(self._read_if_changed)
+        if rows is None:
+            return False
+        self._install(rows)
+        return True
 
     async def _watch(self) -> None:
         while True:
             await asyncio.sleep(self.refresh_interval)
             try:
-                if await asyncio.to_thread(self._reload_if_changed):
-                    log.info("keys_reloaded", accounts=len(self._by_hash))
+                async with self.lock:
+                    if await self.refresh():
+                        log.debug("keys_reloaded", accounts=len(self._by_hash))
             except sqlite3.Error as exc:
                 log.warning("keys_reload_failed", error=str(exc))
 

@@ -27,13 +27,14 @@ async def upstream(aiohttp_server: Any) -> Upstream:
 
 
 @pytest.fixture
-def gateway(aiohttp_client: Any, upstream: Upstream) -> GatewayFactory:
+def gateway(aiohttp_client: Any, upstream: Upstream, keys_db: str) -> GatewayFactory:
     """A gateway under aiohttp_client with only OpenRouter configured, pointed at the fake upstream."""
 
     async def make(env: dict[str, str] | None = None, **overrides: Any) -> TestClient:
         environment = {"OPENROUTER_API_KEY": "sk-or-test-key", "OPENROUTER_BASE_URL": upstream.url}  # type: ignore[attr-defined]
         environment.update(env or {})
         overrides.setdefault("pipeline", [])
+        overrides.setdefault("keys", {"db": keys_db})
         return await aiohttp_client(create_app(make_config(**overrides), environment))
 
     return make

@@ -28,6 +28,28 @@ STREAM_BODY = fixture_bytes("openrouter-chat-stream-reasoning-usage.derived.sse"
 JSON_BODY = fixture_bytes("openrouter-chat-response-nonstream-whitespace-prefix.json")
 
 
+def without_cost(body: bytes) -> list[object]:
+    """A response body as parsed events (SSE) or one JSON document, minus `usage.cost`, the one
+    field the gateway writes itself. Keep-alive comments and whitespace are kept as they are."""
+    parts: list[object] = []
+    if body.lstrip().startswith(b"{"):
+        parts.append(body[: len(body) - len(body.lstrip())])
+        events = [body.lstrip()]
+    else:
+        events = body.split(b"\n\n")
+    for event in events:
+        text = event[6:] if event.startswith(b"data: ") else event
+        try:
+            doc = json.loads(text)
+        except ValueError:
+            parts.append(event)
+            continue
+        if isinstance(doc, dict) and isinstance(doc.get("usage"), dict):
+            doc["usage"].pop("cost", None)
+        parts.append(doc)
+    return parts
+
+
 @dataclass
 class Seen:
     path: str

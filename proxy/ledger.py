@@ -1,0 +1,166 @@
+"""The ledger: one row per request that reached a provider, written in batches off the hot path,
+debiting each account by the rows' cost in the same transaction.
+
+A graceful stop writes everything; a crash loses at most one `flush_interval` of rows. Several
+gateway processes may share one database: debits are `balance = balance - ?` in a write
+transaction, so none is lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import sqlite3
+import time
+from dataclasses import dataclass, fields
+from typing import Any, AsyncIterator
+
+import structlog
+from aiohttp import web
+
+from proxy.keys import KeyStore, connect
+
+log = structlog.get_logger("turnstile.ledger")
+
+
+@dataclass(slots=True)
+class Row:
+    request_id: str
+    account_id: int | None
+    ip_hash: str | None
+    model_asked: str
+    model: str
+    provider: str
+    prompt_tokens: int
+    completion_tokens: int
+    reasoning_tokens: int
+    cached_tokens: int
+    cache_write_tokens: int
+    cost_micros: int
+    estimated: bool
+    status: int
+    ttfb_ms: float | None
+    duration_ms: float
+    finish_reason: str | None
+    streamed: bool
+    created_at: float
+
+    def public(self) -> dict[str, Any]:
+        """OpenRouter's /generation fields that we have."""
+        return {
+            "id": self.request_id,
+            "model": self.model,
+            "model_asked": self.model_asked,
+            "provider_name": self.provider,
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.created_at)),
+            "streamed": self.streamed,
+            "cancelled": self.status == 499,
+            "finish_reason": self.finish_reason,
+            "tokens_prompt": self.prompt_tokens,
+            "tokens_completion": self.completion_tokens,
+            "native_tokens_reasoning": self.reasoning_tokens,
+            "native_tokens_cached": self.cached_tokens,
+            "native_tokens_cache_write": self.cache_write_tokens,
+            "total_cost": self.cost_micros / 1_000_000,
+            "usage_estimated": self.estimated,
+            "status": self.status,
+            "latency": self.ttfb_ms,
+            "generation_time": self.duration_ms,
+            "is_byok": False,
+        }
+
+
+COLUMNS = [f.name for f in fields(Row)]
+_INSERT = f"INSERT OR IGNORE INTO ledger ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
+
+
+def ip_hash(ip: str) -> str:
+    return hashlib.sha256(b"turnstile-ip\0" + ip.encode()).hexdigest()[:16]
+
+
+def _write(db: sqlite3.Connection, rows: list[Row], debits: dict[int, int]) -> None:
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        db.executemany(_INSERT, [tuple(getattr(r, c) for c in COLUMNS) for r in rows])
+        db.executemany("UPDATE accounts SET balance_micros = balance_micros - ? WHERE id = ?",
+                       [(micros, account) for account, micros in debits.items() if micros])
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
+
+
+class Ledger:
+    def __init__(self, keys: KeyStore, flush_interval: float = 1.0) -> None:
+        self.keys = keys
+        self.flush_interval = flush_interval
+        self.rows: list[Row] = []
+        self._db: sqlite3.Connection | None = None  # the writer's
+        self._reader: sqlite3.Connection | None = None
+        self._read_lock = asyncio.Lock()
+
+    def record(self, row: Row) -> None:
+        self.rows.append(row)
+        if row.account_id is not None and row.cost_micros:
+            self.keys.debit(row.account_id, row.cost_micros)
+
+    def pending(self, request_id: str) -> Row | None:
+        return next((r for r in self.rows if r.request_id == request_id), None)
+
+    async def flush(self) -> int:
+        async with self.keys.lock:
+            if not self.rows:
+                return 0
+            rows, self.rows = self.rows, []
+            debits, self.keys.unflushed = self.keys.unflushed, {}
+            assert self._db is not None
+            try:
+                await asyncio.to_thread(_write, self._db, rows, debits)
+            except sqlite3.Error as exc:
+                log.error("ledger_write_failed", rows=len(rows), error=str(exc))
+                self.rows[:0] = rows  # keep them for the next try
+                for account, micros in debits.items():
+                    self.keys.unflushed[account] = self.keys.unflushed.get(account, 0) + micros
+                return 0
+            await self.keys.refresh()  # balances now include what was just written
+            return len(rows)
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.flush_interval)
+            await self.flush()
+
+    async def cleanup_ctx(self, app: web.Application) -> AsyncIterator[None]:
+        self._db = connect(self.keys.path)
+        self._reader = connect(self.keys.path)
+        task = asyncio.create_task(self._loop())
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        written = await self.flush()
+        log.info("ledger_flushed_on_stop", rows=written)
+        self._db.close()
+        self._reader.close()
+
+    async def query(self, sql: str, *args: Any) -> list[tuple[Any, ...]]:
+        assert self._reader is not None
+        db = self._reader
+        async with self._read_lock:
+            return await asyncio.to_thread(lambda: db.execute(sql, args).fetchall())
+
+    async def generation(self, request_id: str, account_id: int) -> Row | None:
+        row = self.pending(request_id)
+        if row is None:
+            found = await self.query(f"SELECT {', '.join(COLUMNS)} FROM ledger WHERE request_id = ?", request_id)
+            row = Row(*found[0]) if found else None
+            if row is not None:
+                row.estimated, row.streamed = bool(row.estimated), bool(row.streamed)
+        if row is None or row.account_id != account_id:
+            return None  # another caller's request is as good as unknown
+        return row
+
+    async def spent_micros(self, account_id: int) -> int:
+        found = await self.query("SELECT COALESCE(SUM(cost_micros), 0) FROM ledger WHERE account_id = ?", account_id)
+        return int(found[0][0]) + sum(r.cost_micros for r in self.rows if r.account_id == account_id)
