@@ -132,7 +132,9 @@ def create_app(config: Config, env: Mapping[str, str] = os.environ) -> web.Appli
         app.router.add_get(base + "/generation", account.generation)
     app.router.add_get("/healthz", healthz)
     app[CATALOG] = catalog
+    app[LEDGER] = ledger
     return app
 
 
 CATALOG = web.AppKey("catalog", Catalog)
+LEDGER = web.AppKey("ledger", Ledger)

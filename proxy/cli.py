@@ -65,6 +65,27 @@ def _keys(args: argparse.Namespace) -> int:
     return 0
 
 
+def _usage(args: argparse.Namespace) -> int:
+    import json
+    import os
+
+    from proxy import keys, report
+
+    path = args.db or os.environ.get("TURNSTILE_KEYS_DB") or configuration.load(args.config).keys.db
+    try:
+        since = report.parse_since(args.since) if args.since else None
+    except ValueError as exc:
+        print(f"turnstile: {exc}", file=sys.stderr)
+        return 2
+    db = keys.connect(path)
+    try:
+        rows = report.usage(db, args.by, args.account, since)
+    finally:
+        db.close()
+    print(json.dumps(rows, indent=2) if args.json else report.table(rows, args.by))
+    return 0
+
+
 def _usd(text: str) -> str:
     from decimal import Decimal, InvalidOperation
 
@@ -104,6 +125,15 @@ def parser() -> argparse.ArgumentParser:
     revoke = actions.add_parser("revoke", help="revoke an account's key")
     revoke.add_argument("id", type=int)
     keys.set_defaults(run=_keys)
+
+    usage = sub.add_parser("usage", help="requests, tokens and cost from the ledger")
+    usage.add_argument("--config", help="config file whose [keys] db to use")
+    usage.add_argument("--db", help="SQLite file (default: TURNSTILE_KEYS_DB, else the config's [keys] db)")
+    usage.add_argument("--account", type=int, help="only this account")
+    usage.add_argument("--since", help="only requests from this date on (YYYY-MM-DD, UTC)")
+    usage.add_argument("--by", choices=("model", "account", "day"), default="model")
+    usage.add_argument("--json", action="store_true", help="JSON rows instead of a table")
+    usage.set_defaults(run=_usage)
     return p
 
 

@@ -116,7 +116,10 @@ def _usage_span(buf: bytes) -> tuple[int, int] | None:
 
 
 def _sse_boundary(data: bytes) -> int:
-    return max(data.rfind(b"\n\n") + 2, data.rfind(b"\r\n\r\n") + 4, 0)
+    """Index just past the last complete event (0: none is complete)."""
+    lf = data.rfind(b"\n\n")
+    crlf = data.rfind(b"\r\n\r\n")
+    return max(lf + 2 if lf >= 0 else 0, crlf + 4 if crlf >= 0 else 0)
 
 
 class Meter:

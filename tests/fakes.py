@@ -50,6 +50,30 @@ def without_cost(body: bytes) -> list[object]:
     return parts
 
 
+def completion(model: str, usage: dict[str, Any] | None) -> dict[str, Any]:
+    return {
+        "id": "chatcmpl-fake", "object": "chat.completion", "created": 1770000000, "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hello there."}, "finish_reason": "stop"}],
+        "usage": usage,
+    }
+
+
+def stream_events(model: str, usage: dict[str, Any] | None, words: int = 3) -> list[bytes]:
+    """An OpenAI stream: role, content deltas, finish, then the usage chunk and [DONE]."""
+    base = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 1770000000, "model": model}
+
+    def event(choices: list[Any], u: Any = None) -> bytes:
+        return b"data: " + json.dumps({**base, "choices": choices, "usage": u}).encode() + b"\n\n"
+
+    events = [event([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])]
+    events += [event([{"index": 0, "delta": {"content": f"word{i} "}, "finish_reason": None}]) for i in range(words)]
+    events.append(event([{"index": 0, "delta": {}, "finish_reason": "stop"}]))
+    if usage is not None:
+        events.append(event([], usage))
+    events.append(b"data: [DONE]\n\n")
+    return events
+
+
 @dataclass
 class Seen:
     path: str
@@ -70,6 +94,8 @@ class Upstream:
     status: int = 200
     error_body: bytes = b""
     sndbuf: int = 0  # >0: a fixed send buffer, so the kernel holds little of what we "sent"
+    usage: dict[str, Any] | None = None  # mode "usage": answer with this usage object
+    delay: float = 0.0  # mode "usage": seconds between stream events
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=64 * 1024 * 1024)
@@ -86,6 +112,8 @@ class Upstream:
         self.seen.append(Seen(request.path, dict(request.headers), body))
         if self.status != 200:
             return web.Response(status=self.status, body=self.error_body, content_type="application/json")
+        if self.mode == "usage" and not body.get("stream"):
+            return web.json_response(completion(body["model"], self.usage))
         if not body.get("stream"):
             return web.Response(body=JSON_BODY, content_type="application/json")
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
@@ -95,6 +123,11 @@ class Upstream:
         try:
             if self.mode == "fixture":
                 await resp.write(STREAM_BODY)
+            elif self.mode == "usage":
+                for event in stream_events(body["model"], self.usage):
+                    await resp.write(event)
+                    if self.delay:
+                        await asyncio.sleep(self.delay)
             elif self.mode == "huge":
                 chunk = b"data: " + b"x" * (64 * 1024 - 8) + b"\n\n"
                 while self.bytes_sent < 50 * 1024 * 1024:

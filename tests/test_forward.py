@@ -10,7 +10,7 @@ import tracemalloc
 import orjson
 
 
-async def open_raw(client, body: dict, rcvbuf: int = 16 * 1024):
+async def open_raw(client, body: dict, rcvbuf: int = 16 * 1024, headers: dict[str, str] | None = None):
     """A bare socket client, so the test decides exactly when (and whether) to read."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
@@ -18,9 +18,10 @@ async def open_raw(client, body: dict, rcvbuf: int = 16 * 1024):
     await asyncio.get_running_loop().sock_connect(sock, (client.host, client.port))
     reader, writer = await asyncio.open_connection(sock=sock, limit=16 * 1024)
     payload = orjson.dumps(body)
+    extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items()).encode()
     writer.write(
-        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-        b"Content-Length: %d\r\n\r\n%s" % (len(payload), payload)
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n%s"
+        b"Content-Length: %d\r\n\r\n%s" % (extra, len(payload), payload)
     )
     await writer.drain()
     return reader, writer

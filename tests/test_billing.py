@@ -1,0 +1,184 @@
+"""Every request priced from upstream usage and catalog prices, the account debited, a ledger row
+written, and the client told `usage.cost`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+from decimal import Decimal
+
+import pytest
+
+from proxy.app import LEDGER
+from proxy.cli import main
+from tests.test_forward import STREAM, open_raw
+
+SONNET = "anthropic/claude-sonnet-4.6"
+FREE = "minimax/minimax-m2.5:free"
+
+
+def usage(cached: int) -> dict:
+    return {"prompt_tokens": 1000, "completion_tokens": 200, "total_tokens": 1200,
+            "prompt_tokens_details": {"cached_tokens": cached}, "completion_tokens_details": {"reasoning_tokens": 50}}
+
+
+def by_hand(cached: int) -> int:
+    usd = (1000 - cached) * Decimal("0.000003") + 200 * Decimal("0.000015") + cached * Decimal("0.0000003")
+    return int(usd * 1_000_000)
+
+
+def ledger_rows(db_path: str) -> list[dict]:
+    db = sqlite3.connect(db_path)
+    db.row_factory = sqlite3.Row
+    return [dict(r) for r in db.execute("SELECT * FROM ledger ORDER BY created_at")]
+
+
+def balance(db_path: str, account_id: int = 1) -> int:
+    return sqlite3.connect(db_path).execute("SELECT balance_micros FROM accounts WHERE id = ?", (account_id,)).fetchone()[0]
+
+
+async def client_cost(resp, stream: bool) -> float:
+    if not stream:
+        return (await resp.json())["usage"]["cost"]
+    events = [json.loads(e[6:]) for e in (await resp.read()).split(b"\n\n") if e.startswith(b"data: {")]
+    return next(e["usage"]["cost"] for e in events if e.get("usage"))
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+@pytest.mark.parametrize("model", [SONNET, FREE])
+@pytest.mark.parametrize("cached", [0, 300], ids=["uncached", "cached"])
+async def test_cost_everywhere_equals_the_hand_figure(kilo, upstream, account, keys_db, stream, model, cached):
+    upstream.mode, upstream.usage = "usage", usage(cached)
+    key = account("alice", "10")
+    client = await kilo()
+    resp = await client.post("/v1/chat/completions", headers={"Authorization": f"Bearer {key}"},
+                             json={"model": model, "messages": [{"role": "user", "content": "hi"}], "stream": stream})
+    assert resp.status == 200
+    expected = 0 if model == FREE else by_hand(cached)
+    assert await client_cost(resp, stream) == expected / 1e6
+    await client.app[LEDGER].flush()
+    (row,) = ledger_rows(keys_db)
+    assert row["cost_micros"] == expected
+    assert (row["prompt_tokens"], row["completion_tokens"], row["reasoning_tokens"], row["cached_tokens"]) == (1000, 200, 50, cached)
+    assert row["account_id"] == 1 and row["model"] == model and row["provider"] == "openrouter"
+    assert row["status"] == 200 and row["estimated"] == 0 and row["finish_reason"] == "stop"
+    assert row["request_id"] == resp.headers["X-Request-Id"]
+    assert balance(keys_db) == 10_000_000 - expected
+
+
+async def test_spending_down_to_402_then_small_goes_free(kilo, upstream, account, keys_db):
+    upstream.mode, upstream.usage = "usage", usage(0)
+    key = account("frugal", "0.013")
+    client = await kilo()
+    auth = {"Authorization": f"Bearer {key}"}
+    body = {"model": SONNET, "messages": [{"role": "user", "content": "hi"}]}
+    statuses = []
+    for _ in range(5):
+        resp = await client.post("/v1/chat/completions", json=body, headers=auth)
+        statuses.append(resp.status)
+        await resp.read()
+    assert statuses == [200, 200, 200, 402, 402]  # 3 x 6000 µ$ takes 13000 µ$ below zero
+    resp = await client.post("/v1/chat/completions", json={**body, "model": "kilo-auto/small"}, headers=auth)
+    assert resp.status == 200
+    assert upstream.seen[-1].body["model"] == "google/gemma-4-26b-a4b-it:free"
+    await client.app[LEDGER].flush()
+    assert balance(keys_db) == 13_000 - 3 * by_hand(0) < 0
+    assert sum(r["cost_micros"] for r in ledger_rows(keys_db)) == 3 * by_hand(0)
+
+
+async def test_abandoned_stream_is_billed_by_estimate(kilo, upstream, account, keys_db):
+    upstream.mode = "slow"
+    key = account("leaver", "10")
+    client = await kilo()
+    reader, writer = await open_raw(client, {**STREAM, "model": SONNET}, headers={"Authorization": f"Bearer {key}"})
+    assert (await reader.readline()).startswith(b"HTTP/1.1 200")
+    while upstream.bytes_sent < 5:
+        await asyncio.sleep(0.02)
+    writer.transport.abort()
+    while not upstream.closed_at:
+        await asyncio.sleep(0.02)
+    await asyncio.sleep(0.1)
+    await client.app[LEDGER].flush()
+    (row,) = ledger_rows(keys_db)
+    assert row["status"] == 499 and row["estimated"] == 1
+    assert row["completion_tokens"] >= 3 and row["cost_micros"] > 0
+    assert balance(keys_db) == 10_000_000 - row["cost_micros"]
+
+
+async def test_failed_upstream_costs_nothing(kilo, upstream, account, keys_db):
+    upstream.status, upstream.error_body = 500, b'{"error": {"message": "boom"}}'
+    key = account("unlucky", "10")
+    client = await kilo()
+    resp = await client.post("/v1/chat/completions", json={"model": SONNET, "messages": [{"role": "user", "content": "x"}]},
+                             headers={"Authorization": f"Bearer {key}"})
+    assert resp.status == 500
+    await client.app[LEDGER].flush()
+    (row,) = ledger_rows(keys_db)
+    assert row["status"] == 500 and row["cost_micros"] == 0
+    assert balance(keys_db) == 10_000_000
+
+
+async def test_two_gateways_one_store_no_lost_debit(kilo, upstream, account, keys_db):
+    upstream.mode, upstream.usage = "usage", usage(300)
+    key = account("busy", "100")
+    first, second = await kilo(), await kilo()
+    auth = {"Authorization": f"Bearer {key}"}
+
+    async def one(client, i: int) -> int:
+        resp = await client.post("/v1/chat/completions", headers=auth,
+                                 json={"model": SONNET, "messages": [{"role": "user", "content": "x"}], "stream": i % 2 == 0})
+        await resp.read()
+        return resp.status
+
+    statuses = await asyncio.gather(*(one(first if i % 2 else second, i) for i in range(200)))
+    assert statuses == [200] * 200
+    await asyncio.gather(first.app[LEDGER].flush(), second.app[LEDGER].flush())
+    rows = ledger_rows(keys_db)
+    assert len(rows) == 200
+    assert balance(keys_db) == 100_000_000 - sum(r["cost_micros"] for r in rows) == 100_000_000 - 200 * by_hand(300)
+
+
+async def test_key_and_generation_endpoints(kilo, upstream, account):
+    upstream.mode, upstream.usage = "usage", usage(0)
+    alice, bob = account("alice", "1"), account("bob", "1")
+    client = await kilo()
+    resp = await client.post("/api/gateway/chat/completions", headers={"Authorization": f"Bearer {alice}"},
+                             json={"model": SONNET, "messages": [{"role": "user", "content": "x"}]})
+    request_id = resp.headers["X-Request-Id"]
+    for flushed in (False, True):  # served from memory before the batch is written, and after
+        if flushed:
+            await client.app[LEDGER].flush()
+        key = await (await client.get("/api/gateway/key", headers={"Authorization": f"Bearer {alice}"})).json()
+        assert key["data"]["usage"] == by_hand(0) / 1e6
+        assert key["data"]["limit_remaining"] == (1_000_000 - by_hand(0)) / 1e6
+        assert key["data"]["is_free_tier"] is False and alice not in json.dumps(key)
+        gen = await client.get(f"/api/gateway/generation?id={request_id}", headers={"Authorization": f"Bearer {alice}"})
+        data = (await gen.json())["data"]
+        assert (data["id"], data["model"], data["provider_name"]) == (request_id, SONNET, "openrouter")
+        assert (data["tokens_prompt"], data["tokens_completion"], data["total_cost"]) == (1000, 200, by_hand(0) / 1e6)
+        other = await client.get(f"/api/gateway/generation?id={request_id}", headers={"Authorization": f"Bearer {bob}"})
+        assert other.status == 404
+    assert (await client.get("/v1/key")).status == 401
+    assert (await client.get("/v1/auth/key", headers={"Authorization": f"Bearer {bob}"})).status == 200
+    assert (await client.get("/v1/generation", headers={"Authorization": f"Bearer {bob}"})).status == 400
+
+
+async def test_usage_command(kilo, upstream, account, keys_db, capsys):
+    upstream.mode, upstream.usage = "usage", usage(0)
+    key = account("alice", "1")
+    client = await kilo()
+    for model in (SONNET, SONNET, FREE):
+        await client.post("/v1/chat/completions", headers={"Authorization": f"Bearer {key}"},
+                          json={"model": model, "messages": [{"role": "user", "content": "x"}]})
+    await client.app[LEDGER].flush()
+    capsys.readouterr()
+    assert main(["usage", "--db", keys_db, "--by", "model", "--json"]) == 0
+    rows = {r["model"]: r for r in json.loads(capsys.readouterr().out)}
+    assert rows[SONNET]["requests"] == 2 and rows[SONNET]["cost_usd"] == 2 * by_hand(0) / 1e6
+    assert rows[FREE]["cost_usd"] == 0
+    assert main(["usage", "--db", keys_db, "--by", "account", "--account", "1", "--since", "2020-01-01"]) == 0
+    table = capsys.readouterr().out
+    assert "TOTAL" in table and f"{2 * by_hand(0) / 1e6:.6f}" in table
+    assert main(["usage", "--db", keys_db, "--by", "day", "--since", "2999-01-01", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == []

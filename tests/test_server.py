@@ -1,0 +1,70 @@
+"""The real `turnstile serve` process: SIGTERM under load lets in-flight requests finish, writes every
+admitted request's ledger row, and exits 0."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import socket
+import sqlite3
+import sys
+
+import aiohttp
+
+from tests.fakes import Upstream
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def test_sigterm_under_load_loses_no_ledger_row(upstream: Upstream, account, keys_db, tmp_path):
+    upstream.mode, upstream.delay = "usage", 0.05
+    upstream.usage = {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}
+    key = account("load", "100")
+    port = free_port()
+    config = tmp_path / "turnstile.toml"
+    config.write_text(f'[server]\nport = {port}\nshutdown_timeout = 20.0\n[keys]\ndb = "{keys_db}"\n'
+                      '[ledger]\nflush_interval = 30.0\n[logging]\nformat = "json"\n')
+    env = {"OPENROUTER_API_KEY": "sk-or-test", "OPENROUTER_BASE_URL": upstream.url, "PATH": "/usr/bin:/bin"}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "proxy", "serve", "--config", str(config), env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    async with aiohttp.ClientSession() as session:
+        for _ in range(100):
+            try:
+                async with session.get(url + "/healthz") as resp:
+                    if resp.status == 200:
+                        break
+            except aiohttp.ClientError:
+                await asyncio.sleep(0.1)
+        body = {"model": "anthropic/claude-sonnet-4.6", "messages": [{"role": "user", "content": "x"}], "stream": True}
+
+        async def one() -> str | None:
+            try:
+                async with session.post(url + "/v1/chat/completions", json=body,
+                                        headers={"Authorization": f"Bearer {key}"}) as resp:
+                    text = await resp.read()
+                    assert resp.status == 200 and text.endswith(b"data: [DONE]\n\n")
+                    return resp.headers["X-Request-Id"]
+            except aiohttp.ClientError:
+                return None  # refused once the gateway stopped listening: never admitted
+
+        tasks = [asyncio.create_task(one()) for _ in range(60)]
+        await asyncio.sleep(0.15)
+        proc.send_signal(signal.SIGTERM)
+        tasks += [asyncio.create_task(one()) for _ in range(20)]
+        results = await asyncio.gather(*tasks)
+    output, _ = await proc.communicate()
+    assert proc.returncode == 0, output.decode()[-2000:]
+    admitted = {r for r in results if r}
+    assert len(admitted) >= 60  # everything in flight at SIGTERM finished
+    db = sqlite3.connect(keys_db)
+    rows = {r[0]: r[1] for r in db.execute("SELECT request_id, status FROM ledger")}
+    assert admitted <= set(rows)
+    assert all(rows[r] == 200 for r in admitted)
+    assert b"ledger_flushed_on_stop" in output

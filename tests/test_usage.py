@@ -1,0 +1,93 @@
+"""Metering on plain bytes: usage found without parsing every event, priced exactly, patched in."""
+
+from __future__ import annotations
+
+import json
+from decimal import Decimal
+
+from proxy.usage import HOLD, Meter, Prices, Usage
+from tests.fakes import completion, fixture_bytes, stream_events
+
+SONNET = Prices.from_pricing({"prompt": "0.000003", "completion": "0.000015", "input_cache_read": "0.0000003",
+                              "input_cache_write": "0.00000375"}, free=False)
+
+
+def micros(usd: Decimal) -> int:
+    return int((usd * 1_000_000).quantize(Decimal(1), rounding="ROUND_HALF_UP"))
+
+
+def test_cost_by_hand():
+    u = Usage(prompt=1000, completion=200, cached=300, cache_write=100)
+    # 600 uncached prompt + 200 completion + 300 cache reads + 100 cache writes
+    by_hand = (600 * Decimal("0.000003") + 200 * Decimal("0.000015") + 300 * Decimal("0.0000003")
+               + 100 * Decimal("0.00000375"))
+    assert SONNET.cost_micros(u) == micros(by_hand) == 5265
+
+
+def test_free_models_cost_nothing():
+    prices = Prices.from_pricing({"prompt": "0.000003", "completion": "0.000015"}, free=True)
+    assert prices.cost_micros(Usage(prompt=10**6, completion=10**6)) == 0
+
+
+def test_tiny_prices_stay_exact():
+    prices = Prices.from_pricing({"prompt": "0.00000008333333333333334", "completion": "0"}, free=False)
+    assert prices.cost_micros(Usage(prompt=12_000_000)) == 1_000_000
+
+
+def feed_all(meter: Meter, chunks: list[bytes]) -> bytes:
+    return b"".join(meter.feed(c) for c in chunks) + meter.finish()
+
+
+def test_stream_usage_event_is_patched_even_when_split_across_chunks():
+    usage = {"prompt_tokens": 62, "completion_tokens": 112, "total_tokens": 174,
+             "prompt_tokens_details": {"cached_tokens": 0}, "completion_tokens_details": {"reasoning_tokens": 35}}
+    body = b"".join(stream_events("anthropic/claude-sonnet-4.6", usage))
+    for size in (1, 7, 64, len(body)):
+        meter = Meter(SONNET, stream=True)
+        out = feed_all(meter, [body[i:i + size] for i in range(0, len(body), size)])
+        assert meter.usage == Usage(prompt=62, completion=112, reasoning=35)
+        assert meter.cost_micros == micros(62 * Decimal("0.000003") + 112 * Decimal("0.000015"))
+        assert meter.finish_reason == "stop"
+        events = [json.loads(e[6:]) for e in out.split(b"\n\n") if e.startswith(b"data: {")]
+        assert events[-1]["usage"]["cost"] == meter.cost_micros / 1e6
+        assert out.endswith(b"data: [DONE]\n\n")
+
+
+def test_openrouter_recording_and_deepseek_fixture():
+    meter = Meter(SONNET, stream=True)
+    feed_all(meter, [fixture_bytes("openrouter-chat-stream-reasoning-usage.derived.sse")])
+    assert meter.usage == Usage(prompt=62, completion=112, reasoning=35)
+    lines = fixture_bytes("deepseek-chat-stream-reasoning-tool-call.jsonl").splitlines()
+    meter = Meter(SONNET, stream=True)
+    feed_all(meter, [b"data: " + line + b"\n\n" for line in lines])
+    assert meter.usage == Usage(prompt=339, completion=83, reasoning=39, cached=320)
+    assert meter.finish_reason == "tool_calls"
+
+
+def test_json_body_is_relayed_except_its_tail():
+    doc = completion("openai/gpt-5.4", {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15})
+    doc["choices"][0]["message"]["content"] = "x" * (3 * HOLD)
+    body = json.dumps(doc).encode()
+    meter = Meter(SONNET, stream=False)
+    early = meter.feed(body[: 2 * HOLD])
+    assert len(early) == HOLD  # written at once, the last 16 KiB held back
+    out = early + meter.feed(body[2 * HOLD:]) + meter.finish()
+    patched = json.loads(out)
+    assert patched["usage"]["cost"] == meter.cost_micros / 1e6 == micros(10 * Decimal("0.000003") + 5 * Decimal("0.000015")) / 1e6
+    assert patched["choices"] == doc["choices"]
+
+
+def test_whitespace_prefixed_openrouter_body():
+    meter = Meter(SONNET, stream=False)
+    out = feed_all(meter, [fixture_bytes("openrouter-chat-response-nonstream-whitespace-prefix.json")])
+    assert json.loads(out)["usage"]["cost"] == meter.cost_micros / 1e6
+    assert meter.usage == Usage(prompt=555, completion=431)
+
+
+def test_no_usage_means_estimate():
+    meter = Meter(SONNET, stream=True)
+    feed_all(meter, stream_events("m", None, words=10)[:8])
+    assert meter.usage is None
+    meter.estimate(request_bytes=400, bytes_out=2000)
+    assert meter.usage.estimated and meter.usage.prompt == 100 and meter.usage.completion > 0
+    assert meter.cost_micros > 0
