@@ -79,6 +79,7 @@ class ProviderRow:
     model_map: dict[str, str] = field(default_factory=dict)
     strip_prefix: bool = False
     headers: dict[str, str] = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=dict)  # the adapter's own keyword arguments
 
     def __post_init__(self) -> None:
         if not self.base_url_env:

@@ -16,12 +16,19 @@ import orjson
 import structlog
 from aiohttp import web
 
+from plugins.providers.base import Provider
 from proxy.config import Upstream
 from proxy.context import Context
 from proxy.errors import GatewayError, upstream_error
 from proxy.ledger import Ledger, Row, ip_hash
 from proxy.routing import Router
 from proxy.usage import Meter
+
+MAX_ERROR_BODY = 64 * 1024
+
+
+async def _once(body: bytes) -> AsyncIterator[bytes]:
+    yield body
 
 log = structlog.get_logger("turnstile.forward")
 
@@ -90,26 +97,43 @@ class Forwarder:
         finally:
             self._bill(ctx)
 
-    async def _relay(self, ctx: Context, provider: object, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
+    async def _relay(self, ctx: Context, provider: Provider, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
+        if not provider.passthrough:
+            if upstream.status >= 400:
+                status, body = provider.translate_error(upstream.status, await upstream.content.read(MAX_ERROR_BODY))
+                ctx.status = status
+                return web.Response(status=status, body=body, content_type="application/json", headers=ctx.response_headers)
+            if not ctx.stream:
+                try:
+                    body = provider.translate_body(ctx, await upstream.read())
+                except (ValueError, KeyError, TypeError, AttributeError):
+                    ctx.status = 502
+                    log.warning("upstream_invalid_body", provider=provider.name)
+                    raise upstream_error(502, f"The {provider.name} provider sent an answer that could not be read.") from None
+                return await self._send(ctx, upstream, provider, _once(body), sse=False)
+            return await self._send(ctx, upstream, provider, provider.translate_stream(ctx, upstream.content.iter_any()), sse=True)
         content_type = upstream.headers.get("Content-Type", "application/json")
+        chunks: AsyncIterator[bytes] = upstream.content.iter_any()
+        return await self._send(ctx, upstream, provider, chunks, sse=content_type.startswith("text/event-stream"))
+
+    async def _send(self, ctx: Context, upstream: aiohttp.ClientResponse, provider: Provider,
+                    chunks: AsyncIterator[bytes], sse: bool) -> web.StreamResponse:
         response = web.StreamResponse(status=upstream.status)
         headers = response.headers
-        sse = content_type.startswith("text/event-stream")
         metered = upstream.status < 400
         if sse:
             headers.update(SSE_HEADERS)
-        else:
-            headers["Content-Type"] = content_type
+        elif provider.passthrough:
+            headers["Content-Type"] = upstream.headers.get("Content-Type", "application/json")
             length = upstream.content_length
             if not metered and length is not None and "Content-Encoding" not in upstream.headers:
                 response.content_length = length
+        else:
+            headers["Content-Type"] = "application/json"
         if ctx.response_headers:
             headers.update(ctx.response_headers)
         ctx.status = upstream.status
         await response.prepare(ctx.request)
-        chunks: AsyncIterator[bytes] = upstream.content.iter_any()
-        if not getattr(provider, "passthrough", True) and metered:
-            chunks = provider.translate_stream(ctx, chunks)  # type: ignore[attr-defined]
         meter = ctx.meter
         assert meter is not None
         meter.stream = sse

@@ -46,8 +46,8 @@ def build_providers(rows: list[ProviderRow], env: Mapping[str, str] = os.environ
         adapter = None
         if key or not row.api_key_env:
             base_url = env.get(row.base_url_env) or row.base_url
-            options: dict[str, Any] = {"name": row.name, "base_url": base_url, "api_key": key, "headers": row.headers}
-            adapter = build(cls, options, where)
+            provided: dict[str, Any] = {"name": row.name, "base_url": base_url, "api_key": key, "headers": row.headers}
+            adapter = build(cls, row.options, where, **provided)
         upstreams.append(_Upstream(row, adapter))
     return upstreams
 

@@ -185,6 +185,11 @@ class Meter:
         raw["cost"] = self.cost_micros / 1_000_000
         return data[:start] + orjson.dumps(raw) + data[end:]
 
+    def observe(self, usage: dict[str, Any]) -> None:
+        """Usage a translator saw but the client did not ask to be sent."""
+        self.usage = Usage.parse(usage)
+        self.cost_micros = self.prices.cost_micros(self.usage)
+
     def estimate(self, request_bytes: int, bytes_out: int) -> None:
         """No usage arrived (the client left, or the upstream broke): bill an estimate, marked so."""
         completion = max(self.events - 2, 0) if self.stream else bytes_out // 4

@@ -5,8 +5,13 @@ Adapters do no I/O: `proxy.forward` owns the connection, timeouts and streaming.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, AsyncIterator, Protocol
+from typing import TYPE_CHECKING, Any, AsyncIterator, Protocol
+
+import orjson
+
+from proxy.sse import DONE, data
 
 if TYPE_CHECKING:
     from proxy.context import Context
@@ -30,3 +35,72 @@ class Provider(Protocol):
     def translate_body(self, ctx: Context, body: bytes) -> bytes: ...
 
     def translate_stream(self, ctx: Context, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]: ...
+
+    def translate_error(self, status: int, body: bytes) -> tuple[int, bytes]: ...
+
+
+def wants_usage(body: dict[str, Any]) -> bool:
+    """Did the client ask for the usage chunk (OpenAI's stream_options or OpenRouter's usage.include)?"""
+    options, usage = body.get("stream_options"), body.get("usage")
+    return (isinstance(options, dict) and options.get("include_usage") is True) or (
+        isinstance(usage, dict) and usage.get("include") is True
+    )
+
+
+def reasoning_of(body: dict[str, Any]) -> dict[str, Any] | None:
+    """The client's reasoning wish in OpenRouter's terms (B.2), or None for the model's default."""
+    r = body.get("reasoning")
+    wish: dict[str, Any] = dict(r) if isinstance(r, dict) else {}
+    if isinstance(body.get("reasoning_effort"), str):
+        wish.setdefault("effort", body["reasoning_effort"])
+    if body.get("include_reasoning") is False:
+        wish.setdefault("exclude", True)
+    if not wish:
+        return None
+    if wish.get("enabled") is False or wish.get("effort") == "none":
+        wish["off"] = True
+    return wish
+
+
+EFFORT_RATIO = {"max": 0.95, "xhigh": 0.95, "high": 0.8, "medium": 0.5, "low": 0.2, "minimal": 0.1}
+
+
+class Chunks:
+    """Builds the OpenAI chunks a translator sends, all with one id, time and model."""
+
+    def __init__(self, ctx: Context, upstream_id: str = "") -> None:
+        self.id = upstream_id or f"chatcmpl-{ctx.request_id}"
+        self.base = {"id": self.id, "object": "chat.completion.chunk", "created": int(time.time()), "model": ctx.model.id}
+
+    def delta(self, delta: dict[str, Any], finish: str | None = None) -> bytes:
+        return data({**self.base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+
+    def usage(self, usage: dict[str, Any]) -> bytes:
+        return data({**self.base, "choices": [], "usage": usage})
+
+    def error(self, message: str, code: int = 502) -> bytes:
+        chunk = {
+            **self.base,
+            "error": {"message": message, "code": code, "type": "upstream_error"},
+            "choices": [{"index": 0, "delta": {"content": ""}, "finish_reason": "error"}],
+        }
+        return data(chunk) + DONE
+
+
+def error_body(status: int, message: str, error_type: str = "upstream_error", code: str | None = None) -> tuple[int, bytes]:
+    from proxy.errors import GatewayError
+
+    err = GatewayError(status, error_type, message, code=code)
+    return status, orjson.dumps(err.body())
+
+
+def upstream_status(status: int, message: str) -> tuple[int, str | None]:
+    """Our status (and a code) for a provider's error status and message."""
+    lowered = message.lower()
+    if status in (400, 413) and any(s in lowered for s in ("too long", "context window", "context length", "exceeds the maximum", "token count")):
+        return 400, "context_length_exceeded"
+    if status in (529, 503) or "overloaded" in lowered:
+        return 503, "upstream_overloaded"
+    if status >= 500:
+        return 502, None
+    return status, None

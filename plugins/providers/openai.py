@@ -1,11 +1,14 @@
 """OpenAI-compatible upstreams (OpenRouter, OpenAI, xAI, DeepSeek, Moonshot, MiniMax, NIM, vLLM…).
 
-One class serves them all; each upstream is a `[[providers]]` row. Reads ctx.body and ctx.stream.
+One class serves them all; each upstream is a `[[providers]]` row. Bytes are copied through
+untouched unless `reasoning_alias` is on: then events carrying `reasoning_content` (DeepSeek,
+Moonshot, NIM, xAI) also get it as `reasoning`, so clients read one field whatever the upstream.
+Reads ctx.body and ctx.stream.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, AsyncIterator
+from typing import TYPE_CHECKING, Any, AsyncIterator
 
 import orjson
 
@@ -16,17 +19,43 @@ if TYPE_CHECKING:
 
 # Fields that only mean something to the gateway: never sent upstream.
 _GATEWAY_ONLY = ("models",)
+_MARKERS = (b'"reasoning_content":"', b'"reasoning_content": "')
+
+
+def alias_reasoning(doc: Any) -> None:
+    for choice in doc.get("choices") or [] if isinstance(doc, dict) else []:
+        for key in ("delta", "message"):
+            part = choice.get(key) if isinstance(choice, dict) else None
+            if isinstance(part, dict) and isinstance(part.get("reasoning_content"), str) and not part.get("reasoning"):
+                part["reasoning"] = part["reasoning_content"]
+
+
+def _alias_events(data: bytes) -> bytes:
+    out = []
+    for event in data.split(b"\n\n"):
+        if event.startswith(b"data: {") and (_MARKERS[0] in event or _MARKERS[1] in event):
+            try:
+                doc = orjson.loads(event[6:])
+            except orjson.JSONDecodeError:
+                out.append(event)
+                continue
+            alias_reasoning(doc)
+            event = b"data: " + orjson.dumps(doc)
+        out.append(event)
+    return b"\n\n".join(out)
 
 
 class OpenAICompatible:
-    passthrough = True
-
-    def __init__(self, *, name: str, base_url: str, api_key: str = "", headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, *, name: str, base_url: str, api_key: str = "", headers: dict[str, str] | None = None,
+        reasoning_alias: bool = False,
+    ) -> None:
         self.name = name
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.headers = {"Content-Type": "application/json", **(headers or {})}
         if api_key:
             self.headers["Authorization"] = f"Bearer {api_key}"
+        self.passthrough = not reasoning_alias
 
     def request(self, ctx: Context, upstream_model: str) -> UpstreamRequest:
         body = ctx.body
@@ -39,8 +68,22 @@ class OpenAICompatible:
         return UpstreamRequest(self.url, self.headers, orjson.dumps(body))
 
     def translate_body(self, ctx: Context, body: bytes) -> bytes:
-        return body
+        if _MARKERS[0] not in body and _MARKERS[1] not in body:
+            return body
+        doc = orjson.loads(body)
+        alias_reasoning(doc)
+        return orjson.dumps(doc)
 
     async def translate_stream(self, ctx: Context, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        pending = b""
         async for chunk in chunks:
-            yield chunk
+            data = pending + chunk
+            cut = data.rfind(b"\n\n") + 2 if b"\n\n" in data else 0
+            pending, data = data[cut:], data[:cut]
+            if data:
+                yield _alias_events(data) if (_MARKERS[0] in data or _MARKERS[1] in data) else data
+        if pending:
+            yield pending
+
+    def translate_error(self, status: int, body: bytes) -> tuple[int, bytes]:
+        return status, body

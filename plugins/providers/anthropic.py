@@ -1,0 +1,367 @@
+"""Anthropic Messages: OpenAI chat requests in, `/v1/messages` out, and the answer back as OpenAI
+chat completions, translated event by event as it streams (wire-formats.md §C, §G.1, §G.2).
+
+Reads ctx.body, ctx.stream, ctx.model; reports usage through ctx.meter when not sent to the client.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from typing import Any, AsyncIterator
+
+import orjson
+
+from plugins.providers.base import (
+    EFFORT_RATIO, Chunks, UpstreamRequest, error_body, reasoning_of, upstream_status, wants_usage,
+)
+from proxy.context import Context
+from proxy.errors import invalid_request
+from proxy.sse import DONE, events
+
+VERSION = "2023-06-01"
+DEFAULT_MAX_TOKENS = 32000
+FINISH = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length", "tool_use": "tool_calls",
+          "pause_turn": "stop", "refusal": "content_filter", "model_context_window_exceeded": "length"}
+_DATA_URL = re.compile(r"^data:([\w/+.-]+);base64,(.*)$", re.S)
+_VERSION = re.compile(r"claude-(?:opus|sonnet|haiku)-(\d+)(?:[-.](\d+))?")
+FORMAT = "anthropic-claude-v1"
+
+
+def _adaptive(model: str) -> bool:
+    """Claude 4.6 and later think adaptively (Opus 4.7 and Claude 5 only so); older ones take a budget."""
+    m = _VERSION.search(model)
+    if not m:
+        return True
+    major, minor = int(m.group(1)), int(m.group(2) or 0)
+    return (major, minor) >= (4, 6)
+
+
+def _text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+    return ""
+
+
+def _block(part: Any) -> dict[str, Any] | None:
+    if isinstance(part, str):
+        return {"type": "text", "text": part}
+    if not isinstance(part, dict):
+        return None
+    kind = part.get("type")
+    block: dict[str, Any] | None = None
+    if kind == "text":
+        block = {"type": "text", "text": part.get("text", "")}
+    elif kind == "image_url":
+        image = part.get("image_url")
+        url = image.get("url", "") if isinstance(image, dict) else str(image or "")
+        m = _DATA_URL.match(url)
+        source = {"type": "base64", "media_type": m.group(1), "data": m.group(2)} if m else {"type": "url", "url": url}
+        block = {"type": "image", "source": source}
+    elif kind == "file":
+        file = part.get("file") or {}
+        m = _DATA_URL.match(file.get("file_data", "") or "")
+        if m:
+            block = {"type": "document", "source": {"type": "base64", "media_type": m.group(1), "data": m.group(2)}}
+    if block is not None and isinstance(part.get("cache_control"), dict):
+        block["cache_control"] = part["cache_control"]
+    return block
+
+
+def _blocks(content: Any) -> list[dict[str, Any]]:
+    if content is None:
+        return []
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}] if content else []
+    if isinstance(content, list):
+        return [b for b in map(_block, content) if b is not None]
+    raise invalid_request("Invalid request: message `content` must be a string or an array of parts.", param="messages")
+
+
+def _thinking_blocks(message: dict[str, Any]) -> list[dict[str, Any]]:
+    """Signed thinking from an earlier answer, sent back unmodified (Anthropic requires it with tools)."""
+    out = []
+    for d in message.get("reasoning_details") or []:
+        if not isinstance(d, dict) or d.get("format") not in (None, FORMAT):
+            continue
+        if d.get("type") == "reasoning.text" and d.get("signature"):
+            out.append({"type": "thinking", "thinking": d.get("text", ""), "signature": d["signature"]})
+        elif d.get("type") == "reasoning.encrypted" and d.get("data"):
+            out.append({"type": "redacted_thinking", "data": d["data"]})
+    return out
+
+
+def _arguments(raw: Any) -> Any:
+    if isinstance(raw, dict):
+        return raw
+    try:
+        value = orjson.loads(raw or "{}")
+    except (orjson.JSONDecodeError, TypeError):
+        raise invalid_request("Invalid request: tool call `arguments` must be a JSON object string.", param="messages") from None
+    return value if isinstance(value, dict) else {"value": value}
+
+
+def messages(body: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(system blocks, messages) in Anthropic's shape."""
+    system: list[dict[str, Any]] = []
+    turns: list[dict[str, Any]] = []
+
+    def add(role: str, blocks: list[dict[str, Any]]) -> None:
+        if not blocks:
+            return
+        if turns and turns[-1]["role"] == role:
+            turns[-1]["content"].extend(blocks)  # Anthropic wants roles to alternate
+        else:
+            turns.append({"role": role, "content": blocks})
+
+    for m in body["messages"]:
+        if not isinstance(m, dict):
+            raise invalid_request("Invalid request: every message must be an object.", param="messages")
+        role = m.get("role")
+        if role in ("system", "developer"):
+            system.extend(b for b in _blocks(m.get("content")) if b["type"] == "text")
+        elif role == "user":
+            add("user", _blocks(m.get("content")))
+        elif role == "assistant":
+            blocks = _thinking_blocks(m) + _blocks(m.get("content"))
+            for call in m.get("tool_calls") or []:
+                fn = call.get("function") or {}
+                blocks.append({"type": "tool_use", "id": call.get("id") or f"toolu_{uuid.uuid4().hex[:24]}",
+                               "name": fn.get("name", ""), "input": _arguments(fn.get("arguments"))})
+            add("assistant", blocks)
+        elif role == "tool":
+            content = m.get("content")
+            result = {"type": "tool_result", "tool_use_id": m.get("tool_call_id", ""),
+                      "content": content if isinstance(content, str) else _blocks(content)}
+            add("user", [result])
+        else:
+            raise invalid_request(f"Invalid request: unknown message role {str(role)[:40]!r}.", param="messages")
+    return system, turns
+
+
+def _tool_choice(choice: Any, parallel: Any) -> dict[str, Any] | None:
+    out: dict[str, Any] | None = None
+    if choice == "auto":
+        out = {"type": "auto"}
+    elif choice == "required":
+        out = {"type": "any"}
+    elif choice == "none":
+        out = {"type": "none"}
+    elif isinstance(choice, dict) and isinstance(choice.get("function"), dict):
+        out = {"type": "tool", "name": choice["function"].get("name", "")}
+    if parallel is False:
+        out = out or {"type": "auto"}
+        if out["type"] != "none":
+            out["disable_parallel_tool_use"] = True
+    return out
+
+
+def _thinking(wish: dict[str, Any], model: str, payload: dict[str, Any]) -> None:
+    if wish.get("off"):
+        return
+    if _adaptive(model):
+        payload["thinking"] = {"type": "adaptive"}
+        effort = wish.get("effort")
+        if not effort and isinstance(wish.get("max_tokens"), int):
+            budget = wish["max_tokens"]
+            effort = "low" if budget < 2048 else "medium" if budget < 8192 else "high"
+        if effort in ("minimal", "low", "medium", "high", "xhigh", "max"):
+            payload["output_config"] = {"effort": "low" if effort == "minimal" else effort}
+        return
+    max_tokens = payload["max_tokens"]
+    if isinstance(wish.get("max_tokens"), int):
+        budget = max(wish["max_tokens"], 1024)
+    else:
+        budget = max(min(int(max_tokens * EFFORT_RATIO.get(wish.get("effort") or "medium", 0.5)), 128000), 1024)
+    payload["thinking"] = {"type": "enabled", "budget_tokens": budget}
+    if max_tokens <= budget:
+        payload["max_tokens"] = budget + 1024
+
+
+def usage(u: dict[str, Any]) -> dict[str, Any]:
+    read = u.get("cache_read_input_tokens") or 0
+    write = u.get("cache_creation_input_tokens") or 0
+    prompt = (u.get("input_tokens") or 0) + read + write
+    completion = u.get("output_tokens") or 0
+    out: dict[str, Any] = {
+        "prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": read, "cache_write_tokens": write},
+    }
+    thinking = (u.get("output_tokens_details") or {}).get("thinking_tokens")
+    if thinking:
+        out["completion_tokens_details"] = {"reasoning_tokens": thinking}
+    return out
+
+
+class Anthropic:
+    passthrough = False
+
+    def __init__(self, *, name: str, base_url: str, api_key: str = "", headers: dict[str, str] | None = None) -> None:
+        self.name = name
+        self.url = base_url.rstrip("/") + "/v1/messages"
+        self.headers = {"Content-Type": "application/json", "anthropic-version": VERSION, **(headers or {})}
+        if api_key:
+            self.headers["x-api-key"] = api_key
+
+    def request(self, ctx: Context, upstream_model: str) -> UpstreamRequest:
+        body = ctx.body
+        system, turns = messages(body)
+        limit = ctx.model.entry.get("top_provider", {}).get("max_completion_tokens") or DEFAULT_MAX_TOKENS
+        asked = body.get("max_completion_tokens") or body.get("max_tokens")
+        payload: dict[str, Any] = {
+            "model": upstream_model,
+            "max_tokens": asked if isinstance(asked, int) and asked > 0 else min(limit, DEFAULT_MAX_TOKENS),
+            "messages": turns,
+        }
+        if system:
+            payload["system"] = system
+        if ctx.stream:
+            payload["stream"] = True
+        stop = body.get("stop")
+        if stop:
+            payload["stop_sequences"] = [stop] if isinstance(stop, str) else list(stop)
+        tools = body.get("tools")
+        if isinstance(tools, list) and tools:
+            payload["tools"] = [self._tool(t) for t in tools if isinstance(t, dict)]
+        choice = _tool_choice(body.get("tool_choice"), body.get("parallel_tool_calls"))
+        if choice and payload.get("tools"):
+            payload["tool_choice"] = choice
+        user = body.get("safety_identifier") or body.get("user")
+        if isinstance(user, str) and user:
+            payload["metadata"] = {"user_id": user[:256]}
+        wish = reasoning_of(body)
+        forced = choice is not None and choice["type"] in ("any", "tool")
+        if wish is not None and not forced:
+            _thinking(wish, upstream_model, payload)
+        if "thinking" not in payload:  # Anthropic refuses sampling changes while thinking
+            if isinstance(body.get("temperature"), (int, float)):
+                payload["temperature"] = max(0.0, min(float(body["temperature"]), 1.0))
+            for key in ("top_p", "top_k"):
+                if isinstance(body.get(key), (int, float)):
+                    payload[key] = body[key]
+        return UpstreamRequest(self.url, self.headers, orjson.dumps(payload))
+
+    @staticmethod
+    def _tool(tool: dict[str, Any]) -> dict[str, Any]:
+        fn = tool.get("function") or {}
+        out = {"name": fn.get("name", ""), "input_schema": fn.get("parameters") or {"type": "object", "properties": {}}}
+        if fn.get("description"):
+            out["description"] = fn["description"]
+        if isinstance(tool.get("cache_control"), dict):
+            out["cache_control"] = tool["cache_control"]
+        return out
+
+    def translate_body(self, ctx: Context, body: bytes) -> bytes:
+        msg = orjson.loads(body)
+        exclude = bool((reasoning_of(ctx.body) or {}).get("exclude"))
+        text, reasoning, details, calls = [], [], [], []
+        for i, block in enumerate(msg.get("content") or []):
+            kind = block.get("type")
+            if kind == "text":
+                text.append(block.get("text", ""))
+            elif kind == "tool_use":
+                calls.append({"id": block.get("id"), "type": "function", "function": {
+                    "name": block.get("name"), "arguments": orjson.dumps(block.get("input", {})).decode()}})
+            elif kind == "thinking" and not exclude:
+                reasoning.append(block.get("thinking", ""))
+                details.append({"type": "reasoning.text", "text": block.get("thinking", ""),
+                                "signature": block.get("signature"), "format": FORMAT, "index": i})
+            elif kind == "redacted_thinking" and not exclude:
+                details.append({"type": "reasoning.encrypted", "data": block.get("data"), "format": FORMAT, "index": i})
+        message: dict[str, Any] = {"role": "assistant", "content": "".join(text) if text or not calls else None}
+        if calls:
+            message["tool_calls"] = calls
+        if reasoning or details:
+            message["reasoning"] = "".join(reasoning) or None
+            message["reasoning_details"] = details
+        stop = msg.get("stop_reason")
+        out = {
+            "id": msg.get("id") or f"chatcmpl-{ctx.request_id}", "object": "chat.completion", "created": Chunks(ctx).base["created"],
+            "model": ctx.model.id,
+            "choices": [{"index": 0, "message": message, "finish_reason": FINISH.get(stop, "stop"),
+                         "native_finish_reason": stop, "logprobs": None}],
+            "usage": usage(msg.get("usage") or {}),
+        }
+        return orjson.dumps(out)
+
+    async def translate_stream(self, ctx: Context, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        out = Chunks(ctx)
+        send_usage = wants_usage(ctx.body)
+        exclude = bool((reasoning_of(ctx.body) or {}).get("exclude"))
+        tool_index: dict[int, int] = {}
+        counts: dict[str, Any] = {}
+        finish: str | None = None
+        async for name, raw in events(chunks):
+            if not name:
+                continue
+            try:
+                event = orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                yield out.error("The provider sent an invalid event.")
+                return
+            kind = event.get("type", name)
+            if kind == "ping":
+                yield b": ping\n\n"
+            elif kind == "message_start":
+                message = event.get("message") or {}
+                if message.get("id"):
+                    out.id = out.base["id"] = message["id"]
+                counts.update(message.get("usage") or {})
+                yield out.delta({"role": "assistant", "content": ""})
+            elif kind == "content_block_start":
+                index, block = event.get("index", 0), event.get("content_block") or {}
+                if block.get("type") == "tool_use":
+                    tool_index[index] = len(tool_index)
+                    yield out.delta({"tool_calls": [{"index": tool_index[index], "id": block.get("id"), "type": "function",
+                                                     "function": {"name": block.get("name"), "arguments": ""}}]})
+                elif block.get("type") == "text" and block.get("text"):
+                    yield out.delta({"content": block["text"]})
+                elif block.get("type") == "redacted_thinking" and not exclude:
+                    yield out.delta({"reasoning_details": [{"type": "reasoning.encrypted", "data": block.get("data"),
+                                                            "format": FORMAT, "index": index}]})
+            elif kind == "content_block_delta":
+                index, delta = event.get("index", 0), event.get("delta") or {}
+                dtype = delta.get("type")
+                if dtype == "text_delta":
+                    yield out.delta({"content": delta.get("text", "")})
+                elif dtype == "input_json_delta" and delta.get("partial_json"):
+                    yield out.delta({"tool_calls": [{"index": tool_index.get(index, 0),
+                                                     "function": {"arguments": delta["partial_json"]}}]})
+                elif dtype == "thinking_delta" and not exclude and delta.get("thinking"):
+                    text = delta["thinking"]
+                    yield out.delta({"reasoning": text, "reasoning_details": [
+                        {"type": "reasoning.text", "text": text, "format": FORMAT, "index": index}]})
+                elif dtype == "signature_delta" and not exclude:
+                    yield out.delta({"reasoning_details": [
+                        {"type": "reasoning.text", "signature": delta.get("signature"), "format": FORMAT, "index": index}]})
+            elif kind == "message_delta":
+                counts.update(event.get("usage") or {})
+                stop = (event.get("delta") or {}).get("stop_reason")
+                if stop:
+                    finish = FINISH.get(stop, "stop")
+                    yield out.delta({}, finish)
+            elif kind == "message_stop":
+                totals = usage(counts)
+                if send_usage:
+                    yield out.usage(totals)
+                elif ctx.meter is not None:
+                    ctx.meter.observe(totals)
+                yield DONE
+                return
+            elif kind == "error":
+                err = event.get("error") or {}
+                status, _ = upstream_status(529 if err.get("type") == "overloaded_error" else 502, err.get("message", ""))
+                yield out.error(err.get("message") or "The provider reported an error.", status)
+                return
+        yield out.error("The provider closed the stream before it was complete.")
+
+    def translate_error(self, status: int, body: bytes) -> tuple[int, bytes]:
+        try:
+            err = orjson.loads(body).get("error") or {}
+            message = str(err.get("message") or "")
+        except (orjson.JSONDecodeError, AttributeError):
+            message = ""
+        ours, code = upstream_status(status, message)
+        return error_body(ours, f"Anthropic: {message or f'HTTP {status}'}", code=code)

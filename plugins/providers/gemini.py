@@ -1,0 +1,323 @@
+"""Google Gemini: OpenAI chat requests in, `generateContent` / `streamGenerateContent?alt=sse` out,
+and the answer back as OpenAI chat completions (wire-formats.md §D, §G.3, §G.4).
+
+Thought signatures of function calls travel to the client in `reasoning_details` (keyed by the tool
+call id) and are put back on the call when the client sends the history again.
+Reads ctx.body, ctx.stream, ctx.model; reports usage through ctx.meter when not sent to the client.
+"""
+
+from __future__ import annotations
+
+import mimetypes
+import re
+import uuid
+from typing import Any, AsyncIterator
+
+import orjson
+
+from plugins.providers.base import (
+    EFFORT_RATIO, Chunks, UpstreamRequest, error_body, reasoning_of, upstream_status, wants_usage,
+)
+from proxy.context import Context
+from proxy.errors import invalid_request
+from proxy.sse import DONE, events
+
+FORMAT = "google-gemini-v1"
+_DATA_URL = re.compile(r"^data:([\w/+.-]+);base64,(.*)$", re.S)
+FILTERED = {"SAFETY", "RECITATION", "BLOCKLIST", "PROHIBITED_CONTENT", "SPII", "IMAGE_SAFETY",
+            "IMAGE_PROHIBITED_CONTENT", "IMAGE_RECITATION"}
+FAILED = {"MALFORMED_FUNCTION_CALL", "UNEXPECTED_TOOL_CALL", "TOO_MANY_TOOL_CALLS"}
+LEVELS = {"minimal": "MINIMAL", "low": "LOW", "medium": "MEDIUM", "high": "HIGH", "xhigh": "HIGH", "max": "HIGH"}
+
+
+def finish_reason(reason: str | None, called: bool) -> str | None:
+    if reason is None:
+        return None
+    if reason == "MAX_TOKENS":
+        return "length"
+    if reason in FILTERED:
+        return "content_filter"
+    if reason in FAILED:
+        return "error"
+    return "tool_calls" if called else "stop"
+
+
+def usage(meta: dict[str, Any]) -> dict[str, Any]:
+    prompt = (meta.get("promptTokenCount") or 0) + (meta.get("toolUsePromptTokenCount") or 0)
+    thoughts = meta.get("thoughtsTokenCount") or 0
+    completion = (meta.get("candidatesTokenCount") or 0) + thoughts
+    return {
+        "prompt_tokens": prompt, "completion_tokens": completion,
+        "total_tokens": meta.get("totalTokenCount") or prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": meta.get("cachedContentTokenCount") or 0},
+        "completion_tokens_details": {"reasoning_tokens": thoughts},
+    }
+
+
+def _part(part: Any) -> dict[str, Any] | None:
+    if isinstance(part, str):
+        return {"text": part}
+    if not isinstance(part, dict):
+        return None
+    if part.get("type") == "text":
+        return {"text": part.get("text", "")}
+    if part.get("type") == "image_url":
+        image = part.get("image_url")
+        url = image.get("url", "") if isinstance(image, dict) else str(image or "")
+        m = _DATA_URL.match(url)
+        if m:
+            return {"inlineData": {"mimeType": m.group(1), "data": m.group(2)}}
+        return {"fileData": {"mimeType": mimetypes.guess_type(url)[0] or "image/jpeg", "fileUri": url}}
+    if part.get("type") == "file":
+        m = _DATA_URL.match((part.get("file") or {}).get("file_data", "") or "")
+        if m:
+            return {"inlineData": {"mimeType": m.group(1), "data": m.group(2)}}
+    return None
+
+
+def _parts(content: Any) -> list[dict[str, Any]]:
+    if content is None:
+        return []
+    if isinstance(content, str):
+        return [{"text": content}] if content else []
+    if isinstance(content, list):
+        return [p for p in map(_part, content) if p is not None]
+    raise invalid_request("Invalid request: message `content` must be a string or an array of parts.", param="messages")
+
+
+def _signatures(message: dict[str, Any]) -> dict[str, str]:
+    return {d["id"]: d["data"] for d in message.get("reasoning_details") or []
+            if isinstance(d, dict) and d.get("type") == "reasoning.encrypted" and d.get("format") == FORMAT
+            and isinstance(d.get("id"), str) and isinstance(d.get("data"), str)}
+
+
+def contents(body: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(system parts, contents) in Gemini's shape."""
+    system: list[dict[str, Any]] = []
+    turns: list[dict[str, Any]] = []
+    names: dict[str, str] = {}  # tool call id -> function name, for the responses
+
+    def add(role: str, parts: list[dict[str, Any]]) -> None:
+        if not parts:
+            return
+        if turns and turns[-1]["role"] == role:
+            turns[-1]["parts"].extend(parts)
+        else:
+            turns.append({"role": role, "parts": parts})
+
+    for m in body["messages"]:
+        if not isinstance(m, dict):
+            raise invalid_request("Invalid request: every message must be an object.", param="messages")
+        role = m.get("role")
+        if role in ("system", "developer"):
+            system.extend(p for p in _parts(m.get("content")) if "text" in p)
+        elif role == "user":
+            add("user", _parts(m.get("content")))
+        elif role == "assistant":
+            parts = _parts(m.get("content"))
+            signatures = _signatures(m)
+            for call in m.get("tool_calls") or []:
+                fn = call.get("function") or {}
+                try:
+                    args = orjson.loads(fn.get("arguments") or "{}")
+                except orjson.JSONDecodeError:
+                    raise invalid_request("Invalid request: tool call `arguments` must be JSON.", param="messages") from None
+                call_id = call.get("id") or ""
+                names[call_id] = fn.get("name", "")
+                part: dict[str, Any] = {"functionCall": {"name": fn.get("name", ""), "args": args if isinstance(args, dict) else {"value": args}}}
+                if call_id in signatures:
+                    part["thoughtSignature"] = signatures[call_id]
+                parts.append(part)
+            add("model", parts)
+        elif role == "tool":
+            content = m.get("content")
+            text = content if isinstance(content, str) else "".join(
+                p.get("text", "") for p in content or [] if isinstance(p, dict))
+            try:
+                response = orjson.loads(text)
+            except orjson.JSONDecodeError:
+                response = None
+            if not isinstance(response, dict):
+                response = {"result": text}
+            call_id = m.get("tool_call_id", "")
+            add("user", [{"functionResponse": {"name": names.get(call_id, call_id), "response": response}}])
+        else:
+            raise invalid_request(f"Invalid request: unknown message role {str(role)[:40]!r}.", param="messages")
+    return system, turns
+
+
+def _generation(body: dict[str, Any], model: str) -> dict[str, Any]:
+    config: dict[str, Any] = {}
+    limit = body.get("max_completion_tokens") or body.get("max_tokens")
+    if isinstance(limit, int) and limit > 0:
+        config["maxOutputTokens"] = limit
+    for ours, theirs in (("temperature", "temperature"), ("top_p", "topP"), ("top_k", "topK"), ("seed", "seed"),
+                         ("presence_penalty", "presencePenalty"), ("frequency_penalty", "frequencyPenalty"),
+                         ("n", "candidateCount")):
+        if isinstance(body.get(ours), (int, float)) and not isinstance(body.get(ours), bool):
+            config[theirs] = body[ours]
+    stop = body.get("stop")
+    if stop:
+        config["stopSequences"] = [stop] if isinstance(stop, str) else list(stop)
+    fmt = body.get("response_format")
+    if isinstance(fmt, dict) and fmt.get("type") in ("json_object", "json_schema"):
+        config["responseMimeType"] = "application/json"
+        schema = (fmt.get("json_schema") or {}).get("schema")
+        if isinstance(schema, dict):
+            config["responseJsonSchema"] = schema
+    wish = reasoning_of(body)
+    if wish is not None:
+        thinking: dict[str, Any] = {"includeThoughts": not wish.get("exclude") and not wish.get("off")}
+        if isinstance(wish.get("max_tokens"), int):
+            thinking["thinkingBudget"] = wish["max_tokens"]
+        elif model.startswith("gemini-3"):
+            thinking["thinkingLevel"] = "LOW" if wish.get("off") else LEVELS.get(wish.get("effort") or "", "HIGH")
+        elif wish.get("off"):
+            thinking["thinkingBudget"] = 0
+        elif wish.get("effort"):
+            thinking["thinkingBudget"] = int((limit or 8192) * EFFORT_RATIO.get(wish["effort"], 0.5))
+        else:
+            thinking["thinkingBudget"] = -1
+        config["thinkingConfig"] = thinking
+    return config
+
+
+class Gemini:
+    passthrough = False
+
+    def __init__(self, *, name: str, base_url: str, api_key: str = "", headers: dict[str, str] | None = None) -> None:
+        self.name = name
+        self.base = base_url.rstrip("/") + "/models/"
+        self.headers = {"Content-Type": "application/json", **(headers or {})}
+        if api_key:
+            self.headers["x-goog-api-key"] = api_key
+
+    def request(self, ctx: Context, upstream_model: str) -> UpstreamRequest:
+        body = ctx.body
+        system, turns = contents(body)
+        payload: dict[str, Any] = {"contents": turns}
+        if system:
+            payload["systemInstruction"] = {"parts": system}
+        tools = [t.get("function") or {} for t in body.get("tools") or [] if isinstance(t, dict)]
+        if tools:
+            payload["tools"] = [{"functionDeclarations": [
+                {"name": f.get("name", ""), "description": f.get("description", ""),
+                 **({"parametersJsonSchema": f["parameters"]} if f.get("parameters") else {})} for f in tools]}]
+            choice = body.get("tool_choice")
+            mode: dict[str, Any] | None = {"auto": {"mode": "AUTO"}, "none": {"mode": "NONE"},
+                                           "required": {"mode": "ANY"}}.get(choice) if isinstance(choice, str) else None
+            if isinstance(choice, dict) and isinstance(choice.get("function"), dict):
+                mode = {"mode": "ANY", "allowedFunctionNames": [choice["function"].get("name", "")]}
+            if mode:
+                payload["toolConfig"] = {"functionCallingConfig": mode}
+        config = _generation(body, upstream_model)
+        if config:
+            payload["generationConfig"] = config
+        action = ":streamGenerateContent?alt=sse" if ctx.stream else ":generateContent"
+        return UpstreamRequest(self.base + upstream_model + action, self.headers, orjson.dumps(payload))
+
+    @staticmethod
+    def _candidate(doc: dict[str, Any]) -> tuple[list[dict[str, Any]], str | None]:
+        candidates = doc.get("candidates") or []
+        if not candidates:
+            blocked = (doc.get("promptFeedback") or {}).get("blockReason")
+            return [], "SAFETY" if blocked else None
+        first = candidates[0]
+        return (first.get("content") or {}).get("parts") or [], first.get("finishReason")
+
+    def translate_body(self, ctx: Context, body: bytes) -> bytes:
+        doc = orjson.loads(body)
+        parts, reason = self._candidate(doc)
+        exclude = bool((reasoning_of(ctx.body) or {}).get("exclude"))
+        text, thoughts, calls, details = [], [], [], []
+        for i, part in enumerate(parts):
+            if "functionCall" in part:
+                call = part["functionCall"]
+                call_id = call.get("id") or f"call_{uuid.uuid4().hex[:24]}"
+                calls.append({"id": call_id, "type": "function", "function": {
+                    "name": call.get("name"), "arguments": orjson.dumps(call.get("args") or {}).decode()}})
+                if part.get("thoughtSignature"):
+                    details.append({"type": "reasoning.encrypted", "data": part["thoughtSignature"], "id": call_id,
+                                    "format": FORMAT, "index": i})
+            elif part.get("thought"):
+                if not exclude:
+                    thoughts.append(part.get("text", ""))
+            elif "text" in part:
+                text.append(part["text"])
+        message: dict[str, Any] = {"role": "assistant", "content": "".join(text) if text or not calls else None}
+        if calls:
+            message["tool_calls"] = calls
+        if thoughts or details:
+            message["reasoning"] = "".join(thoughts) or None
+            message["reasoning_details"] = details
+        out = {
+            "id": doc.get("responseId") or f"chatcmpl-{ctx.request_id}", "object": "chat.completion",
+            "created": Chunks(ctx).base["created"], "model": ctx.model.id,
+            "choices": [{"index": 0, "message": message, "finish_reason": finish_reason(reason, bool(calls)) or "stop",
+                         "native_finish_reason": reason, "logprobs": None}],
+            "usage": usage(doc.get("usageMetadata") or {}),
+        }
+        return orjson.dumps(out)
+
+    async def translate_stream(self, ctx: Context, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        out = Chunks(ctx)
+        exclude = bool((reasoning_of(ctx.body) or {}).get("exclude"))
+        started, called, reason, meta = False, 0, None, {}
+        async for name, raw in events(chunks):
+            if not name:
+                continue
+            try:
+                doc = orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                yield out.error("The provider sent an invalid event.")
+                return
+            if "error" in doc:
+                err = doc.get("error") or {}
+                yield out.error(f"Gemini: {err.get('message') or 'error'}", int(err.get("code") or 502))
+                return
+            if not started:
+                started = True
+                if doc.get("responseId"):
+                    out.id = out.base["id"] = doc["responseId"]
+                yield out.delta({"role": "assistant", "content": ""})
+            meta = doc.get("usageMetadata") or meta
+            parts, finish = self._candidate(doc)
+            reason = finish or reason
+            for i, part in enumerate(parts):
+                if "functionCall" in part:
+                    call = part["functionCall"]
+                    call_id = call.get("id") or f"call_{uuid.uuid4().hex[:24]}"
+                    delta: dict[str, Any] = {"tool_calls": [{"index": called, "id": call_id, "type": "function", "function": {
+                        "name": call.get("name"), "arguments": orjson.dumps(call.get("args") or {}).decode()}}]}
+                    if part.get("thoughtSignature"):
+                        delta["reasoning_details"] = [{"type": "reasoning.encrypted", "data": part["thoughtSignature"],
+                                                       "id": call_id, "format": FORMAT, "index": i}]
+                    called += 1
+                    yield out.delta(delta)
+                elif part.get("thought"):
+                    if not exclude and part.get("text"):
+                        yield out.delta({"reasoning": part["text"]})
+                elif part.get("text"):
+                    yield out.delta({"content": part["text"]})
+        if reason is None:
+            yield out.error("The provider closed the stream before it was complete.")
+            return
+        yield out.delta({}, finish_reason(reason, called > 0))
+        totals = usage(meta)
+        if wants_usage(ctx.body):
+            yield out.usage(totals)
+        elif ctx.meter is not None:
+            ctx.meter.observe(totals)
+        yield DONE
+
+    def translate_error(self, status: int, body: bytes) -> tuple[int, bytes]:
+        try:
+            err = orjson.loads(body).get("error") or {}
+            message = str(err.get("message") or "")
+            reasons = {d.get("reason") for d in err.get("details") or [] if isinstance(d, dict)}
+        except (orjson.JSONDecodeError, AttributeError):
+            message, reasons = "", set()
+        if "API_KEY_INVALID" in reasons:
+            return error_body(401, "Gemini: the provider rejected the gateway's API key.", code="upstream_auth")
+        ours, code = upstream_status(status, message)
+        return error_body(ours, f"Gemini: {message or f'HTTP {status}'}", code=code)
