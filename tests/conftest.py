@@ -28,10 +28,14 @@ async def upstream(aiohttp_server: Any) -> Upstream:
 
 @pytest.fixture
 def gateway(aiohttp_client: Any, upstream: Upstream, keys_db: str) -> GatewayFactory:
-    """A gateway under aiohttp_client with only OpenRouter configured, pointed at the fake upstream."""
+    """A gateway under aiohttp_client with only OpenRouter configured, pointed at the fake upstream.
+    `native=True` also configures Anthropic and Gemini, at the same fake."""
 
-    async def make(env: dict[str, str] | None = None, **overrides: Any) -> TestClient:
+    async def make(env: dict[str, str] | None = None, native: bool = False, **overrides: Any) -> TestClient:
         environment = {"OPENROUTER_API_KEY": "sk-or-test-key", "OPENROUTER_BASE_URL": upstream.url}  # type: ignore[attr-defined]
+        if native:
+            environment.update({"ANTHROPIC_API_KEY": "sk-ant-test-key", "ANTHROPIC_BASE_URL": upstream.url,  # type: ignore[attr-defined]
+                                "GEMINI_API_KEY": "gm-test-key", "GEMINI_BASE_URL": upstream.url})  # type: ignore[attr-defined]
         environment.update(env or {})
         overrides.setdefault("pipeline", [])
         overrides.setdefault("keys", {"db": keys_db})

@@ -24,6 +24,10 @@ def fixture_json(name: str) -> Any:
     return json.loads(fixture_bytes(name))
 
 
+def fixture_lines(name: str) -> list[Any]:
+    return [json.loads(line) for line in fixture_bytes(name).splitlines() if line.strip()]
+
+
 STREAM_BODY = fixture_bytes("openrouter-chat-stream-reasoning-usage.derived.sse")
 JSON_BODY = fixture_bytes("openrouter-chat-response-nonstream-whitespace-prefix.json")
 
@@ -96,13 +100,45 @@ class Upstream:
     sndbuf: int = 0  # >0: a fixed send buffer, so the kernel holds little of what we "sent"
     usage: dict[str, Any] | None = None  # mode "usage": answer with this usage object
     delay: float = 0.0  # mode "usage": seconds between stream events
+    # Native providers: recorded events (JSON objects) replayed as Anthropic or Gemini SSE, or a
+    # recorded body for non-stream requests. `cut` stops the stream after that many events.
+    replay: list[Any] = field(default_factory=list)
+    replay_body: Any = None
+    cut: int = 0
+    raw: bytes = b""  # mode "raw": this stream body as is
+    raw_json: bytes = b""  # mode "raw": this JSON body as is
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_post("/chat/completions", self.chat)
         app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_get("/models", self.list_models)
+        app.router.add_post("/v1/messages", self.native)
+        app.router.add_post("/models/{action}", self.native)
         return app
+
+    async def native(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        self.seen.append(Seen(request.path_qs, dict(request.headers), body))
+        if self.status != 200:
+            return web.Response(status=self.status, body=self.error_body, content_type="application/json")
+        gemini = request.path.startswith("/models/")
+        streaming = request.path.endswith(":streamGenerateContent") if gemini else body.get("stream")
+        if not streaming:
+            return web.json_response(self.replay_body)
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        events = self.replay[: self.cut] if self.cut else self.replay
+        for event in events:
+            data = json.dumps(event).encode()
+            await resp.write(b"data: " + data + b"\n\n" if gemini else b"event: " + event["type"].encode() + b"\ndata: " + data + b"\n\n")
+        if self.cut:
+            # a broken upstream: the connection drops in the middle of a response
+            assert request.transport is not None
+            request.transport.abort()
+            return resp
+        await resp.write_eof()
+        return resp
 
     async def list_models(self, request: web.Request) -> web.Response:
         return web.json_response({"data": self.models})
@@ -112,6 +148,8 @@ class Upstream:
         self.seen.append(Seen(request.path, dict(request.headers), body))
         if self.status != 200:
             return web.Response(status=self.status, body=self.error_body, content_type="application/json")
+        if self.mode == "raw" and not body.get("stream"):
+            return web.Response(body=self.raw_json, content_type="application/json")
         if self.mode == "usage" and not body.get("stream"):
             return web.json_response(completion(body["model"], self.usage))
         if not body.get("stream"):
@@ -123,6 +161,8 @@ class Upstream:
         try:
             if self.mode == "fixture":
                 await resp.write(STREAM_BODY)
+            elif self.mode == "raw":
+                await resp.write(self.raw)
             elif self.mode == "usage":
                 for event in stream_events(body["model"], self.usage):
                     await resp.write(event)
