@@ -31,8 +31,8 @@ class FreeGate:
                     401, "paid_model_auth_required", "You need to sign in to use this model.", code="PAID_MODEL_AUTH_REQUIRED"
                 )
             if account.balance_micros <= 0:
-                extra: dict[str, object] = {"title": self.title, "balance": account.balance}
-                if self.buy_credits_url:
-                    extra["buyCreditsUrl"] = self.buy_credits_url
+                extra: dict[str, object] = {
+                    "title": self.title, "balance": account.balance, "buyCreditsUrl": self.buy_credits_url or None,
+                }
                 raise GatewayError(402, "usage_limit_exceeded", self.message, extra=extra)
         return await call_next(ctx)

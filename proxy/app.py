@@ -64,31 +64,36 @@ def make_middleware(max_body: int) -> Any:
         except Exception:
             log.exception("unhandled_error", request_id=request[REQUEST_ID], path=request.path)
             response = GatewayError(500, "internal_error", "Internal error; it has been logged.").response()
-        _access(request, start, response.status)
+        _access(request, start, response.status, response)
         return response
 
     return gateway_middleware
 
 
-def _access(request: web.Request, start: float, status: int) -> None:
+def _access(request: web.Request, start: float, status: int, response: web.StreamResponse | None = None) -> None:
     ctx = request.get(CONTEXT)
     now = time.monotonic()
+    body = getattr(response, "body", None)
     fields: dict[str, Any] = {
         "request_id": request[REQUEST_ID],
         "method": request.method,
         "path": request.path,
         "status": status,
+        "ttfb_ms": None,
         "total_ms": round((now - start) * 1000, 2),
+        "bytes_out": len(body) if isinstance(body, bytes) else 0,
     }
     if ctx is not None:
-        fields["status"] = ctx.status or status
+        if ctx.bytes_out:  # streamed by the forwarder; otherwise the gateway's own answer
+            fields["status"] = ctx.status or status
+            fields["bytes_out"] = ctx.bytes_out
+            fields["ttfb_ms"] = round((ctx.first_byte_at - start) * 1000, 2)
+        elif ctx.status == 499:
+            fields["status"] = 499
         fields["model"] = ctx.model.id
         if ctx.requested_model != ctx.model.id:
             fields["requested_model"] = ctx.requested_model
-        fields["route"] = ctx.provider
-        fields["bytes_out"] = ctx.bytes_out
-        if ctx.first_byte_at:
-            fields["ttfb_ms"] = round((ctx.first_byte_at - start) * 1000, 2)
+        fields["route"] = ctx.provider or None
     access_log.info("request", **fields)
 
 

@@ -40,6 +40,7 @@ def _keys(args: argparse.Namespace) -> int:
     path = args.db or os.environ.get("TURNSTILE_KEYS_DB") or configuration.load(args.config).keys.db
     db = keys.connect(path)
     try:
+        print(f"(key database: {os.path.abspath(path)})", file=sys.stderr)
         if args.action == "create":
             account, key = keys.create(db, args.name, args.balance)
             print(f"Created account {account.id} ({account.name}), balance ${account.balance:.2f}.")
@@ -54,7 +55,7 @@ def _keys(args: argparse.Namespace) -> int:
             if not keys.set_balance(db, args.id, args.usd):
                 print(f"turnstile: no account {args.id}", file=sys.stderr)
                 return 1
-            print(f"Account {args.id}: balance set to ${args.usd}.")
+            print(f"Account {args.id}: balance set to ${float(args.usd):.2f}.")
         elif args.action == "revoke":
             if not keys.revoke(db, args.id):
                 print(f"turnstile: no active account {args.id}", file=sys.stderr)
@@ -93,8 +94,8 @@ def _usd(text: str) -> str:
         value = Decimal(text)
     except InvalidOperation:
         raise argparse.ArgumentTypeError(f"not an amount in USD: {text!r}") from None
-    if not value.is_finite():
-        raise argparse.ArgumentTypeError(f"not an amount in USD: {text!r}")
+    if not value.is_finite() or value < 0:
+        raise argparse.ArgumentTypeError(f"not an amount in USD (0 or more): {text!r}")
     return text
 
 
