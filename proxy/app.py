@@ -36,7 +36,8 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 def _http_error(exc: web.HTTPException, max_body: int) -> GatewayError:
     if exc.status == 404:
-        return GatewayError(404, "not_found", "No such endpoint. Chat is at {base}/chat/completions.", code="not_found")
+        return GatewayError(404, "not_found", "No such endpoint. Chat completions are at /v1/chat/completions "
+                            "(also under /api/gateway, /api/openrouter and /api/v1).", code="not_found")
     if exc.status == 405:
         return GatewayError(405, "method_not_allowed", "Method not allowed.", code="method_not_allowed",
                             headers={"Allow": exc.headers.get("Allow", "")})
@@ -109,7 +110,8 @@ def create_app(config: Config, env: Mapping[str, str] = os.environ) -> web.Appli
     router = Router(build_providers(config.providers, env), catalog)
     keys = KeyStore(env.get("TURNSTILE_KEYS_DB") or config.keys.db, config.keys.refresh_interval)
     ledger = Ledger(keys, config.ledger.flush_interval)
-    forwarder = Forwarder(router, config.upstream, ledger)
+    secrets = tuple(env.get(row.api_key_env, "") for row in config.providers if row.api_key_env)
+    forwarder = Forwarder(router, config.upstream, ledger, secrets)
     client_ip = ClientIP(config.server.trusted_proxies)
     storage = open_storage(config.limits.storage)
     # What a stage may ask for by naming a constructor parameter after it.

@@ -31,6 +31,12 @@ class Upstream:
     connect_timeout: float = 10.0
     read_timeout: float = 600.0
     pool_size: int = 1000
+    retries: int = 2
+    backoff: float = 0.25
+    backoff_max: float = 4.0
+    retry_after_max: float = 10.0
+    keepalive_interval: float = 15.0
+    fallbacks: dict[str, list[str]] = field(default_factory=dict)
 
 
 @dataclass(slots=True)

@@ -32,6 +32,9 @@ class Context:
     bytes_out: int = 0
     status: int = 0
     meter: Meter | None = None  # usage and cost, once the provider answers
+    retries: int = 0
+    fallbacks: list[str] = field(default_factory=list)  # models tried after the first, in order
+    last_write: float = 0.0
 
     @property
     def anonymous(self) -> bool:

@@ -1,4 +1,5 @@
-"""The last stage: sends the request to the chosen provider and relays the answer as it arrives.
+"""The last stage: sends the request to the chosen provider, retrying and falling back, and relays the
+answer as it arrives.
 
 It owns the one `ClientSession`. Bytes of OpenAI-compatible upstreams are copied through without
 parsing (only the event that carries usage is rewritten, with its cost); the next upstream chunk is
@@ -8,58 +9,47 @@ read only after the previous one was written (backpressure). Every request it ha
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from typing import AsyncIterator
 
 import aiohttp
-import orjson
 import structlog
 from aiohttp import web
 
 from plugins.providers.base import Provider
+from proxy import retry
 from proxy.config import Upstream
 from proxy.context import Context
-from proxy.errors import GatewayError, upstream_error
-from proxy.ledger import Ledger, Row, ip_hash
+from proxy.errors import GatewayError, invalid_request, upstream_error
+from proxy.ledger import Ledger
+from proxy.relay import SSE_HEADERS, error_chunk, relay, write
 from proxy.routing import Router
 from proxy.usage import Meter
 
-MAX_ERROR_BODY = 64 * 1024
-
-
-async def _once(body: bytes) -> AsyncIterator[bytes]:
-    yield body
-
 log = structlog.get_logger("turnstile.forward")
 
-SSE_HEADERS = {
-    "Content-Type": "text/event-stream",
-    "Cache-Control": "no-cache",
-    "X-Accel-Buffering": "no",
-}
-
-
-def error_chunk(message: str, code: int = 502) -> bytes:
-    """The mid-stream error event clients know: an error plus a terminating choice, then [DONE]."""
-    chunk = {
-        "error": {"message": message, "code": code, "type": "upstream_error"},
-        "choices": [{"index": 0, "delta": {"content": ""}, "finish_reason": "error"}],
-    }
-    return b"data: " + orjson.dumps(chunk) + b"\n\ndata: [DONE]\n\n"
+MAX_ERROR_BODY = 64 * 1024
+# An upstream refusing *our* key or credit is the operator's problem, not the caller's (whose
+# client would ask them to sign in or pay): they get a 503, the operator gets the log line.
+_OURS = {401, 402, 403}
 
 
 class Forwarder:
-    def __init__(self, router: Router, settings: Upstream, ledger: Ledger) -> None:
+    def __init__(self, router: Router, settings: Upstream, ledger: Ledger, secrets: tuple[str, ...] = ()) -> None:
         self.router = router
         self.settings = settings
         self.ledger = ledger
+        self.secrets = tuple(s.encode() for s in secrets if len(s) >= 8)
         self.session: aiohttp.ClientSession | None = None
 
     async def session_ctx(self, app: web.Application) -> AsyncIterator[None]:
         """aiohttp cleanup_ctx: one pooled session for the app's lifetime."""
         s = self.settings
         connector = aiohttp.TCPConnector(limit=s.pool_size, limit_per_host=0, ttl_dns_cache=300, enable_cleanup_closed=True)
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=s.connect_timeout, sock_read=s.read_timeout)
+        # `connect` bounds the wait for a free pooled connection too: a full pool gives a 504, not a hang.
+        timeout = aiohttp.ClientTimeout(total=None, connect=s.connect_timeout * 3, sock_connect=s.connect_timeout,
+                                        sock_read=s.read_timeout)
         self.session = aiohttp.ClientSession(
             connector=connector, timeout=timeout, auto_decompress=True, skip_auto_headers=("User-Agent",)
         )
@@ -67,112 +57,146 @@ class Forwarder:
         await self.session.close()
 
     async def __call__(self, ctx: Context) -> web.StreamResponse:
-        assert self.session is not None, "the forwarder's session opens with the app"
-        route = self.router.route(ctx.model)
-        provider = route.provider
-        ctx.provider = provider.name
-        req = provider.request(ctx, route.upstream_model)
         ctx.meter = Meter(ctx.model.prices, ctx.stream)
         try:
-            try:
-                upstream = await self.session.post(req.url, data=req.body, headers=req.headers)
-            except asyncio.TimeoutError:
-                ctx.status = 504
-                raise GatewayError(504, "upstream_timeout", f"The {provider.name} provider did not answer in time.") from None
-            except aiohttp.ClientError as exc:
-                ctx.status = 502
-                log.warning("upstream_unreachable", provider=provider.name, error=type(exc).__name__)
-                raise upstream_error(502, f"The {provider.name} provider could not be reached.") from None
-            try:
-                response = await self._relay(ctx, provider, upstream)
-            except BaseException:
-                ctx.status = ctx.status if ctx.status >= 499 else 499
-                upstream.close()  # the client left or we failed: drop the upstream connection now
-                raise
-            if ctx.status >= 499:
-                upstream.close()  # unfinished: the connection cannot go back to the pool
-            else:
-                upstream.release()
-            return response
+            if ctx.stream and self.settings.keepalive_interval > 0:
+                return await self._stream(ctx)
+            provider, upstream = await self._open(ctx)
+            return await self._finish(ctx, provider, upstream, None)
         finally:
             self._bill(ctx)
 
-    async def _relay(self, ctx: Context, provider: Provider, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
-        if not provider.passthrough:
-            if upstream.status >= 400:
-                status, body = provider.translate_error(upstream.status, await upstream.content.read(MAX_ERROR_BODY))
-                ctx.status = status
-                return web.Response(status=status, body=body, content_type="application/json", headers=ctx.response_headers)
-            if not ctx.stream:
+    async def _open(self, ctx: Context) -> tuple[Provider, aiohttp.ClientResponse]:
+        """The first upstream answer worth relaying: 429 and 5xx (and refused connections) are retried
+        with back-off, then the next fallback model is tried; the last failure is what the client gets."""
+        assert self.session is not None, "the forwarder's session opens with the app"
+        fallbacks = retry.fallback_models(ctx, self.settings, ctx.body.get("models"))
+        failure: GatewayError | None = None
+        for i, model_id in enumerate([ctx.model.id, *fallbacks]):
+            last_model = i == len(fallbacks)
+            if i:
+                ctx.use_model(model_id)
+                ctx.fallbacks.append(model_id)
+                assert ctx.meter is not None
+                ctx.meter.prices = ctx.model.prices
+            try:
+                route = self.router.route(ctx.model)
+            except GatewayError as exc:
+                failure = exc
+                continue
+            provider = route.provider
+            ctx.provider = provider.name
+            try:
+                req = provider.request(ctx, route.upstream_model)
+            except (TypeError, AttributeError, ValueError, KeyError):
+                raise invalid_request("Invalid request: a field has a type this model's provider cannot take.") from None
+            for attempt in range(self.settings.retries + 1):
+                last_try = attempt == self.settings.retries
                 try:
-                    body = provider.translate_body(ctx, await upstream.read())
-                except (ValueError, KeyError, TypeError, AttributeError):
-                    ctx.status = 502
-                    log.warning("upstream_invalid_body", provider=provider.name)
-                    raise upstream_error(502, f"The {provider.name} provider sent an answer that could not be read.") from None
-                return await self._send(ctx, upstream, provider, _once(body), sse=False)
-            return await self._send(ctx, upstream, provider, provider.translate_stream(ctx, upstream.content.iter_any()), sse=True)
-        content_type = upstream.headers.get("Content-Type", "application/json")
-        chunks: AsyncIterator[bytes] = upstream.content.iter_any()
-        return await self._send(ctx, upstream, provider, chunks, sse=content_type.startswith("text/event-stream"))
+                    upstream = await self.session.post(req.url, data=req.body, headers=req.headers)
+                except asyncio.TimeoutError:
+                    failure = GatewayError(504, "upstream_timeout", f"The {provider.name} provider did not answer in time.")
+                    break  # a slow provider is not asked again: the next model may be quicker
+                except aiohttp.ClientError as exc:
+                    log.warning("upstream_unreachable", request_id=ctx.request_id, provider=provider.name,
+                                error=type(exc).__name__, attempt=attempt)
+                    failure = upstream_error(502, f"The {provider.name} provider could not be reached.")
+                    wait = retry.delay(self.settings, attempt)
+                else:
+                    if upstream.status not in retry.RETRYABLE or (last_try and last_model):
+                        return provider, upstream
+                    log.warning("upstream_retryable", request_id=ctx.request_id, provider=provider.name,
+                                status=upstream.status, attempt=attempt)
+                    wait = retry.delay(self.settings, attempt, upstream.headers.get("Retry-After"))
+                    failure = upstream_error(502 if upstream.status >= 500 else 429, f"The {provider.name} provider "
+                                             f"answered {upstream.status}.")
+                    upstream.close()
+                if last_try:
+                    break
+                ctx.retries += 1
+                await asyncio.sleep(wait)
+        ctx.status = failure.status if failure else 502
+        raise failure or upstream_error(502, "No provider could serve the request.")
 
-    async def _send(self, ctx: Context, upstream: aiohttp.ClientResponse, provider: Provider,
-                    chunks: AsyncIterator[bytes], sse: bool) -> web.StreamResponse:
-        response = web.StreamResponse(status=upstream.status)
-        headers = response.headers
-        metered = upstream.status < 400
-        if sse:
-            headers.update(SSE_HEADERS)
-        elif provider.passthrough:
-            headers["Content-Type"] = upstream.headers.get("Content-Type", "application/json")
-            length = upstream.content_length
-            if not metered and length is not None and "Content-Encoding" not in upstream.headers:
-                response.content_length = length
-        else:
-            headers["Content-Type"] = "application/json"
-        if ctx.response_headers:
-            headers.update(ctx.response_headers)
-        ctx.status = upstream.status
-        await response.prepare(ctx.request)
-        meter = ctx.meter
-        assert meter is not None
-        meter.stream = sse
+    async def _stream(self, ctx: Context) -> web.StreamResponse:
+        """A stream whose upstream is slow to answer gets its 200 and SSE comments meanwhile; a failure
+        after that point arrives as the error chunk."""
+        opening = asyncio.ensure_future(self._open(ctx))
         try:
-            async for chunk in chunks:
-                data = meter.feed(chunk) if metered else chunk
-                if data:
-                    await self._write(ctx, response, data)
-            tail = meter.finish() if metered else b""
-            if tail:
-                await self._write(ctx, response, tail)
-        except ConnectionResetError:
-            ctx.status = 499  # the client went away
-            return response
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-            log.warning("upstream_broke_mid_response", provider=ctx.provider, error=type(exc).__name__)
-            if sse:
-                await self._write(ctx, response, error_chunk(f"The {ctx.provider} provider stopped mid-stream."))
-            ctx.status = 502
-            return response
-        await response.write_eof()
-        return response
+            done, _ = await asyncio.wait({opening}, timeout=self.settings.keepalive_interval)
+            if done:
+                provider, upstream = opening.result()
+                return await self._finish(ctx, provider, upstream, None)
+            response = web.StreamResponse(status=200, headers={**SSE_HEADERS, **ctx.response_headers})
+            await response.prepare(ctx.request)
+            ctx.status = 200
+            while not opening.done():
+                await write(ctx, response, b": keep-alive\n\n")
+                await asyncio.wait({opening}, timeout=self.settings.keepalive_interval)
+            try:
+                provider, upstream = opening.result()
+            except GatewayError as exc:
+                await write(ctx, response, error_chunk(exc.message, exc.status))
+                ctx.status = exc.status
+                return response
+            return await self._finish(ctx, provider, upstream, response)
+        finally:
+            if not opening.done():
+                opening.cancel()
+                with contextlib.suppress(BaseException):
+                    provider, upstream = await opening
+                    upstream.close()
 
-    @staticmethod
-    async def _write(ctx: Context, response: web.StreamResponse, data: bytes) -> None:
-        if not ctx.bytes_out:
-            ctx.first_byte_at = time.monotonic()
-        await response.write(data)
-        ctx.bytes_out += len(data)
+    async def _finish(self, ctx: Context, provider: Provider, upstream: aiohttp.ClientResponse,
+                      response: web.StreamResponse | None) -> web.StreamResponse:
+        clean = False
+        try:
+            if upstream.status >= 400:
+                return await self._error(ctx, provider, upstream, response)
+            result, clean = await relay(ctx, provider, upstream, response, self.settings.keepalive_interval)
+            return result
+        except (asyncio.CancelledError, ConnectionResetError):
+            ctx.status = 499
+            raise
+        finally:
+            if clean:
+                upstream.release()
+            else:
+                upstream.close()  # unfinished: the connection cannot go back to the pool
+
+    async def _error(self, ctx: Context, provider: Provider, upstream: aiohttp.ClientResponse,
+                     response: web.StreamResponse | None) -> web.StreamResponse:
+        body = await upstream.content.read(MAX_ERROR_BODY)
+        for secret in self.secrets:
+            body = body.replace(secret, b"[redacted]")
+        status = upstream.status
+        content_type = upstream.headers.get("Content-Type", "application/json")
+        if status in _OURS:
+            log.error("upstream_refused_gateway_key", request_id=ctx.request_id, provider=provider.name,
+                      status=status, body=body[:500].decode("utf-8", "replace"))
+            err = GatewayError(503, "temporarily_unavailable",
+                               "The service is temporarily unavailable. Please try again later.")
+            status, body, content_type = 503, err.response().body, "application/json"  # type: ignore[assignment]
+        elif not provider.passthrough:
+            status, body = provider.translate_error(status, body)
+            content_type = "application/json"
+        ctx.status = status
+        if response is not None:  # the stream already started: the error travels in it
+            await write(ctx, response, error_chunk(body.decode("utf-8", "replace")[:1000], status))
+            return response
+        return web.Response(status=status, body=body, content_type=content_type.split(";")[0],
+                            headers=ctx.response_headers)
 
     def _bill(self, ctx: Context) -> None:
         """One ledger row. Output that came without usage is billed by estimate; failures before
         any output cost nothing."""
+        from proxy.ledger import Row, ip_hash
+
         meter = ctx.meter
         assert meter is not None
         if meter.usage is None and ctx.bytes_out and (ctx.status < 400 or ctx.status in (499, 502)):
             meter.estimate(ctx.request_bytes, ctx.bytes_out)
         usage = meter.usage
-        now = time.monotonic()
         account = ctx.account
         self.ledger.record(Row(
             request_id=ctx.request_id,
@@ -190,7 +214,7 @@ class Forwarder:
             estimated=bool(usage and usage.estimated),
             status=ctx.status,
             ttfb_ms=round((ctx.first_byte_at - ctx.started_at) * 1000, 2) if ctx.first_byte_at else None,
-            duration_ms=round((now - ctx.started_at) * 1000, 2),
+            duration_ms=round((time.monotonic() - ctx.started_at) * 1000, 2),
             finish_reason=meter.finish_reason,
             streamed=ctx.stream,
             created_at=time.time(),

@@ -317,7 +317,8 @@ class Gemini:
             reasons = {d.get("reason") for d in err.get("details") or [] if isinstance(d, dict)}
         except (orjson.JSONDecodeError, AttributeError):
             message, reasons = "", set()
-        if "API_KEY_INVALID" in reasons:
-            return error_body(401, "Gemini: the provider rejected the gateway's API key.", code="upstream_auth")
+        if "API_KEY_INVALID" in reasons:  # our key, not the caller's: the forwarder's rule for 401s
+            return error_body(503, "The service is temporarily unavailable. Please try again later.",
+                              error_type="temporarily_unavailable")
         ours, code = upstream_status(status, message)
         return error_body(ours, f"Gemini: {message or f'HTTP {status}'}", code=code)

@@ -122,7 +122,6 @@ async def test_error_event_mid_stream(gateway, upstream):
 
 
 @pytest.mark.parametrize("status, body, ours, code", [
-    (401, {"type": "error", "error": {"type": "authentication_error", "message": "invalid x-api-key"}}, 401, "upstream_error"),
     (429, {"type": "error", "error": {"type": "rate_limit_error", "message": "slow down"}}, 429, "upstream_error"),
     (529, {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}, 503, "upstream_overloaded"),
     (400, {"type": "error", "error": {"type": "invalid_request_error", "message": "prompt is too long: 250000 tokens > 200000 maximum"}}, 400, "context_length_exceeded"),
@@ -136,6 +135,16 @@ async def test_errors_are_mapped(gateway, upstream, status, body, ours, code):
     got = await resp.json()
     assert got["error"]["code"] == code and body["error"]["message"] in got["error"]["message"]
     assert "sk-ant-test-key" not in json.dumps(got)
+
+
+async def test_upstream_refusing_our_key_is_503_for_the_client(gateway, upstream):
+    upstream.status = 401
+    upstream.error_body = b'{"type": "error", "error": {"type": "authentication_error", "message": "invalid x-api-key"}}'
+    client = await gateway(native=True)
+    resp = await client.post("/v1/chat/completions", json=chat(stream=False))
+    assert resp.status == 503
+    body = await resp.json()
+    assert body["error_type"] == "temporarily_unavailable" and "x-api-key" not in body["message"]
 
 
 def tool_conversation() -> dict:

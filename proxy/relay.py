@@ -1,0 +1,123 @@
+"""Copies (or translates) an upstream answer to the client as it arrives, through the usage meter.
+
+Headers are final before the first body byte. A stream that breaks after bytes were sent ends with
+the error chunk and `data: [DONE]`; a JSON body that breaks is cut off (the connection is aborted),
+so the client can never take half a body for a whole one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from typing import AsyncIterator
+
+import aiohttp
+import orjson
+import structlog
+from aiohttp import web
+
+from plugins.providers.base import Provider
+from proxy.context import Context
+from proxy.errors import upstream_error
+
+log = structlog.get_logger("turnstile.relay")
+
+SSE_HEADERS = {
+    "Content-Type": "text/event-stream",
+    "Cache-Control": "no-cache",
+    "X-Accel-Buffering": "no",
+}
+KEEPALIVE = b": keep-alive\n\n"
+
+
+def error_chunk(message: str, code: int = 502) -> bytes:
+    """The mid-stream error event clients know: an error plus a terminating choice, then [DONE]."""
+    chunk = {
+        "error": {"message": message, "code": code, "type": "upstream_error"},
+        "choices": [{"index": 0, "delta": {"content": ""}, "finish_reason": "error"}],
+    }
+    return b"data: " + orjson.dumps(chunk) + b"\n\ndata: [DONE]\n\n"
+
+
+async def write(ctx: Context, response: web.StreamResponse, data: bytes) -> None:
+    now = time.monotonic()
+    if not ctx.bytes_out:
+        ctx.first_byte_at = now
+    ctx.last_write = now
+    await response.write(data)
+    ctx.bytes_out += len(data)
+
+
+async def _once(body: bytes) -> AsyncIterator[bytes]:
+    yield body
+
+
+async def _keepalive(ctx: Context, response: web.StreamResponse, interval: float) -> None:
+    """SSE comments through long silences, so that no intermediary times the stream out."""
+    while True:
+        await asyncio.sleep(interval - (time.monotonic() - ctx.last_write))
+        if time.monotonic() - ctx.last_write >= interval:
+            await write(ctx, response, KEEPALIVE)
+
+
+async def relay(ctx: Context, provider: Provider, upstream: aiohttp.ClientResponse,
+                response: web.StreamResponse | None, keepalive: float) -> tuple[web.StreamResponse, bool]:
+    """(the response, whether the upstream answer was read to its end)."""
+    if provider.passthrough:
+        chunks: AsyncIterator[bytes] = upstream.content.iter_any()
+        sse = upstream.headers.get("Content-Type", "").startswith("text/event-stream")
+    elif ctx.stream:
+        chunks, sse = provider.translate_stream(ctx, upstream.content.iter_any()), True
+    else:
+        try:
+            body = provider.translate_body(ctx, await upstream.read())
+        except (ValueError, KeyError, TypeError, AttributeError):
+            log.warning("upstream_invalid_body", request_id=ctx.request_id, provider=provider.name)
+            ctx.status = 502
+            raise upstream_error(502, f"The {provider.name} provider sent an answer that could not be read.") from None
+        chunks, sse = _once(body), False
+    if response is None:
+        response = web.StreamResponse(status=upstream.status)
+        if sse:
+            response.headers.update(SSE_HEADERS)
+        else:
+            response.headers["Content-Type"] = upstream.headers.get("Content-Type", "application/json") if provider.passthrough else "application/json"
+        if ctx.response_headers:
+            response.headers.update(ctx.response_headers)
+        await response.prepare(ctx.request)
+    ctx.status = upstream.status
+    meter = ctx.meter
+    assert meter is not None
+    meter.stream = sse
+    ticker = asyncio.ensure_future(_keepalive(ctx, response, keepalive)) if sse and keepalive > 0 else None
+    ctx.last_write = time.monotonic()
+    try:
+        async for chunk in chunks:
+            data = meter.feed(chunk)
+            if data:
+                await write(ctx, response, data)
+        tail = meter.finish()
+        if tail:
+            await write(ctx, response, tail)
+    except ConnectionResetError:
+        ctx.status = 499  # the client went away
+        return response, False
+    except asyncio.CancelledError:
+        ctx.status = 499
+        raise
+    except Exception as exc:  # the upstream broke, or sent what cannot be translated
+        log.warning("upstream_broke_mid_response", request_id=ctx.request_id, provider=ctx.provider,
+                    error=type(exc).__name__)
+        ctx.status = 502
+        if sse:
+            with contextlib.suppress(ConnectionResetError):
+                await write(ctx, response, error_chunk(f"The {ctx.provider} provider stopped mid-stream."))
+        elif ctx.request.transport is not None:
+            ctx.request.transport.abort()  # a cut JSON body must not look complete
+        return response, False
+    finally:
+        if ticker is not None:
+            ticker.cancel()
+    await response.write_eof()
+    return response, True
