@@ -63,6 +63,8 @@ class _Tier:
         kinds = [bool(self.default or self.modes), bool(self.paid and self.free), bool(weights)]
         if sum(kinds) != 1:
             raise ConfigError(f"{where}: give exactly one of default/modes, paid+free, or weights")
+        if self.modes and not self.default:
+            raise ConfigError(f"{where}: `modes` needs a `default` for unknown and absent modes")
         targets = [*self.modes.values(), self.default, self.paid, self.free, *weights]
         for target in filter(None, targets):
             if catalog.get(target) is None:
@@ -83,7 +85,7 @@ class _Tier:
         headers = ctx.request.headers
         sticky = headers.get("x-kilocode-taskid") or (f"account:{ctx.account.id}" if ctx.account else ctx.client_ip)
         if self.total:
-            digest = hashlib.sha256(f"{self.id}\0{sticky}".encode()).digest()
+            digest = hashlib.sha256(f"{self.id}\0{sticky}".encode("utf-8", "surrogateescape")).digest()
             point = int.from_bytes(digest[:8], "big") % self.total
             chosen = next(model_id for bound, model_id in self.buckets if point < bound)
             if ctx.catalog.get(chosen) is not None:

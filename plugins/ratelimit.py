@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import time
+from ipaddress import ip_network
 
 from aiohttp import web
 from limits import parse
@@ -38,7 +39,11 @@ class RateLimit:
         who: str = "anonymous",
         retry_after: bool = False,
         promotion_message: str = PROMOTION,
+        ipv6_prefix: int = 64,
     ) -> None:
+        if not 32 <= ipv6_prefix <= 128:
+            raise ConfigError("ratelimit: option ipv6_prefix must be between 32 and 128")
+        self.ipv6_prefix = ipv6_prefix
         if who not in ("anonymous", "free"):
             raise ConfigError("ratelimit: option who must be 'anonymous' or 'free'")
         if config.server.workers > 1 and not is_shared(config.limits.storage):
@@ -57,10 +62,18 @@ class RateLimit:
         self.promotion_message = promotion_message
         self.limit_header = str(self.hourly.amount)
 
+    def _bucket(self, ip: str) -> str:
+        try:
+            return str(ip_network(f"{ip}/{self.ipv6_prefix}", strict=False))
+        except ValueError:
+            return ip
+
     async def __call__(self, ctx: Context, call_next: Next) -> web.StreamResponse:
         if not ctx.model.free or not (ctx.account is None or self.everyone):
             return await call_next(ctx)
         ip = ctx.client_ip
+        if ":" in ip:  # one IPv6 client holds a whole /64: count it as one
+            ip = self._bucket(ip)
         admitted = await self.limiter.hit(self.hourly, "free", ip)
         reset, remaining = await self.limiter.get_window_stats(self.hourly, "free", ip)
         headers = {

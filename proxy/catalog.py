@@ -93,5 +93,8 @@ def from_upstream(data: Any, provider: str) -> list[dict[str, Any]]:
             continue  # the Kilo CLI rejects the whole list over one such entry
         if e["id"].endswith(":batch"):
             continue
+        e = {k: v for k, v in e.items() if k not in ("preferredIndex", "routes", "free")}  # ours to set
+        if not isinstance(e.get("pricing", {}), dict):
+            continue
         rows.append({**e, "routes": {provider: e["id"]}})
     return rows

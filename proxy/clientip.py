@@ -37,6 +37,8 @@ class ClientIP:
 
     def __call__(self, request: web.Request) -> str:
         peer = request.remote or ""
+        if peer.startswith("::ffff:") and "." in peer:
+            peer = peer[7:]  # an IPv4 client on a dual-stack socket
         if not self.networks or not self.trusted(peer):
             return peer
         hops = ",".join(request.headers.getall("X-Forwarded-For", ())).split(",")

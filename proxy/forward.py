@@ -22,7 +22,7 @@ from proxy import retry
 from proxy.config import Upstream
 from proxy.context import Context
 from proxy.errors import GatewayError, invalid_request, upstream_error
-from proxy.ledger import Ledger
+from proxy.ledger import Ledger, Row, ip_hash
 from proxy.relay import SSE_HEADERS, error_chunk, relay, write
 from proxy.routing import Router
 from proxy.usage import Meter
@@ -190,8 +190,6 @@ class Forwarder:
     def _bill(self, ctx: Context) -> None:
         """One ledger row. Output that came without usage is billed by estimate; failures before
         any output cost nothing."""
-        from proxy.ledger import Row, ip_hash
-
         meter = ctx.meter
         assert meter is not None
         if meter.usage is None and ctx.bytes_out and (ctx.status < 400 or ctx.status in (499, 502)):
@@ -201,7 +199,7 @@ class Forwarder:
         self.ledger.record(Row(
             request_id=ctx.request_id,
             account_id=account.id if account else None,
-            ip_hash=None if account else ip_hash(ctx.client_ip),
+            ip_hash=None if account else ip_hash(self.ledger.secret, ctx.client_ip),
             model_asked=ctx.requested_model,
             model=ctx.model.id,
             provider=ctx.provider,

@@ -57,11 +57,12 @@ CREATE TABLE IF NOT EXISTS ledger (
 );
 CREATE INDEX IF NOT EXISTS ledger_account ON ledger (account_id, created_at);
 CREATE INDEX IF NOT EXISTS ledger_time ON ledger (created_at);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
 
 def hash_key(key: str) -> str:
-    return hashlib.sha256(key.encode()).hexdigest()
+    return hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()
 
 
 def to_micros(usd: str | float | Decimal) -> int:
@@ -89,7 +90,13 @@ def connect(path: str) -> sqlite3.Connection:
     db = sqlite3.connect(path, timeout=10, isolation_level=None, check_same_thread=False)
     db.execute("PRAGMA journal_mode=WAL")
     db.executescript(_SCHEMA)
+    db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('ip_secret', ?)", (secrets.token_hex(32),))
     return db
+
+
+def ip_secret(db: sqlite3.Connection) -> bytes:
+    """This installation's key for pseudonymising client IPs in the ledger."""
+    return bytes.fromhex(db.execute("SELECT value FROM meta WHERE key = 'ip_secret'").fetchone()[0])
 
 
 def create(db: sqlite3.Connection, name: str, balance_usd: str = "0") -> tuple[Account, str]:

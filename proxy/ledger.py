@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import hmac
 import sqlite3
 import time
 from dataclasses import dataclass, fields
@@ -19,7 +20,7 @@ from typing import Any, AsyncIterator
 import structlog
 from aiohttp import web
 
-from proxy.keys import KeyStore, connect
+from proxy.keys import KeyStore, connect, ip_secret
 
 log = structlog.get_logger("turnstile.ledger")
 
@@ -75,8 +76,9 @@ COLUMNS = [f.name for f in fields(Row)]
 _INSERT = f"INSERT OR IGNORE INTO ledger ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
 
 
-def ip_hash(ip: str) -> str:
-    return hashlib.sha256(b"turnstile-ip\0" + ip.encode()).hexdigest()[:16]
+def ip_hash(secret: bytes, ip: str) -> str:
+    """An anonymous caller's IP, pseudonymised: an HMAC with this installation's secret."""
+    return hmac.new(secret, ip.encode("utf-8", "surrogateescape"), hashlib.sha256).hexdigest()[:32]
 
 
 def _write(db: sqlite3.Connection, rows: list[Row], debits: dict[int, int]) -> None:
@@ -99,6 +101,7 @@ class Ledger:
         self._db: sqlite3.Connection | None = None  # the writer's
         self._reader: sqlite3.Connection | None = None
         self._read_lock = asyncio.Lock()
+        self.secret = b""
 
     def record(self, row: Row) -> None:
         self.rows.append(row)
@@ -134,6 +137,7 @@ class Ledger:
     async def cleanup_ctx(self, app: web.Application) -> AsyncIterator[None]:
         self._db = connect(self.keys.path)
         self._reader = connect(self.keys.path)
+        self.secret = ip_secret(self._db)
         task = asyncio.create_task(self._loop())
         yield
         task.cancel()

@@ -33,7 +33,8 @@ def setup(settings: Logging, stream: object = None, cache: bool = False) -> None
         processors += [structlog.processors.format_exc_info, structlog.processors.JSONRenderer(serializer=orjson.dumps)]
         factory: object = structlog.BytesLoggerFactory(getattr(out, "buffer", out))
     else:
-        processors.append(structlog.dev.ConsoleRenderer(colors=False))
+        # Plain tracebacks: a rich one would print local variables, keys among them.
+        processors.append(structlog.dev.ConsoleRenderer(colors=False, exception_formatter=structlog.dev.plain_traceback))
         factory = structlog.PrintLoggerFactory(out)
     structlog.configure(
         processors=processors,

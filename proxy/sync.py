@@ -18,12 +18,14 @@ from proxy.routing import Router
 
 log = structlog.get_logger("turnstile.catalog")
 
+MAX_BYTES = 64 * 1024 * 1024
+
 
 async def fetch_once(forwarder: Forwarder, router: Router, provider: str, url: str, headers: dict[str, str]) -> int:
     assert forwarder.session is not None
-    async with forwarder.session.get(url, headers=headers) as resp:
+    async with forwarder.session.get(url, headers=headers, timeout=aiohttp.ClientTimeout(total=30)) as resp:
         resp.raise_for_status()
-        data = orjson.loads(await resp.read())
+        data = orjson.loads(await resp.content.read(MAX_BYTES))
     rows = from_upstream(data, provider)
     # Curated entries (shipped or configured) win over the upstream's.
     router.catalog.update(rows, keep_existing=True)
@@ -47,7 +49,7 @@ def catalog_sync(
         try:
             count = await fetch_once(forwarder, router, row.name, url, headers)
             log.info("catalog_synced", provider=row.name, models=count, total=len(router.catalog.models))
-        except (aiohttp.ClientError, asyncio.TimeoutError, orjson.JSONDecodeError) as exc:
+        except Exception as exc:  # a bad upstream list must never stop the gateway or the loop
             log.warning("catalog_sync_failed", provider=row.name, error=type(exc).__name__)
 
     async def loop() -> None:

@@ -22,7 +22,7 @@ BAD = [
     ("not json", b"{'model': nope", 400, "invalid_request"),
     ("truncated json", b'{"model": "openai/gpt-5.4", "messages": [', 400, "invalid_request"),
     ("json array", b"[1, 2]", 400, "invalid_request"),
-    ("invalid utf-8", b'{"model": "\xff\xfe"}', 400, "invalid_request"),
+    ("invalid utf-8", b'{"model": "\xff\xfe", "messages": [{"role": "user", "content": "x"}]}', 400, "invalid_request"),
     ("model missing", json.dumps({"messages": OK["messages"]}).encode(), 404, "model_not_found"),
     ("model empty", json.dumps({**OK, "model": ""}).encode(), 404, "model_not_found"),
     ("model not a string", json.dumps({**OK, "model": 42}).encode(), 404, "model_not_found"),
@@ -36,12 +36,16 @@ BAD = [
 
 @pytest.mark.parametrize("name, raw, status, error_type", BAD, ids=[b[0] for b in BAD])
 async def test_bad_request(gateway, upstream, name, raw, status, error_type):
+    """Each refusal for its own reason: the body of every JSON case but the broken ones is otherwise valid."""
     client = await gateway()
     resp = await client.post("/api/gateway/chat/completions", data=raw, headers={"Content-Type": "application/json"})
     assert resp.status == status
     assert resp.headers["Content-Type"].startswith("application/json")
     assert resp.headers["X-Request-Id"]
-    assert_error_shape(await resp.json(), status, error_type)
+    body = await resp.json()
+    assert_error_shape(body, status, error_type)
+    if name in ("not json", "truncated json", "invalid utf-8"):
+        assert body["error"]["code"] == "invalid_json"
     assert upstream.seen == []
 
 
