@@ -95,6 +95,10 @@ def _access(request: web.Request, start: float, status: int, response: web.Strea
         if ctx.requested_model != ctx.model.id:
             fields["requested_model"] = ctx.requested_model
         fields["route"] = ctx.provider or None
+        if ctx.retries:
+            fields["retries"] = ctx.retries
+        if ctx.fallbacks:
+            fields["fallbacks"] = ctx.fallbacks
     access_log.info("request", **fields)
 
 

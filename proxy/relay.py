@@ -20,6 +20,7 @@ from aiohttp import web
 from plugins.providers.base import Provider
 from proxy.context import Context
 from proxy.errors import upstream_error
+from proxy.sse import DONE
 
 log = structlog.get_logger("turnstile.relay")
 
@@ -97,6 +98,8 @@ async def relay(ctx: Context, provider: Provider, upstream: aiohttp.ClientRespon
             data = meter.feed(chunk)
             if data:
                 await write(ctx, response, data)
+                if ticker is not None and data.endswith(DONE):
+                    ticker.cancel()  # the stream is over; only the connection's end is left
         tail = meter.finish()
         if tail:
             await write(ctx, response, tail)

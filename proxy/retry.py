@@ -37,12 +37,12 @@ def delay(settings: Upstream, attempt: int, header: str | None = None) -> float:
 
 def fallback_models(ctx: Context, settings: Upstream, requested: Any) -> list[str]:
     """OpenRouter's `models` array of the request, then the configured fallbacks of the model, each
-    once; a caller may only fall back to a model it could have asked for (free, or paid with balance)."""
+    once. A request for a free model falls back to free models only: paid ones passed no gate."""
     wanted: list[str] = []
     if isinstance(requested, list):
         wanted += [m for m in requested if isinstance(m, str)]
     wanted += settings.fallbacks.get(ctx.model.id, [])
-    paid_ok = ctx.account is not None and ctx.account.balance_micros > 0
+    paid_ok = not ctx.model.free
     out: list[str] = []
     for model_id in wanted:
         model = ctx.catalog.get(model_id)

@@ -106,6 +106,14 @@ class Upstream:
     replay_body: Any = None
     cut: int = 0
     raw: bytes = b""  # mode "raw": this stream body as is
+    # Faults, taken in order per request: "reset" (drop the connection before answering), "hang"
+    # (answer nothing for `hang` seconds), a status code as int (answer it), None (behave).
+    faults: list[Any] = field(default_factory=list)
+    hang: float = 30.0
+    retry_after: str | None = None
+    started: int = 0
+    ended: int = 0
+    tags: set[str] = field(default_factory=set)  # the `tag` body fields seen
     raw_json: bytes = b""  # mode "raw": this JSON body as is
 
     def app(self) -> web.Application:
@@ -144,8 +152,31 @@ class Upstream:
         return web.json_response({"data": self.models})
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
+        self.started += 1
+        try:
+            return await self._chat(request)
+        finally:
+            self.ended += 1
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
         self.seen.append(Seen(request.path, dict(request.headers), body))
+        self.tags.add(body.pop("tag", ""))
+        fault = body.pop("fault", None) or (self.faults.pop(0) if self.faults else None)
+        if fault == "reset":
+            assert request.transport is not None
+            request.transport.abort()
+            return web.Response()
+        if fault == "hang":
+            try:
+                await asyncio.sleep(self.hang)
+            except asyncio.CancelledError:
+                self.closed_at = time.monotonic()
+                raise
+        if isinstance(fault, int):
+            headers = {"Retry-After": self.retry_after} if self.retry_after else {}
+            return web.Response(status=fault, body=b'{"error": {"message": "busy", "code": %d}}' % fault,
+                                content_type="application/json", headers=headers)
         if self.status != 200:
             return web.Response(status=self.status, body=self.error_body, content_type="application/json")
         if self.mode == "raw" and not body.get("stream"):
@@ -163,6 +194,11 @@ class Upstream:
                 await resp.write(STREAM_BODY)
             elif self.mode == "raw":
                 await resp.write(self.raw)
+                if self.cut:  # a broken upstream: the connection drops in the middle
+                    assert request.transport is not None
+                    await asyncio.sleep(0.05)  # let what was written leave first
+                    request.transport.abort()
+                    return resp
             elif self.mode == "usage":
                 for event in stream_events(body["model"], self.usage):
                     await resp.write(event)
