@@ -68,3 +68,55 @@ async def test_sigterm_under_load_loses_no_ledger_row(upstream: Upstream, accoun
     assert admitted <= set(rows)
     assert all(rows[r] == 200 for r in admitted)
     assert b"ledger_flushed_on_stop" in output
+
+
+async def test_sigterm_lets_20_streams_finish_and_refuses_new_connections(upstream: Upstream, account, keys_db, tmp_path):
+    upstream.mode, upstream.delay = "usage", 0.2  # each stream takes about 1.4 s
+    upstream.usage = {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}
+    key = account("load", "100")
+    port = free_port()
+    config = tmp_path / "turnstile.toml"
+    config.write_text(f'[server]\nport = {port}\nshutdown_timeout = 20.0\n[keys]\ndb = "{keys_db}"\n')
+    env = {"OPENROUTER_API_KEY": "sk-or-test", "OPENROUTER_BASE_URL": upstream.url, "PATH": "/usr/bin:/bin"}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "proxy", "serve", "--config", str(config), env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    body = {"model": "anthropic/claude-sonnet-4.6", "messages": [{"role": "user", "content": "x"}], "stream": True}
+    async with aiohttp.ClientSession() as session:
+        for _ in range(100):
+            try:
+                async with session.get(url + "/healthz") as resp:
+                    if resp.status == 200:
+                        break
+            except aiohttp.ClientError:
+                await asyncio.sleep(0.1)
+        opened = asyncio.Event()
+        count = 0
+
+        async def one() -> bytes:
+            nonlocal count
+            async with session.post(url + "/v1/chat/completions", json=body,
+                                    headers={"Authorization": f"Bearer {key}"}) as resp:
+                first = await resp.content.readline()
+                count += 1
+                if count == 20:
+                    opened.set()
+                return first + await resp.read()
+
+        streams = [asyncio.create_task(one()) for _ in range(20)]
+        await opened.wait()
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.sleep(0.3)
+        refused = False
+        try:
+            async with aiohttp.ClientSession() as fresh:  # a new connection, not a pooled one
+                await fresh.get(url + "/healthz")
+        except aiohttp.ClientConnectorError:
+            refused = True
+        bodies = await asyncio.gather(*streams)
+    output, _ = await proc.communicate()
+    assert refused
+    assert all(b.endswith(b"data: [DONE]\n\n") for b in bodies)
+    assert proc.returncode == 0, output.decode()[-2000:]
