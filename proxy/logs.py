@@ -26,6 +26,7 @@ def setup(settings: Logging, stream: object = None, cache: bool = False) -> None
         raise ConfigError(f"logging.format: {fmt!r} is not one of auto, json, console")
     as_json = fmt == "json" or (fmt == "auto" and not getattr(out, "isatty", lambda: False)())
     processors: list[structlog.typing.Processor] = [
+        structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]

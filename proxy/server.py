@@ -7,8 +7,11 @@ SIGTERM or SIGINT stops accepting, lets in-flight requests and streams finish wi
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import signal
 import sys
+import time
 
 import structlog
 from aiohttp import web
@@ -54,6 +57,70 @@ async def serve(cfg: Config, app: web.Application, uvloop: bool) -> int:
 
 def run(cfg: Config) -> int:
     logs.setup(cfg.logging, cache=True)
+    if cfg.server.workers > 1:
+        create_app(cfg)  # every configuration error shows here, once, before any worker starts
+        return supervise(cfg)
+    return _worker(cfg)
+
+
+def _worker(cfg: Config) -> int:
     uvloop = _use_uvloop()
     app = create_app(cfg)
     return asyncio.run(serve(cfg, app, uvloop))
+
+
+def _spawn(cfg: Config, index: int) -> int:
+    pid = os.fork()
+    if pid == 0:  # the worker: its own event loop, app, connection pool and key cache
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        code = 1
+        try:
+            structlog.contextvars.bind_contextvars(worker=index)
+            code = _worker(cfg)
+        finally:
+            os._exit(code)
+    return pid
+
+
+def supervise(cfg: Config) -> int:
+    """N worker processes share the port (SO_REUSEPORT). A worker that dies is started again;
+    SIGTERM is passed to every worker, each drains its requests, then the supervisor exits 0."""
+    stopping = False
+
+    def stop(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        for pid in list(workers):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    workers = {_spawn(cfg, i): i for i in range(cfg.server.workers)}
+    born = {pid: time.monotonic() for pid in workers}
+    log.info("supervising", workers=cfg.server.workers, pids=sorted(workers))
+    failed = False
+    while workers:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            break
+        except InterruptedError:
+            continue
+        index = workers.pop(pid, None)
+        if index is None:
+            continue
+        code = os.waitstatus_to_exitcode(status)
+        if stopping:
+            failed = failed or code != 0
+            continue
+        log.error("worker_died", worker=index, pid=pid, exit_code=code)
+        if code == 1 and time.monotonic() - born.pop(pid, 0.0) < 2.0:  # it could not start (port taken?): give up
+            stop(signal.SIGTERM, None)
+            failed = True
+            continue
+        new = _spawn(cfg, index)
+        workers[new], born[new] = index, time.monotonic()
+    log.info("stopped")
+    return 1 if failed else 0

@@ -4,6 +4,7 @@ admitted request's ledger row, and exits 0."""
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import socket
 import sqlite3
@@ -120,3 +121,53 @@ async def test_sigterm_lets_20_streams_finish_and_refuses_new_connections(upstre
     assert refused
     assert all(b.endswith(b"data: [DONE]\n\n") for b in bodies)
     assert proc.returncode == 0, output.decode()[-2000:]
+
+
+async def test_two_workers_share_one_exact_limit_and_a_dead_worker_comes_back(upstream: Upstream, redis_url, tmp_path):
+    import os
+    import uuid
+
+    port = free_port()
+    config = tmp_path / "turnstile.toml"
+    config.write_text(f'[server]\nport = {port}\nworkers = 2\n[limits]\nstorage = "{redis_url}/{uuid.uuid4().int % 16}"\n'
+                      f'[keys]\ndb = "{tmp_path / "keys.db"}"\n[logging]\nformat = "json"\n')
+    env = {"OPENROUTER_API_KEY": "sk-or-test", "OPENROUTER_BASE_URL": upstream.url, "PATH": "/usr/bin:/bin"}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "proxy", "serve", "--config", str(config), env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    body = {"model": "minimax/minimax-m2.5:free", "messages": [{"role": "user", "content": "x"}]}
+    try:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as session:
+            for _ in range(100):
+                try:
+                    async with session.get(url + "/healthz") as resp:
+                        if resp.status == 200:
+                            break
+                except aiohttp.ClientError:
+                    await asyncio.sleep(0.1)
+            await asyncio.sleep(0.5)  # both workers listening
+
+            async def one() -> int:
+                async with session.post(url + "/v1/chat/completions", json=body) as resp:
+                    await resp.read()
+                    return resp.status
+
+            statuses = await asyncio.gather(*(one() for _ in range(300)))
+            assert (statuses.count(200), statuses.count(429)) == (200, 100)
+
+            children = [int(p) for p in os.popen(f"pgrep -P {proc.pid}").read().split()]
+            assert len(children) == 2
+            os.kill(children[0], signal.SIGKILL)
+            await asyncio.sleep(1.5)
+            after = [int(p) for p in os.popen(f"pgrep -P {proc.pid}").read().split()]
+            assert len(after) == 2 and children[0] not in after
+            async with session.get(url + "/healthz") as resp:
+                assert resp.status == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        output, _ = await proc.communicate()
+    assert proc.returncode == 0
+    served_by = {json.loads(line).get("worker") for line in output.splitlines() if b'"event":"request"' in line}
+    assert served_by == {0, 1}  # the kernel spread connections over both processes
