@@ -1,0 +1,267 @@
+"""One command: start a mock provider, the bare relay and Turnstile (full default pipeline), run every
+scenario against direct / bare relay / Turnstile in turn, print one table, stop everything.
+
+    python deploy/loadtest/run.py            # about four minutes
+    python deploy/loadtest/run.py --smoke    # a few seconds, as CI runs it
+
+Needs wrk (Debian: apt-get install wrk). Every target is on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parents[1]))
+
+import loadgen  # noqa: E402
+
+CHAT = json.dumps({"model": "openai/gpt-5.4", "messages": [{"role": "user", "content": "Say hello"}]}).encode()
+STREAM = json.dumps({"model": "openai/gpt-5.4", "stream": True, "messages": [{"role": "user", "content": "Say hello"}]}).encode()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, seconds: float = 15) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise SystemExit(f"nothing listens on {port}")
+
+
+class Proc:
+    """A server process and its CPU time and memory, children included (workers)."""
+
+    def __init__(self, stack: ExitStack, args: list[str], env: dict[str, str] | None = None) -> None:
+        self.p = subprocess.Popen(args, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        stack.callback(self.stop)
+
+    def pids(self) -> list[int]:
+        kids = subprocess.run(["pgrep", "-P", str(self.p.pid)], capture_output=True, text=True).stdout.split()
+        return [self.p.pid, *map(int, kids)]
+
+    def cpu(self) -> float:
+        total = 0
+        for pid in self.pids():
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                total += int(fields[11]) + int(fields[12])
+            except (FileNotFoundError, IndexError):
+                pass
+        return total / os.sysconf("SC_CLK_TCK")
+
+    def rss_mb(self) -> float:
+        total = 0
+        for pid in self.pids():
+            try:
+                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1])
+            except FileNotFoundError:
+                pass
+        return total / 1024
+
+    def stop(self) -> None:
+        if self.p.poll() is None:
+            self.p.send_signal(signal.SIGTERM)
+            try:
+                self.p.wait(30)
+            except subprocess.TimeoutExpired:
+                self.p.kill()
+
+
+def wrk(url: str, script: str, seconds: float, connections: int, env: dict[str, str]) -> dict[str, float]:
+    out = subprocess.run(["wrk", "-t2", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--latency", "-s", str(HERE / script), url],
+                         capture_output=True, text=True, env={**os.environ, **env}, timeout=seconds + 60).stdout
+    def ms(label: str) -> float:
+        m = re.search(rf"^\s+{label}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
+        if not m:
+            return float("nan")
+        return float(m.group(1)) * {"us": 0.001, "ms": 1, "s": 1000}[m.group(2)]
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    total = re.search(r"(\d+) requests in", out)
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return {"rps": float(rps.group(1)) if rps else 0.0, "requests": int(total.group(1)) if total else 0,
+            "p50": ms("50"), "p90": ms("90"), "p99": ms("99"), "non2xx": int(non2xx.group(1)) if non2xx else 0}
+
+
+def measure(proc: Proc | None, fn):
+    before = proc.cpu() if proc else 0.0
+    peak = [proc.rss_mb() if proc else 0.0]
+    stop = False
+
+    async def sample() -> None:
+        while not stop:
+            if proc:
+                peak[0] = max(peak[0], proc.rss_mb())
+            await asyncio.sleep(0.2)
+
+    async def both():
+        nonlocal stop
+        sampler = asyncio.create_task(sample())
+        try:
+            return await fn()
+        finally:
+            stop = True
+            await sampler
+
+    result = asyncio.run(both())
+    return result, (proc.cpu() - before if proc else 0.0), peak[0]
+
+
+def fmt(v: float, digits: int = 2) -> str:
+    return "-" if v != v else f"{v:,.{digits}f}"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--smoke", action="store_true", help="a few seconds per scenario, to keep the kit working")
+    ap.add_argument("--seconds", type=float, default=10.0)
+    ap.add_argument("--connections", type=int, default=32)
+    ap.add_argument("--workers", type=int, default=1, help="Turnstile worker processes")
+    args = ap.parse_args()
+    if shutil.which("wrk") is None:
+        print("wrk is not installed (Debian: apt-get install wrk)", file=sys.stderr)
+        return 2
+    seconds = 1.0 if args.smoke else args.seconds
+    rates = [(200, 2.0)] if args.smoke else [(200, 10.0), (1000, 10.0)]
+    slow_streams = 100 if args.smoke else 1000
+    py = sys.executable
+    tmp = Path(tempfile.mkdtemp(prefix="turnstile-bench-"))
+    mock, bare, gw = free_port(), free_port(), free_port()
+
+    from proxy import keys
+
+    db = keys.connect(str(tmp / "keys.db"))
+    key = keys.create(db, "bench", "1000000")[1]
+    db.close()
+    config = tmp / "turnstile.toml"
+    # The full default pipeline; only the anonymous limits are raised so that the anonymous
+    # scenario measures the limiter counting instead of a wall of 429s.
+    config.write_text(f"""[server]
+port = {gw}
+workers = {args.workers}
+[keys]
+db = "{tmp / 'keys.db'}"
+[logging]
+format = "json"
+[limits]
+storage = "{'memory://' if args.workers == 1 else os.environ.get('BENCH_REDIS', 'redis://127.0.0.1:6379')}"
+[[pipeline]]
+use = "auth"
+[[pipeline]]
+use = "automodel"
+[[pipeline]]
+use = "freegate"
+[[pipeline]]
+use = "ratelimit"
+limit = "1000000000/hour"
+daily_limit = "1000000000/day"
+""")
+    env = {"OPENROUTER_API_KEY": "sk-bench", "OPENROUTER_BASE_URL": f"http://127.0.0.1:{mock}/v1",
+           "ANTHROPIC_API_KEY": "sk-bench", "ANTHROPIC_BASE_URL": f"http://127.0.0.1:{mock}",
+           "GEMINI_API_KEY": "bench", "GEMINI_BASE_URL": f"http://127.0.0.1:{mock}/v1beta"}
+    rows: list[list[str]] = []
+    with ExitStack() as stack:
+        Proc(stack, [py, str(HERE / "mock_upstream.py"), "--port", str(mock), "--chunks", "50"])
+        targets = {"direct": None}
+        targets["bare"] = Proc(stack, [py, str(HERE / "bare_relay.py"), "--port", str(bare), "--upstream", f"http://127.0.0.1:{mock}"])
+        targets["turnstile"] = Proc(stack, [py, "-m", "proxy", "serve", "--config", str(config)], env)
+        urls = {"direct": f"http://127.0.0.1:{mock}", "bare": f"http://127.0.0.1:{bare}", "turnstile": f"http://127.0.0.1:{gw}"}
+        for port in (mock, bare, gw):
+            wait_port(port)
+        time.sleep(0.5)
+        idle = targets["turnstile"].rss_mb()
+        results: dict[tuple[str, str], dict[str, float]] = {}
+        for scenario, script in (("chat", "chat.lua"), ("stream", "stream.lua"), ("anonymous", "anonymous.lua"), ("mix", "mix.lua")):
+            for name, proc in targets.items():
+                wrk(urls[name] + "/v1/chat/completions", script, min(seconds, 1.0), args.connections, {"KEY": key})  # warm-up
+                r, cpu, peak = measure(proc, lambda: asyncio.to_thread(
+                    wrk, urls[name] + "/v1/chat/completions", script, seconds, args.connections, {"KEY": key}))
+                r["cpu_ms"] = cpu * 1000 / r["requests"] if r["requests"] and proc else float("nan")
+                r["rss"] = peak
+                results[(scenario, name)] = r
+        header = ["scenario", "target", "req/s", "x bare", "p50 ms", "p90 ms", "p99 ms", "+p50 vs direct", "CPU ms/req", "x bare", "peak RSS MB", "non-2xx"]
+        for (scenario, name), r in results.items():
+            base, direct = results[(scenario, "bare")], results[(scenario, "direct")]
+            rows.append([scenario, name, fmt(r["rps"], 0), fmt(r["rps"] / base["rps"]) if base["rps"] else "-",
+                         fmt(r["p50"]), fmt(r["p90"]), fmt(r["p99"]), fmt(r["p50"] - direct["p50"]),
+                         fmt(r["cpu_ms"], 3), fmt(r["cpu_ms"] / base["cpu_ms"]) if name == "turnstile" else "-",
+                         fmt(r["rss"], 0) if name != "direct" else "-", str(int(r["non2xx"]))])
+        print(f"\nwrk -t2 -c{args.connections}, {seconds:g} s per run, mock stream of 50 chunks; Turnstile: "
+              f"{args.workers} worker(s), pipeline auth, automodel, freegate, ratelimit; idle RSS {idle:.0f} MB\n")
+        table(header, rows)
+
+        print("\nFixed rate (open loop, Python client), non-stream chat; latency in ms\n")
+        fixed: list[list[str]] = []
+        for rate, secs in rates:
+            got = {}
+            for name in targets:
+                r, cpu, _ = measure(targets[name], lambda: loadgen.fixed_rate(
+                    urls[name] + "/v1/chat/completions", CHAT, {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}, rate, secs))
+                got[name] = r
+            for name, r in got.items():
+                d = got["direct"]
+                fixed.append([f"{rate}/s", name, fmt(r.pct(r.latencies, 50)), fmt(r.pct(r.latencies, 99)),
+                              fmt(r.pct(r.latencies, 50) - d.pct(d.latencies, 50)), fmt(r.pct(r.latencies, 99) - d.pct(d.latencies, 99)),
+                              str(r.errors)])
+        table(["rate", "target", "p50", "p99", "+p50 vs direct", "+p99 vs direct", "errors"], fixed)
+
+        print("\nStreams: 32 at a time, 50 chunks, no delay; time to first byte in ms\n")
+        ttfb: list[list[str]] = []
+        got = {}
+        for name in targets:
+            got[name], _, _ = measure(targets[name], lambda: loadgen.concurrent(
+                urls[name] + "/v1/chat/completions", STREAM, {"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+                32, 320 if args.smoke else 3200))
+        for name, r in got.items():
+            d = got["direct"]
+            ttfb.append([name, fmt(len(r.latencies) / r.elapsed, 0), fmt(r.pct(r.ttfb, 50)), fmt(r.pct(r.ttfb, 50) - d.pct(d.ttfb, 50)),
+                         str(r.errors)])
+        table(["target", "streams/s", "TTFB p50", "+TTFB vs direct", "errors"], ttfb)
+
+        print(f"\n{slow_streams} concurrent slow streams (50 chunks, 20 ms apart)\n")
+        slow_body = json.dumps({"model": "openai/gpt-5.4", "stream": True, "mock_delay": 0.02,
+                                "messages": [{"role": "user", "content": "hi"}]}).encode()
+        slow: list[list[str]] = []
+        for name in ("bare", "turnstile"):
+            r, _, peak = measure(targets[name], lambda: loadgen.concurrent(
+                urls[name] + "/v1/chat/completions", slow_body, {"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+                slow_streams))
+            slow.append([name, f"{len(r.latencies)}/{slow_streams}", fmt(r.max_gap * 1000 - 20, 0), fmt(peak, 0), str(r.errors)])
+        table(["target", "completed", "worst stall beyond pace ms", "peak RSS MB", "errors"], slow)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+def table(header: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    print("| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |")
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for r in rows:
+        print("| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
