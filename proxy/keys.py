@@ -56,7 +56,6 @@ CREATE TABLE IF NOT EXISTS ledger (
     created_at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS ledger_account ON ledger (account_id, created_at);
-CREATE INDEX IF NOT EXISTS ledger_time ON ledger (created_at);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 

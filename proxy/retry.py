@@ -38,6 +38,8 @@ def delay(settings: Upstream, attempt: int, header: str | None = None) -> float:
 def fallback_models(ctx: Context, settings: Upstream, requested: Any) -> list[str]:
     """OpenRouter's `models` array of the request, then the configured fallbacks of the model, each
     once. A request for a free model falls back to free models only: paid ones passed no gate."""
+    if not requested and not settings.fallbacks:
+        return []
     wanted: list[str] = []
     if isinstance(requested, list):
         wanted += [m for m in requested if isinstance(m, str)]

@@ -7,6 +7,7 @@ the usage object sits; that tail is patched the same way. Costs are exact intege
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal
@@ -17,7 +18,7 @@ import orjson
 _MARKERS = (b'"usage":{', b'"usage": {')
 _FINISH = re.compile(rb'"finish_reason"\s*:\s*"([a-z_]+)"')
 HOLD = 16 * 1024
-_MICRO = Decimal("0.000001")
+_DECODER = json.JSONDecoder()
 
 
 @dataclass(slots=True)
@@ -45,27 +46,35 @@ class Usage:
         )
 
 
+# Prices are kept as whole numbers of 10^-24 USD: every catalog price is exact at that scale, and
+# integer arithmetic is exact and fast.
+SCALE = 10**24
+_TO_MICROS = 10**18
+
+
 @dataclass(slots=True, frozen=True)
 class Prices:
-    """USD per token (per request for `request`), exact."""
+    """Per token (per request for `request`), in units of 10^-24 USD."""
 
-    prompt: Decimal = Decimal(0)
-    completion: Decimal = Decimal(0)
-    cache_read: Decimal = Decimal(0)
-    cache_write: Decimal = Decimal(0)
-    request: Decimal = Decimal(0)
+    prompt: int = 0
+    completion: int = 0
+    cache_read: int = 0
+    cache_write: int = 0
+    request: int = 0
 
     @classmethod
     def from_pricing(cls, pricing: Any, free: bool) -> Prices:
         if free or not isinstance(pricing, dict):
             return cls()
 
-        def d(key: str) -> Decimal:
+        def d(key: str) -> int:
             try:
                 value = Decimal(str(pricing.get(key, "0")))
             except ArithmeticError:
-                return Decimal(0)
-            return value if value.is_finite() and value > 0 else Decimal(0)
+                return 0
+            if not value.is_finite() or value <= 0:
+                return 0
+            return int((value * SCALE).to_integral_value(rounding=ROUND_HALF_UP))
 
         return cls(d("prompt"), d("completion"), d("input_cache_read"), d("input_cache_write"), d("request"))
 
@@ -74,45 +83,28 @@ class Prices:
         at their own price, the rest of the prompt at the prompt price. Reasoning is part of
         `completion_tokens`. Rounded half up to the micro-dollar."""
         uncached = max(u.prompt - u.cached - u.cache_write, 0)
-        usd = (
+        units = (
             uncached * self.prompt
             + u.completion * self.completion
             + u.cached * (self.cache_read or self.prompt)
             + u.cache_write * (self.cache_write or self.prompt)
             + self.request
         )
-        return int((usd / _MICRO).quantize(Decimal(1), rounding=ROUND_HALF_UP))
+        return (units + _TO_MICROS // 2) // _TO_MICROS
 
 
-def _object_end(buf: bytes, start: int) -> int:
-    """Index just past the JSON object that opens at `buf[start]`, or -1 if it is cut off."""
-    depth, i, n, in_str = 0, start, len(buf), False
-    while i < n:
-        c = buf[i]
-        if in_str:
-            if c == 0x5C:  # backslash
-                i += 1
-            elif c == 0x22:
-                in_str = False
-        elif c == 0x22:
-            in_str = True
-        elif c == 0x7B:
-            depth += 1
-        elif c == 0x7D:
-            depth -= 1
-            if depth == 0:
-                return i + 1
-        i += 1
-    return -1
-
-
-def _usage_span(buf: bytes) -> tuple[int, int] | None:
+def _usage(buf: bytes) -> tuple[int, int, Any] | None:
+    """(start, end, parsed object) of the last `"usage":{…}` in `buf`, by the C JSON scanner."""
     at = max(buf.rfind(m) for m in _MARKERS)
     if at < 0:
         return None
     start = buf.index(b"{", at)
-    end = _object_end(buf, start)
-    return (start, end) if end > 0 else None
+    text = buf[start:].decode("utf-8", "replace")
+    try:
+        obj, end = _DECODER.raw_decode(text)
+    except ValueError:
+        return None
+    return start, start + len(text[:end].encode()), obj
 
 
 def _sse_boundary(data: bytes) -> int:
@@ -170,14 +162,10 @@ class Meter:
             self.finish_reason = found[-1].decode()
 
     def _patch(self, data: bytes) -> bytes:
-        span = _usage_span(data)
-        if span is None:
+        found = _usage(data)
+        if found is None:
             return data
-        start, end = span
-        try:
-            raw = orjson.loads(data[start:end])
-        except orjson.JSONDecodeError:
-            return data
+        start, end, raw = found
         if not isinstance(raw, dict):
             return data
         self.usage = Usage.parse(raw)
