@@ -18,8 +18,10 @@ from proxy.errors import GatewayError
 from proxy.forward import Forwarder
 from proxy.account import AccountHandlers
 from proxy.handlers import CONTEXT, REQUEST_ID, ChatHandler, ModelsHandler, healthz
+from proxy.health import Readiness
 from proxy.keys import KeyStore
 from proxy.ledger import Ledger
+from proxy.metrics import Metrics
 from proxy.pipeline import compose
 from proxy.ratelimits import open_storage
 from proxy.registry import STAGES, build, load
@@ -47,31 +49,47 @@ def _http_error(exc: web.HTTPException, max_body: int) -> GatewayError:
     return GatewayError(exc.status, "invalid_request", exc.reason or "Bad request.")
 
 
-def make_middleware(max_body: int) -> Any:
+_ROUTES = {"completions": "chat", "models": "models", "key": "key", "generation": "generation",
+           "healthz": "healthz", "readyz": "readyz", "metrics": "metrics"}
+
+
+def make_middleware(max_body: int, metrics: Metrics | None) -> Any:
     @web.middleware
     async def gateway_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         """Gives every request an id, renders every refusal, and writes the one access-log line."""
         request[REQUEST_ID] = uuid.uuid4().hex
         start = time.monotonic()
+        error: GatewayError | None = None
         try:
             response = await handler(request)
         except GatewayError as exc:
-            response = exc.response()
+            error, response = exc, exc.response()
         except web.HTTPException as exc:
-            response = _http_error(exc, max_body).response()
+            error = _http_error(exc, max_body)
+            response = error.response()
         except asyncio.CancelledError:
             _access(request, start, 499)
+            if metrics is not None:
+                metrics.observe(_route(request), 499, time.monotonic() - start, request.get(CONTEXT), None)
             raise
         except Exception:
             log.exception("unhandled_error", request_id=request[REQUEST_ID], path=request.path)
             response = GatewayError(500, "internal_error", "Internal error; it has been logged.").response()
-        _access(request, start, response.status, response)
+        status = _access(request, start, response.status, response)
+        if metrics is not None:
+            metrics.observe(_route(request), status, time.monotonic() - start, request.get(CONTEXT), error)
         return response
 
     return gateway_middleware
 
 
-def _access(request: web.Request, start: float, status: int, response: web.StreamResponse | None = None) -> None:
+def _route(request: web.Request) -> str:
+    if request.match_info.http_exception is not None:
+        return "unknown"  # a 404 or 405: no label made from what the client sent
+    return _ROUTES.get(request.path.rstrip("/").rsplit("/", 1)[-1], "other")
+
+
+def _access(request: web.Request, start: float, status: int, response: web.StreamResponse | None = None) -> int:
     ctx = request.get(CONTEXT)
     now = time.monotonic()
     body = getattr(response, "body", None)
@@ -100,6 +118,7 @@ def _access(request: web.Request, start: float, status: int, response: web.Strea
         if ctx.fallbacks:
             fields["fallbacks"] = ctx.fallbacks
     access_log.info("request", **fields)
+    return int(fields["status"])
 
 
 async def _request_id_header(request: web.Request, response: web.StreamResponse) -> None:
@@ -127,8 +146,12 @@ def create_app(config: Config, env: Mapping[str, str] = os.environ) -> web.Appli
     chat = ChatHandler(catalog, client_ip, compose(stages, forwarder))
     models = ModelsHandler(catalog)
     account = AccountHandlers(keys, ledger, config)
+    metrics = Metrics(env.get(config.metrics.token_env, "") if config.metrics.token_env else "") if config.metrics.enabled else None
+    forwarder.metrics = metrics
+    ready = Readiness(storage, keys)
 
-    app = web.Application(client_max_size=config.server.max_body_bytes, middlewares=[make_middleware(config.server.max_body_bytes)])
+    middleware = make_middleware(config.server.max_body_bytes, metrics)
+    app = web.Application(client_max_size=config.server.max_body_bytes, middlewares=[middleware])
     app.on_response_prepare.append(_request_id_header)
     app.cleanup_ctx.append(keys.cleanup_ctx)  # opens (and first creates) the database
     app.cleanup_ctx.append(ledger.cleanup_ctx)  # closed after the session: its last flush sees every request
@@ -142,6 +165,9 @@ def create_app(config: Config, env: Mapping[str, str] = os.environ) -> web.Appli
         app.router.add_get(base + "/auth/key", account.key)
         app.router.add_get(base + "/generation", account.generation)
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", ready.handler)
+    if metrics is not None:
+        app.router.add_get("/metrics", metrics.handler)
     app[CATALOG] = catalog
     app[LEDGER] = ledger
     return app

@@ -24,6 +24,8 @@ class Server:
     trusted_proxies: list[str] = field(default_factory=list)
     workers: int = 1
     shutdown_timeout: float = 30.0
+    tls_cert: str = ""
+    tls_key: str = ""
 
 
 @dataclass(slots=True)
@@ -64,6 +66,12 @@ class LedgerSettings:
 
 
 @dataclass(slots=True)
+class MetricsSettings:
+    enabled: bool = True
+    token_env: str = ""  # the environment variable holding the bearer token /metrics asks for
+
+
+@dataclass(slots=True)
 class Limits:
     storage: str = "memory://"
 
@@ -100,6 +108,7 @@ class Config:
     catalog: CatalogSettings = field(default_factory=CatalogSettings)
     keys: Keys = field(default_factory=Keys)
     ledger: LedgerSettings = field(default_factory=LedgerSettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
     limits: Limits = field(default_factory=Limits)
     pipeline: list[StageRow] = field(default_factory=list)
     providers: list[ProviderRow] = field(default_factory=list)
@@ -113,6 +122,7 @@ _SECTIONS = {
     "catalog": CatalogSettings,
     "keys": Keys,
     "ledger": LedgerSettings,
+    "metrics": MetricsSettings,
     "limits": Limits,
 }
 
@@ -204,6 +214,8 @@ def parse(data: dict[str, Any]) -> Config:
         cfg.models.append(row)
     if cfg.server.workers < 1:
         raise ConfigError("server.workers: must be at least 1")
+    if bool(cfg.server.tls_cert) != bool(cfg.server.tls_key):
+        raise ConfigError("server.tls_cert: give both tls_cert and tls_key, or neither")
     if cfg.server.max_body_bytes < 1024:
         raise ConfigError("server.max_body_bytes: must be at least 1024")
     return cfg

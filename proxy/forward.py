@@ -23,6 +23,7 @@ from proxy.config import Upstream
 from proxy.context import Context
 from proxy.errors import GatewayError, invalid_request, upstream_error
 from proxy.ledger import Ledger, Row, ip_hash
+from proxy.metrics import Metrics
 from proxy.relay import SSE_HEADERS, error_chunk, relay, write
 from proxy.routing import Router
 from proxy.usage import Meter
@@ -42,6 +43,7 @@ class Forwarder:
         self.ledger = ledger
         self.secrets = tuple(s.encode() for s in secrets if len(s) >= 8)
         self.session: aiohttp.ClientSession | None = None
+        self.metrics: Metrics | None = None
 
     async def session_ctx(self, app: web.Application) -> AsyncIterator[None]:
         """aiohttp cleanup_ctx: one pooled session for the app's lifetime."""
@@ -153,7 +155,14 @@ class Forwarder:
         try:
             if upstream.status >= 400:
                 return await self._error(ctx, provider, upstream, response)
-            result, clean = await relay(ctx, provider, upstream, response, self.settings.keepalive_interval)
+            gauge = self.metrics.streams if self.metrics is not None and ctx.stream else None
+            if gauge is not None:
+                gauge.inc()
+            try:
+                result, clean = await relay(ctx, provider, upstream, response, self.settings.keepalive_interval)
+            finally:
+                if gauge is not None:
+                    gauge.dec()
             return result
         except (asyncio.CancelledError, ConnectionResetError):
             ctx.status = 499

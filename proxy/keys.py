@@ -144,6 +144,10 @@ class KeyStore:
         self._db: sqlite3.Connection | None = None
         self._version = -1
 
+    @property
+    def is_open(self) -> bool:
+        return self._db is not None
+
     def lookup(self, key: str) -> Account | None:
         return self._by_hash.get(hash_key(key))
 
@@ -202,3 +206,4 @@ class KeyStore:
             await task
         if self._db is not None:
             self._db.close()
+            self._db = None

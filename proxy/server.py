@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import ssl
 import sys
 import time
 
@@ -37,8 +38,17 @@ async def serve(cfg: Config, app: web.Application, uvloop: bool) -> int:
                            shutdown_timeout=cfg.server.shutdown_timeout)
     await runner.setup()
     host, port = cfg.server.host, cfg.server.port
+    tls = None
+    if cfg.server.tls_cert:
+        tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        try:
+            tls.load_cert_chain(cfg.server.tls_cert, cfg.server.tls_key)
+        except (OSError, ssl.SSLError) as exc:
+            await runner.cleanup()
+            print(f"turnstile: cannot load the TLS certificate or key: {exc}", file=sys.stderr)
+            return 2
     try:
-        await web.TCPSite(runner, host, port, backlog=1024, reuse_port=cfg.server.workers > 1).start()
+        await web.TCPSite(runner, host, port, backlog=1024, reuse_port=cfg.server.workers > 1, ssl_context=tls).start()
     except OSError as exc:
         await runner.cleanup()
         print(f"turnstile: cannot listen on {host}:{port}: {exc.strerror or exc}", file=sys.stderr)
@@ -47,7 +57,7 @@ async def serve(cfg: Config, app: web.Application, uvloop: bool) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    log.info("listening", url=f"http://{host}:{port}", uvloop=uvloop, stages=[r.use for r in cfg.pipeline])
+    log.info("listening", url=f"{'https' if tls else 'http'}://{host}:{port}", uvloop=uvloop, stages=[r.use for r in cfg.pipeline])
     await stop.wait()
     log.info("stopping", grace_seconds=cfg.server.shutdown_timeout)
     await runner.cleanup()

@@ -171,3 +171,46 @@ async def test_two_workers_share_one_exact_limit_and_a_dead_worker_comes_back(up
     assert proc.returncode == 0
     served_by = {json.loads(line).get("worker") for line in output.splitlines() if b'"event":"request"' in line}
     assert served_by == {0, 1}  # the kernel spread connections over both processes
+
+
+async def test_tls_with_a_self_signed_certificate(upstream: Upstream, tmp_path):
+    import shutil
+    import ssl
+    import subprocess
+
+    if shutil.which("openssl") is None:
+        import pytest
+        pytest.skip("openssl is not installed")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    port = free_port()
+    config = tmp_path / "turnstile.toml"
+    config.write_text(f'[server]\nport = {port}\ntls_cert = "{cert}"\ntls_key = "{key}"\n[keys]\ndb = "{tmp_path / "k.db"}"\n')
+    env = {"OPENROUTER_API_KEY": "sk-or-test", "OPENROUTER_BASE_URL": upstream.url, "PATH": "/usr/bin:/bin"}
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "proxy", "serve", "--config", str(config), env=env,
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    trust = ssl.create_default_context(cafile=str(cert))
+    try:
+        async with aiohttp.ClientSession() as session:
+            for _ in range(100):
+                try:
+                    async with session.get(f"https://127.0.0.1:{port}/healthz", ssl=trust) as resp:
+                        if resp.status == 200:
+                            break
+                except aiohttp.ClientError:
+                    await asyncio.sleep(0.1)
+            body = {"model": "minimax/minimax-m2.5:free", "messages": [{"role": "user", "content": "x"}]}
+            async with session.post(f"https://127.0.0.1:{port}/v1/chat/completions", json=body, ssl=trust) as resp:
+                assert resp.status == 200 and (await resp.json())["choices"]
+            try:  # plain HTTP on the TLS port is not served
+                async with session.get(f"http://127.0.0.1:{port}/healthz") as resp:
+                    assert resp.status >= 400
+            except aiohttp.ClientError:
+                pass
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        output, _ = await proc.communicate()
+    assert proc.returncode == 0, output.decode()[-1500:]
+    assert b'"url": "https://127.0.0.1' in output or b"https://127.0.0.1" in output

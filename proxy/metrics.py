@@ -1,0 +1,73 @@
+"""Prometheus metrics (prometheus-client): requests, latency, upstream trouble, limits, streams, tokens.
+
+Labels stay bounded: route (the endpoint, not the path), model (a catalog id), provider, status; never
+a client IP or a key. With several workers, set PROMETHEUS_MULTIPROC_DIR and every worker's samples
+are merged at scrape time.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import multiprocess
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from proxy.errors import GatewayError
+
+_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+class Metrics:
+    def __init__(self, token: str = "") -> None:
+        self.token = token
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter("turnstile_requests_total", "Requests answered", ["route", "model", "provider", "status"], registry=r)
+        self.ttfb = Histogram("turnstile_time_to_first_byte_seconds", "Time to the first body byte of a relayed answer",
+                              ["route"], buckets=_BUCKETS, registry=r)
+        self.duration = Histogram("turnstile_request_duration_seconds", "Time to the end of the answer", ["route"],
+                                  buckets=_BUCKETS, registry=r)
+        self.upstream_errors = Counter("turnstile_upstream_errors_total", "Upstream failures answered with 5xx",
+                                       ["provider", "status"], registry=r)
+        self.retries = Counter("turnstile_upstream_retries_total", "Upstream retries", ["provider"], registry=r)
+        self.fallbacks = Counter("turnstile_fallbacks_total", "Requests that fell back to another model", ["model"], registry=r)
+        self.rejections = Counter("turnstile_rate_limit_rejections_total", "Requests refused by a limit", ["limit"], registry=r)
+        self.streams = Gauge("turnstile_streams_in_flight", "Streams being relayed", registry=r, multiprocess_mode="livesum")
+        self.tokens = Counter("turnstile_tokens_total", "Tokens from upstream usage", ["model", "direction"], registry=r)
+        self.multiproc = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+
+    def observe(self, route: str, status: int, seconds: float, ctx: object | None, error: GatewayError | None) -> None:
+        model = provider = ""
+        if ctx is not None:
+            model, provider = ctx.model.id, ctx.provider  # type: ignore[attr-defined]
+            if ctx.first_byte_at:  # type: ignore[attr-defined]
+                self.ttfb.labels(route).observe(ctx.first_byte_at - ctx.started_at)  # type: ignore[attr-defined]
+            if ctx.retries:  # type: ignore[attr-defined]
+                self.retries.labels(provider).inc(ctx.retries)  # type: ignore[attr-defined]
+            if ctx.fallbacks:  # type: ignore[attr-defined]
+                self.fallbacks.labels(model).inc()
+            meter = ctx.meter  # type: ignore[attr-defined]
+            if meter is not None and meter.usage is not None:
+                self.tokens.labels(model, "in").inc(meter.usage.prompt)
+                self.tokens.labels(model, "out").inc(meter.usage.completion)
+            if provider and status >= 500:
+                self.upstream_errors.labels(provider, str(status)).inc()
+        if error is not None and error.error_type in ("rate_limit_exceeded", "promotion_limit_reached"):
+            self.rejections.labels("hourly" if error.status == 429 else "daily").inc()
+        self.requests.labels(route, model, provider, str(status)).inc()
+        self.duration.labels(route).observe(seconds)
+
+    async def handler(self, request: web.Request) -> web.Response:
+        if self.token:
+            given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+            if not hmac.compare_digest(given.encode("utf-8", "surrogateescape"), self.token.encode()):
+                raise GatewayError(401, "authentication_required", "The metrics need their bearer token.",
+                                   code="authentication_required")
+        registry = self.registry
+        if self.multiproc:
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)
+        return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
