@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Sequence
 
@@ -103,7 +104,8 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="turnstile", description="Turnstile, an OpenAI-compatible AI gateway.")
     sub = p.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the gateway")
-    serve.add_argument("--config", help="TOML file laid over the embedded defaults")
+    serve.add_argument("--config", default=os.environ.get("TURNSTILE_CONFIG") or None,
+                       help="TOML file laid over the embedded defaults (default: $TURNSTILE_CONFIG)")
     serve.add_argument("--host", help="listen address (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="listen port (default 8787)")
     serve.add_argument("--workers", type=int, help="processes sharing the port (default 1)")
