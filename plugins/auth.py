@@ -41,6 +41,8 @@ class Auth:
         token = bearer_token(ctx.request.headers.get("Authorization"))
         if token is not None:
             account = self.keys.lookup(token)
+            if account is None and await self.keys.recheck():
+                account = self.keys.lookup(token)
             if account is None:
                 raise invalid_key()
             ctx.account = account

@@ -143,6 +143,7 @@ class KeyStore:
         self.lock = asyncio.Lock()  # one reload or ledger write at a time
         self._db: sqlite3.Connection | None = None
         self._version = -1
+        self._checked = 0.0
 
     @property
     def is_open(self) -> bool:
@@ -179,8 +180,16 @@ class KeyStore:
         rows = self._read_if_changed()
         self._install(rows or [])
 
+    async def recheck(self) -> bool:
+        """An unknown key may have been created a moment ago: look again, at most ten times a second."""
+        if time.monotonic() - self._checked < 0.1 or self._db is None:
+            return False
+        async with self.lock:
+            return await self.refresh()
+
     async def refresh(self) -> bool:
         """Reload if another connection committed; the caller holds `lock`."""
+        self._checked = time.monotonic()
         rows = await asyncio.to_thread(self._read_if_changed)
         if rows is None:
             return False

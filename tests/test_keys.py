@@ -80,3 +80,12 @@ def test_env_variable_overrides_the_db_path(tmp_path, monkeypatch, capsys):
 def test_unknown_account(keys_db, capsys):
     assert main(["keys", "--db", keys_db, "revoke", "99"]) == 1
     assert main(["keys", "--db", keys_db, "set-balance", "99", "1"]) == 1
+
+
+async def test_a_new_key_works_at_once_on_a_running_gateway(kilo, keys_db, capsys):
+    client = await kilo(keys={"refresh_interval": 60})  # no periodic reload to help
+    await client.get("/healthz")
+    key = cli(capsys, "keys", "--db", keys_db, "create", "--name", "eager", "--balance", "1").strip().splitlines()[-1]
+    await asyncio.sleep(0.15)
+    resp = await client.post("/v1/chat/completions", json=PAID, headers={"Authorization": f"Bearer {key}"})
+    assert resp.status == 200
