@@ -19,14 +19,15 @@ def value(text: str, name: str, **labels: str) -> float:
 
 async def test_metrics_after_traffic(kilo, upstream, account):
     upstream.mode, upstream.usage = "usage", {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}
+    key = account("m", "5")
     client = await kilo(pipeline=[{"use": "auth"}, {"use": "automodel"}, {"use": "freegate"},
                                   {"use": "ratelimit", "limit": "2/hour"}], upstream={"retries": 1, "backoff": 0.01})
     for _ in range(3):
         await (await client.post("/v1/chat/completions", json=FREE, headers={"X-Forwarded-For": "198.51.100.4"})).read()
     await (await client.post("/v1/chat/completions", json={**FREE, "stream": True})).read()
-    upstream.faults = [503]
+    upstream.faults = [503]  # then a retry that succeeds
     await (await client.post("/v1/chat/completions", json={**FREE, "model": "openai/gpt-5.4"},
-                             headers={"Authorization": f"Bearer {account('m', '5')}"})).read()  # 401: key made late
+                             headers={"Authorization": f"Bearer {key}"})).read()
     await client.get("/nope/at/all")
     text = await (await client.get("/metrics")).text()
     model = "minimax/minimax-m2.5:free"
@@ -36,7 +37,9 @@ async def test_metrics_after_traffic(kilo, upstream, account):
     assert value(text, "turnstile_requests_total", route="unknown", status="404") == 1
     assert value(text, "turnstile_tokens_total", model=model, direction="in") == 21
     assert value(text, "turnstile_tokens_total", model=model, direction="out") == 9
-    assert value(text, "turnstile_time_to_first_byte_seconds_count", route="chat") == 3
+    assert value(text, "turnstile_requests_total", route="chat", model="openai/gpt-5.4", status="200") == 1
+    assert value(text, "turnstile_upstream_retries_total", provider="openrouter") == 1
+    assert value(text, "turnstile_time_to_first_byte_seconds_count", route="chat") == 4
     assert value(text, "turnstile_request_duration_seconds_count", route="chat") >= 5
     assert value(text, "turnstile_streams_in_flight") == 0
     assert "198.51.100.4" not in text and "nope" not in text

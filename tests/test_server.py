@@ -15,6 +15,24 @@ import aiohttp
 from tests.fakes import Upstream
 
 
+async def start(config, env: dict[str, str]) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "proxy", "serve", "--config", str(config), env={"PATH": "/usr/bin:/bin", **env},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )
+
+
+async def wait_up(session: aiohttp.ClientSession, url: str, **kwargs: object) -> None:
+    for _ in range(100):
+        try:
+            async with session.get(url + "/healthz", **kwargs) as resp:
+                if resp.status == 200:
+                    return
+        except aiohttp.ClientError:
+            await asyncio.sleep(0.1)
+    raise AssertionError("the gateway did not come up")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -29,20 +47,11 @@ async def test_sigterm_under_load_loses_no_ledger_row(upstream: Upstream, accoun
     config = tmp_path / "turnstile.toml"
     config.write_text(f'[server]\nport = {port}\nshutdown_timeout = 20.0\n[keys]\ndb = "{keys_db}"\n'
                       '[ledger]\nflush_interval = 30.0\n[logging]\nformat = "json"\n')
-    env = {"OPENROUTER_API_KEY": "sk-or-test", "OPENROUTER_BASE_URL": upstream.url, "PATH": "/usr/bin:/bin"}
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "proxy", "serve", "--config", str(config), env=env,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-    )
+    env = {"OPENROUTER_API_KEY": "sk-or-test", "OPENROUTER_BASE_URL": upstream.url}
+    proc = await start(config, env)
     url = f"http://127.0.0.1:{port}"
     async with aiohttp.ClientSession() as session:
-        for _ in range(100):
-            try:
-                async with session.get(url + "/healthz") as resp:
-                    if resp.status == 200:
-                        break
-            except aiohttp.ClientError:
-                await asyncio.sleep(0.1)
+        await wait_up(session, url)
         body = {"model": "anthropic/claude-sonnet-4.6", "messages": [{"role": "user", "content": "x"}], "stream": True}
 
         async def one() -> str | None:
@@ -78,21 +87,12 @@ async def test_sigterm_lets_20_streams_finish_and_refuses_new_connections(upstre
     port = free_port()
     config = tmp_path / "turnstile.toml"
     config.write_text(f'[server]\nport = {port}\nshutdown_timeout = 20.0\n[keys]\ndb = "{keys_db}"\n')
-    env = {"OPENROUTER_API_KEY": "sk-or-test", "OPENROUTER_BASE_URL": upstream.url, "PATH": "/usr/bin:/bin"}
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "proxy", "serve", "--config", str(config), env=env,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-    )
+    env = {"OPENROUTER_API_KEY": "sk-or-test", "OPENROUTER_BASE_URL": upstream.url}
+    proc = await start(config, env)
     url = f"http://127.0.0.1:{port}"
     body = {"model": "anthropic/claude-sonnet-4.6", "messages": [{"role": "user", "content": "x"}], "stream": True}
     async with aiohttp.ClientSession() as session:
-        for _ in range(100):
-            try:
-                async with session.get(url + "/healthz") as resp:
-                    if resp.status == 200:
-                        break
-            except aiohttp.ClientError:
-                await asyncio.sleep(0.1)
+        await wait_up(session, url)
         opened = asyncio.Event()
         count = 0
 
@@ -131,22 +131,13 @@ async def test_two_workers_share_one_exact_limit_and_a_dead_worker_comes_back(up
     config = tmp_path / "turnstile.toml"
     config.write_text(f'[server]\nport = {port}\nworkers = 2\n[limits]\nstorage = "{redis_url}/{uuid.uuid4().int % 16}"\n'
                       f'[keys]\ndb = "{tmp_path / "keys.db"}"\n[logging]\nformat = "json"\n')
-    env = {"OPENROUTER_API_KEY": "sk-or-test", "OPENROUTER_BASE_URL": upstream.url, "PATH": "/usr/bin:/bin"}
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "proxy", "serve", "--config", str(config), env=env,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-    )
+    env = {"OPENROUTER_API_KEY": "sk-or-test", "OPENROUTER_BASE_URL": upstream.url}
+    proc = await start(config, env)
     url = f"http://127.0.0.1:{port}"
     body = {"model": "minimax/minimax-m2.5:free", "messages": [{"role": "user", "content": "x"}]}
     try:
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as session:
-            for _ in range(100):
-                try:
-                    async with session.get(url + "/healthz") as resp:
-                        if resp.status == 200:
-                            break
-                except aiohttp.ClientError:
-                    await asyncio.sleep(0.1)
+            await wait_up(session, url)
             await asyncio.sleep(0.5)  # both workers listening
 
             async def one() -> int:
@@ -188,19 +179,12 @@ async def test_tls_with_a_self_signed_certificate(upstream: Upstream, tmp_path):
     port = free_port()
     config = tmp_path / "turnstile.toml"
     config.write_text(f'[server]\nport = {port}\ntls_cert = "{cert}"\ntls_key = "{key}"\n[keys]\ndb = "{tmp_path / "k.db"}"\n')
-    env = {"OPENROUTER_API_KEY": "sk-or-test", "OPENROUTER_BASE_URL": upstream.url, "PATH": "/usr/bin:/bin"}
-    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "proxy", "serve", "--config", str(config), env=env,
-                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    env = {"OPENROUTER_API_KEY": "sk-or-test", "OPENROUTER_BASE_URL": upstream.url}
+    proc = await start(config, env)
     trust = ssl.create_default_context(cafile=str(cert))
     try:
         async with aiohttp.ClientSession() as session:
-            for _ in range(100):
-                try:
-                    async with session.get(f"https://127.0.0.1:{port}/healthz", ssl=trust) as resp:
-                        if resp.status == 200:
-                            break
-                except aiohttp.ClientError:
-                    await asyncio.sleep(0.1)
+            await wait_up(session, f"https://127.0.0.1:{port}", ssl=trust)
             body = {"model": "minimax/minimax-m2.5:free", "messages": [{"role": "user", "content": "x"}]}
             async with session.post(f"https://127.0.0.1:{port}/v1/chat/completions", json=body, ssl=trust) as resp:
                 assert resp.status == 200 and (await resp.json())["choices"]

@@ -6,6 +6,14 @@ import json
 from typing import Any
 
 
+def chat_body(model: str, stream: bool = True, **extra: Any) -> dict[str, Any]:
+    """A one-message chat request; streams ask for the usage chunk."""
+    body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "stream": stream, **extra}
+    if stream:
+        body.setdefault("stream_options", {"include_usage": True})
+    return body
+
+
 def chunks_of(body: bytes) -> tuple[list[dict[str, Any]], list[bytes]]:
     """(JSON chunks, other events such as comments and [DONE]) in order."""
     docs, others = [], []

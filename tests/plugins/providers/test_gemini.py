@@ -8,17 +8,14 @@ import openai
 import pytest
 
 from tests.fakes import fixture_bytes, fixture_json, fixture_lines
-from tests.plugins.providers.helpers import assemble, chunks_of
+from tests.plugins.providers.helpers import assemble, chat_body, chunks_of
 
 PRO = "google/gemini-3.1-pro-preview"
 FLASH = "google/gemini-2.5-flash"
 
 
 def chat(model: str = PRO, stream: bool = True, **extra: object) -> dict:
-    body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "stream": stream, **extra}
-    if stream:
-        body.setdefault("stream_options", {"include_usage": True})
-    return body
+    return chat_body(model, stream, **extra)
 
 
 async def test_text_stream_with_signature(gateway, upstream):
