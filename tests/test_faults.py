@@ -181,3 +181,29 @@ async def test_2000_abandoned_streams_leak_nothing(gateway, upstream):
     assert upstream.ended - started == 2000  # the upstream saw every connection end
     assert len(asyncio.all_tasks()) <= tasks
     assert len(os.listdir("/proc/self/fd")) <= fds + 5
+
+
+async def test_connect_timeout_is_504(gateway):
+    """A listener whose accept queue is full drops new SYNs: the connection never opens."""
+    import socket
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    fillers = []
+    for _ in range(3):
+        s = socket.socket()
+        s.setblocking(False)
+        s.connect_ex(("127.0.0.1", port))
+        fillers.append(s)
+    try:
+        client = await gateway(env={"OPENROUTER_BASE_URL": f"http://127.0.0.1:{port}"},
+                               upstream={**FAST, "connect_timeout": 0.3, "retries": 0})
+        resp = await client.post("/v1/chat/completions", json=chat())
+        assert resp.status == 504
+        assert (await resp.json())["error_type"] == "upstream_timeout"
+    finally:
+        for s in fillers:
+            s.close()
+        listener.close()
