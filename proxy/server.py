@@ -20,6 +20,7 @@ from aiohttp import web
 from proxy import logs
 from proxy.app import create_app
 from proxy.config import Config
+from proxy.protocol import Runner
 
 log = structlog.get_logger("turnstile")
 
@@ -34,7 +35,7 @@ def _use_uvloop() -> bool:
 
 
 async def serve(cfg: Config, app: web.Application, uvloop: bool) -> int:
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, handler_cancellation=True,
+    runner = Runner(app, access_log=None, handle_signals=False, handler_cancellation=True,
                            shutdown_timeout=cfg.server.shutdown_timeout)
     await runner.setup()
     host, port = cfg.server.host, cfg.server.port

@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from structlog.testing import LogCapture
 
 from proxy.app import create_app
+from proxy.protocol import Runner
 from tests.conftest import make_config
 from tests.fakes import Upstream
 
@@ -55,8 +56,8 @@ def served(tmp_path_factory: Any) -> Iterator[tuple[int, LogCapture]]:
         cfg = make_config(keys={"db": db}, server={"max_body_bytes": 256 * 1024},
                           pipeline=[{"use": "auth"}, {"use": "automodel"}, {"use": "freegate"},
                                     {"use": "ratelimit", "limit": "1000000/hour", "daily_limit": ""}])
-        for app, p in ((fake.app(), up_port), (create_app(cfg, env), port)):
-            runner = web.AppRunner(app, handler_cancellation=True)
+        for app, p, make in ((fake.app(), up_port, web.AppRunner), (create_app(cfg, env), port, Runner)):
+            runner = make(app, handler_cancellation=True)
             await runner.setup()
             await web.TCPSite(runner, "127.0.0.1", p).start()
             runners.append(runner)
@@ -158,10 +159,28 @@ def test_odd_methods_paths_and_headers(served, method, path, headers):
     status, raw, ctype = send(port, method, path, body if method not in ("GET", "HEAD") else b"", headers)
     assert status < 500
     if method == "BREW":
-        # Not an HTTP method aiohttp's parser knows: refused before any app code runs, in plain text.
-        assert status == 400
-    elif status >= 400 and method != "HEAD":
+        assert status == 400  # refused by the HTTP parser itself, still in the error shape
+    if status >= 400 and method != "HEAD":
         check(status, raw, ctype)
+
+
+@FUZZ
+@given(raw=st.binary(min_size=1, max_size=300))
+def test_bytes_that_are_not_http(served, raw):
+    """Whatever arrives on the socket: an answer in the error shape, or a closed connection."""
+    port, _ = served
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(raw + b"\r\n\r\n")
+        s.shutdown(socket.SHUT_WR)
+        reply = b""
+        while chunk := s.recv(65536):
+            reply += chunk
+    if not reply:
+        return
+    head, _, body = reply.partition(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1])
+    assert 400 <= status < 500, reply[:200]
+    check(status, body, "application/json" if b"application/json" in head else "")
 
 
 def test_still_serving_and_no_traceback(served):
