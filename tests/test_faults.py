@@ -121,8 +121,8 @@ async def test_keepalive_while_waiting_and_between_chunks(gateway, upstream):
     raw = await resp.read()
     assert resp.status == 200
     first_data = raw.index(b"data: ")
-    assert raw[:first_data].count(b": keep-alive\n\n") >= 3  # while the upstream said nothing
-    assert raw[first_data:].count(b": keep-alive\n\n") >= 2  # between slow chunks
+    assert raw[:first_data].count(b": keep-alive\n\n") >= 2  # while the upstream said nothing
+    assert raw[first_data:].count(b": keep-alive\n\n") >= 1  # between slow chunks
     docs, others = chunks_of(raw)
     assert others[-1] == b"data: [DONE]" and docs[-1]["usage"]["total_tokens"] == 2
 

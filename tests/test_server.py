@@ -65,7 +65,10 @@ async def test_sigterm_under_load_loses_no_ledger_row(upstream: Upstream, accoun
                 return None  # refused once the gateway stopped listening: never admitted
 
         tasks = [asyncio.create_task(one()) for _ in range(60)]
-        await asyncio.sleep(0.15)
+        for _ in range(2000):  # SIGTERM once all 60 are in flight upstream, however slow the machine
+            if len(upstream.seen) >= 60:
+                break
+            await asyncio.sleep(0.01)
         proc.send_signal(signal.SIGTERM)
         tasks += [asyncio.create_task(one()) for _ in range(20)]
         results = await asyncio.gather(*tasks)
