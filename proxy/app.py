@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import time
-import uuid
-from typing import Any, Awaitable, Callable, Mapping
+from typing import Any, Awaitable, Callable, Iterator, Mapping
 
 import structlog
 from aiohttp import web
@@ -49,15 +49,12 @@ def _http_error(exc: web.HTTPException, max_body: int) -> GatewayError:
     return GatewayError(exc.status, "invalid_request", exc.reason or "Bad request.")
 
 
-_ROUTES = {"completions": "chat", "models": "models", "key": "key", "generation": "generation",
-           "healthz": "healthz", "readyz": "readyz", "metrics": "metrics"}
+def wrap(handler: Handler, route: str, max_body: int, metrics: Metrics | None, ids: Iterator[str]) -> Handler:
+    """Each endpoint, wrapped once at start-up (no per-request middleware chain): it gets a request
+    id, every refusal rendered in the error shape, the one access-log line and its metrics."""
 
-
-def make_middleware(max_body: int, metrics: Metrics | None) -> Any:
-    @web.middleware
-    async def gateway_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        """Gives every request an id, renders every refusal, and writes the one access-log line."""
-        request[REQUEST_ID] = uuid.uuid4().hex
+    async def endpoint(request: web.Request) -> web.StreamResponse:
+        rid = request[REQUEST_ID] = next(ids)
         start = time.monotonic()
         error: GatewayError | None = None
         try:
@@ -70,23 +67,40 @@ def make_middleware(max_body: int, metrics: Metrics | None) -> Any:
         except asyncio.CancelledError:
             _access(request, start, 499)
             if metrics is not None:
-                metrics.observe(_route(request), 499, time.monotonic() - start, request.get(CONTEXT), None)
+                metrics.observe(route, 499, time.monotonic() - start, request.get(CONTEXT), None)
             raise
         except Exception:
-            log.exception("unhandled_error", request_id=request[REQUEST_ID], path=request.path)
+            log.exception("unhandled_error", request_id=rid, path=request.path)
             response = GatewayError(500, "internal_error", "Internal error; it has been logged.").response()
+        if not response.prepared:
+            response.headers["X-Request-Id"] = rid
         status = _access(request, start, response.status, response)
         if metrics is not None:
-            metrics.observe(_route(request), status, time.monotonic() - start, request.get(CONTEXT), error)
+            metrics.observe(route, status, time.monotonic() - start, request.get(CONTEXT), error)
         return response
 
-    return gateway_middleware
+    return endpoint
 
 
-def _route(request: web.Request) -> str:
-    if request.match_info.http_exception is not None:
-        return "unknown"  # a 404 or 405: no label made from what the client sent
-    return _ROUTES.get(request.path.rstrip("/").rsplit("/", 1)[-1], "other")
+def request_ids() -> Iterator[str]:
+    """Unique ids without a random draw per request: a random prefix per process, then a counter."""
+    prefix = os.urandom(8).hex()
+    return (f"{prefix}{n:016x}" for n in itertools.count(1))
+
+
+class Fallback:
+    """Every path no route serves: 405 for a known path and the wrong method, 404 otherwise."""
+
+    def __init__(self, app: web.Application) -> None:
+        self.app = app
+
+    async def __call__(self, request: web.Request) -> web.StreamResponse:
+        allowed = sorted({r.method for res in self.app.router.resources() for r in res
+                          if res.canonical == request.path and r.method != "*"})
+        if allowed:
+            raise GatewayError(405, "method_not_allowed", "Method not allowed.", code="method_not_allowed",
+                               headers={"Allow": ", ".join(allowed)})
+        raise _http_error(web.HTTPNotFound(), 0)
 
 
 def _access(request: web.Request, start: float, status: int, response: web.StreamResponse | None = None) -> int:
@@ -121,12 +135,6 @@ def _access(request: web.Request, start: float, status: int, response: web.Strea
     return int(fields["status"])
 
 
-async def _request_id_header(request: web.Request, response: web.StreamResponse) -> None:
-    rid = request.get(REQUEST_ID)
-    if rid:
-        response.headers["X-Request-Id"] = rid
-
-
 def create_app(config: Config, env: Mapping[str, str] = os.environ) -> web.Application:
     catalog = Catalog(seed_rows())
     catalog.update(config.models)
@@ -150,24 +158,30 @@ def create_app(config: Config, env: Mapping[str, str] = os.environ) -> web.Appli
     forwarder.metrics = metrics
     ready = Readiness(storage, keys)
 
-    middleware = make_middleware(config.server.max_body_bytes, metrics)
-    app = web.Application(client_max_size=config.server.max_body_bytes, middlewares=[middleware])
-    app.on_response_prepare.append(_request_id_header)
+    app = web.Application(client_max_size=config.server.max_body_bytes)
+    ids = request_ids()
+
+    def endpoint(handler: Handler, route: str) -> Handler:
+        return wrap(handler, route, config.server.max_body_bytes, metrics, ids)
+
     app.cleanup_ctx.append(keys.cleanup_ctx)  # opens (and first creates) the database
     app.cleanup_ctx.append(ledger.cleanup_ctx)  # closed after the session: its last flush sees every request
     app.cleanup_ctx.append(forwarder.session_ctx)
     if config.catalog.sync:
         app.cleanup_ctx.append(sync.catalog_sync(config.catalog, forwarder, router, env))
+    chat_endpoint, models_endpoint = endpoint(chat.__call__, "chat"), endpoint(models.__call__, "models")
+    key_endpoint, generation_endpoint = endpoint(account.key, "key"), endpoint(account.generation, "generation")
     for base in BASES:
-        app.router.add_post(base + "/chat/completions", chat.__call__)
-        app.router.add_get(base + "/models", models.__call__)
-        app.router.add_get(base + "/key", account.key)
-        app.router.add_get(base + "/auth/key", account.key)
-        app.router.add_get(base + "/generation", account.generation)
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", ready.handler)
+        app.router.add_post(base + "/chat/completions", chat_endpoint)
+        app.router.add_get(base + "/models", models_endpoint)
+        app.router.add_get(base + "/key", key_endpoint)
+        app.router.add_get(base + "/auth/key", key_endpoint)
+        app.router.add_get(base + "/generation", generation_endpoint)
+    app.router.add_get("/healthz", endpoint(healthz, "healthz"))
+    app.router.add_get("/readyz", endpoint(ready.handler, "readyz"))
     if metrics is not None:
-        app.router.add_get("/metrics", metrics.handler)
+        app.router.add_get("/metrics", endpoint(metrics.handler, "metrics"))
+    app.router.add_route("*", "/{tail:.*}", endpoint(Fallback(app).__call__, "unknown"))
     app[CATALOG] = catalog
     app[LEDGER] = ledger
     return app

@@ -63,6 +63,7 @@ class ChatHandler:
             model=model,
             started_at=started,
             request_bytes=len(raw),
+            response_headers={"X-Request-Id": request[REQUEST_ID]},  # on whatever answer the pipeline makes
         )
         request[CONTEXT] = ctx
         return await self.pipeline(ctx)
