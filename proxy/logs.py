@@ -16,7 +16,7 @@ from proxy.config import ConfigError, Logging
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
 
-def setup(settings: Logging, stream: object = None, cache: bool = False) -> None:
+def setup(settings: Logging, stream: object = None, cache: bool = False, workers: bool = False) -> None:
     level = _LEVELS.get(settings.level.lower())
     if level is None:
         raise ConfigError(f"logging.level: {settings.level!r} is not one of {', '.join(_LEVELS)}")
@@ -26,7 +26,7 @@ def setup(settings: Logging, stream: object = None, cache: bool = False) -> None
         raise ConfigError(f"logging.format: {fmt!r} is not one of auto, json, console")
     as_json = fmt == "json" or (fmt == "auto" and not getattr(out, "isatty", lambda: False)())
     processors: list[structlog.typing.Processor] = [
-        structlog.contextvars.merge_contextvars,
+        *([structlog.contextvars.merge_contextvars] if workers else []),  # the worker's number
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]

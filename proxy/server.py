@@ -67,7 +67,7 @@ async def serve(cfg: Config, app: web.Application, uvloop: bool) -> int:
 
 
 def run(cfg: Config) -> int:
-    logs.setup(cfg.logging, cache=True)
+    logs.setup(cfg.logging, cache=True, workers=cfg.server.workers > 1)
     if cfg.server.workers > 1:
         create_app(cfg)  # every configuration error shows here, once, before any worker starts
         return supervise(cfg)
