@@ -24,7 +24,7 @@ from proxy.context import Context
 from proxy.errors import GatewayError, invalid_request, upstream_error
 from proxy.ledger import Ledger, Row, ip_hash
 from proxy.metrics import Metrics
-from proxy.relay import SSE_HEADERS, error_chunk, relay, write
+from proxy.relay import KEEPALIVE, SSE_HEADERS, error_chunk, relay, write
 from proxy.routing import Router
 from proxy.usage import Meter
 
@@ -122,32 +122,44 @@ class Forwarder:
 
     async def _stream(self, ctx: Context) -> web.StreamResponse:
         """A stream whose upstream is slow to answer gets its 200 and SSE comments meanwhile; a failure
-        after that point arrives as the error chunk."""
-        opening = asyncio.ensure_future(self._open(ctx))
+        after that point arrives as the error chunk. The fast path costs one timer, no task."""
+        loop = asyncio.get_running_loop()
+        opened = asyncio.Event()
+        early: asyncio.Task[web.StreamResponse] | None = None
+
+        def commit() -> None:
+            nonlocal early
+            early = loop.create_task(self._keep_waiting(ctx, opened))
+
+        timer = loop.call_later(self.settings.keepalive_interval, commit)
         try:
-            done, _ = await asyncio.wait({opening}, timeout=self.settings.keepalive_interval)
-            if done:
-                provider, upstream = opening.result()
-                return await self._finish(ctx, provider, upstream, None)
-            response = web.StreamResponse(status=200, headers={**SSE_HEADERS, **ctx.response_headers})
-            await response.prepare(ctx.request)
-            ctx.status = 200
-            while not opening.done():
-                await write(ctx, response, b": keep-alive\n\n")
-                await asyncio.wait({opening}, timeout=self.settings.keepalive_interval)
-            try:
-                provider, upstream = opening.result()
-            except GatewayError as exc:
-                await write(ctx, response, error_chunk(exc.message, exc.status))
-                ctx.status = exc.status
-                return response
-            return await self._finish(ctx, provider, upstream, response)
+            provider, upstream = await self._open(ctx)
+        except GatewayError as exc:
+            if early is None:
+                raise
+            opened.set()
+            response = await early
+            await write(ctx, response, error_chunk(exc.message, exc.status))
+            ctx.status = exc.status
+            return response
+        except BaseException:  # the client left while we waited: nothing more to write
+            if early is not None:
+                early.cancel()
+            raise
         finally:
-            if not opening.done():
-                opening.cancel()
-                with contextlib.suppress(BaseException):
-                    provider, upstream = await opening
-                    upstream.close()
+            timer.cancel()
+            opened.set()
+        return await self._finish(ctx, provider, upstream, await early if early is not None else None)
+
+    async def _keep_waiting(self, ctx: Context, opened: asyncio.Event) -> web.StreamResponse:
+        response = web.StreamResponse(status=200, headers={**SSE_HEADERS, **ctx.response_headers})
+        await response.prepare(ctx.request)
+        ctx.status = 200
+        while not opened.is_set():
+            await write(ctx, response, KEEPALIVE)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(opened.wait(), self.settings.keepalive_interval)
+        return response
 
     async def _finish(self, ctx: Context, provider: Provider, upstream: aiohttp.ClientResponse,
                       response: web.StreamResponse | None) -> web.StreamResponse:

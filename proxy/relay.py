@@ -54,12 +54,30 @@ async def _once(body: bytes) -> AsyncIterator[bytes]:
     yield body
 
 
-async def _keepalive(ctx: Context, response: web.StreamResponse, interval: float) -> None:
-    """SSE comments through long silences, so that no intermediary times the stream out."""
-    while True:
-        await asyncio.sleep(interval - (time.monotonic() - ctx.last_write))
-        if time.monotonic() - ctx.last_write >= interval:
-            await write(ctx, response, KEEPALIVE)
+class _Ticker:
+    """SSE comments through long silences, so that no intermediary times the stream out. A timer
+    that re-arms itself: no task per stream."""
+
+    def __init__(self, ctx: Context, response: web.StreamResponse, interval: float) -> None:
+        self.ctx, self.response, self.interval = ctx, response, interval
+        self.loop = asyncio.get_running_loop()
+        self.handle: asyncio.TimerHandle | None = self.loop.call_later(interval, self.tick)
+
+    def tick(self) -> None:
+        idle = time.monotonic() - self.ctx.last_write
+        if idle >= self.interval:
+            self.loop.create_task(self._send())
+            idle = 0.0
+        self.handle = self.loop.call_later(self.interval - idle, self.tick)
+
+    async def _send(self) -> None:
+        with contextlib.suppress(Exception):
+            await write(self.ctx, self.response, KEEPALIVE)
+
+    def cancel(self) -> None:
+        if self.handle is not None:
+            self.handle.cancel()
+            self.handle = None
 
 
 async def relay(ctx: Context, provider: Provider, upstream: aiohttp.ClientResponse,
@@ -91,7 +109,7 @@ async def relay(ctx: Context, provider: Provider, upstream: aiohttp.ClientRespon
     meter = ctx.meter
     assert meter is not None
     meter.stream = sse
-    ticker = asyncio.ensure_future(_keepalive(ctx, response, keepalive)) if sse and keepalive > 0 else None
+    ticker = _Ticker(ctx, response, keepalive) if sse and keepalive > 0 else None
     ctx.last_write = time.monotonic()
     try:
         async for chunk in chunks:
