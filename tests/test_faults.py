@@ -4,13 +4,12 @@ leave. Each test checks the status, the body and what the upstream saw."""
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import time
 
 from structlog.testing import capture_logs
 
-from tests.fakes import fixture_lines, stream_events
+from tests.fakes import stream_events
 from tests.plugins.providers.helpers import chunks_of
 from tests.test_forward import STREAM, open_raw
 
