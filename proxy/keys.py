@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import secrets
 import sqlite3
+import threading
 import time
 from dataclasses import dataclass
 from decimal import Decimal
@@ -144,6 +145,7 @@ class KeyStore:
         self._db: sqlite3.Connection | None = None
         self._version = -1
         self._checked = 0.0
+        self._db_lock = threading.Lock()
 
     @property
     def is_open(self) -> bool:
@@ -159,7 +161,12 @@ class KeyStore:
             account.balance_micros -= micros
 
     def _read_if_changed(self) -> list[tuple[str, Account]] | None:
-        assert self._db is not None
+        with self._db_lock:  # the connection is never closed under a thread still reading it
+            return self._read_locked()
+
+    def _read_locked(self) -> list[tuple[str, Account]] | None:
+        if self._db is None:
+            return None
         version = self._db.execute("PRAGMA data_version").fetchone()[0]
         if version == self._version:
             return None
@@ -210,9 +217,11 @@ class KeyStore:
         self.open()
         task = asyncio.create_task(self._watch())
         yield
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        if self._db is not None:
-            self._db.close()
-            self._db = None
+        async with self.lock:  # no reload half-way in its thread when the connection closes
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        with self._db_lock:
+            if self._db is not None:
+                self._db.close()
+                self._db = None

@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import hmac
 import sqlite3
+import threading
 import time
 from dataclasses import dataclass, fields
 from typing import Any, AsyncIterator
@@ -102,6 +103,12 @@ class Ledger:
         self._reader: sqlite3.Connection | None = None
         self._read_lock = asyncio.Lock()
         self.secret = b""
+        self._db_lock = threading.Lock()
+
+    def _locked(self, fn: Any, *args: Any) -> Any:
+        """Runs in a worker thread; the connections close only between two such calls."""
+        with self._db_lock:
+            return fn(*args)
 
     def record(self, row: Row) -> None:
         self.rows.append(row)
@@ -119,7 +126,7 @@ class Ledger:
             debits, self.keys.unflushed = self.keys.unflushed, {}
             assert self._db is not None
             try:
-                await asyncio.to_thread(_write, self._db, rows, debits)
+                await asyncio.to_thread(self._locked, _write, self._db, rows, debits)
             except sqlite3.Error as exc:
                 log.error("ledger_write_failed", rows=len(rows), error=str(exc))
                 self.rows[:0] = rows  # keep them for the next try
@@ -140,19 +147,23 @@ class Ledger:
         self.secret = ip_secret(self._db)
         task = asyncio.create_task(self._loop())
         yield
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        # A write runs in a thread that cancelling cannot stop: take the lock first, so that none is
+        # half-way when the loop stops and the connections close.
+        async with self.keys.lock:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         written = await self.flush()
         log.info("ledger_flushed_on_stop", rows=written)
-        self._db.close()
-        self._reader.close()
+        with self._db_lock:  # after any thread still using a connection
+            self._db.close()
+            self._reader.close()
 
     async def query(self, sql: str, *args: Any) -> list[tuple[Any, ...]]:
         assert self._reader is not None
         db = self._reader
         async with self._read_lock:
-            return await asyncio.to_thread(lambda: db.execute(sql, args).fetchall())
+            return await asyncio.to_thread(self._locked, lambda: db.execute(sql, args).fetchall())
 
     async def generation(self, request_id: str, account_id: int) -> Row | None:
         row = self.pending(request_id)
