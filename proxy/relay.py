@@ -1,8 +1,9 @@
 """Copies (or translates) an upstream answer to the client as it arrives, through the usage meter.
 
-Headers are final before the first body byte. A stream that breaks after bytes were sent ends with
-the error chunk and `data: [DONE]`; a JSON body that breaks is cut off (the connection is aborted),
-so the client can never take half a body for a whole one.
+Headers are final before the first body byte. A JSON answer no bigger than what the meter holds back
+anyway (or a translated one) goes out whole, in one write, with its Content-Length. A stream that
+breaks after bytes were sent ends with the error chunk and `data: [DONE]`; a longer JSON body that
+breaks is cut off (the connection is aborted), so the client can never take half a body for a whole one.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from plugins.providers.base import Provider
 from proxy.context import Context
 from proxy.errors import upstream_error
 from proxy.sse import DONE
+from proxy.usage import HOLD
 
 log = structlog.get_logger("turnstile.relay")
 
@@ -30,6 +32,7 @@ SSE_HEADERS = {
     "X-Accel-Buffering": "no",
 }
 KEEPALIVE = b": keep-alive\n\n"
+_JSON = "application/json"
 
 
 def error_chunk(message: str, code: int = 502) -> bytes:
@@ -52,6 +55,25 @@ async def write(ctx: Context, response: web.StreamResponse, data: bytes) -> None
 
 async def _once(body: bytes) -> AsyncIterator[bytes]:
     yield body
+
+
+async def _read(ctx: Context, provider: Provider, upstream: aiohttp.ClientResponse) -> bytes:
+    try:
+        return await upstream.read()
+    except (aiohttp.ClientError, asyncio.TimeoutError):
+        log.warning("upstream_broke_mid_response", request_id=ctx.request_id, provider=provider.name)
+        ctx.status = 502
+        raise upstream_error(502, f"The {provider.name} provider stopped mid-answer.") from None
+
+
+def _whole(ctx: Context, status: int, content_type: str, body: bytes) -> web.Response:
+    """A whole JSON answer in one write, with its length: no chunked framing."""
+    assert ctx.meter is not None
+    body = ctx.meter.whole(body)
+    ctx.status = status
+    ctx.first_byte_at = ctx.last_write = time.monotonic()
+    ctx.bytes_out = len(body)
+    return web.Response(status=status, body=body, headers={"Content-Type": content_type, **ctx.response_headers})
 
 
 class _Ticker:
@@ -83,25 +105,36 @@ class _Ticker:
 async def relay(ctx: Context, provider: Provider, upstream: aiohttp.ClientResponse,
                 response: web.StreamResponse | None, keepalive: float) -> tuple[web.StreamResponse, bool]:
     """(the response, whether the upstream answer was read to its end)."""
+    whole: bytes | None = None  # a JSON answer small enough (or translated) to send in one piece
+    content_type = ""
     if provider.passthrough:
-        chunks: AsyncIterator[bytes] = upstream.content.iter_any()
-        sse = upstream.headers.get("Content-Type", "").startswith("text/event-stream")
+        content_type = upstream.headers.get("Content-Type", "")
+        sse = content_type.startswith("text/event-stream")
+        length = upstream.content_length
+        if not sse and response is None and length is not None and length <= HOLD:
+            whole = await _read(ctx, provider, upstream)  # the meter would hold all of it anyway
+        else:
+            chunks: AsyncIterator[bytes] = upstream.content.iter_any()
     elif ctx.stream:
         chunks, sse = provider.translate_stream(ctx, upstream.content.iter_any()), True
     else:
+        content_type, sse = _JSON, False
         try:
-            body = provider.translate_body(ctx, await upstream.read())
+            whole = provider.translate_body(ctx, await _read(ctx, provider, upstream))
         except (ValueError, KeyError, TypeError, AttributeError):
             log.warning("upstream_invalid_body", request_id=ctx.request_id, provider=provider.name)
             ctx.status = 502
             raise upstream_error(502, f"The {provider.name} provider sent an answer that could not be read.") from None
-        chunks, sse = _once(body), False
+    if whole is not None:
+        if response is None:
+            return _whole(ctx, upstream.status, content_type or _JSON, whole), True
+        chunks = _once(whole)
     if response is None:
         response = web.StreamResponse(status=upstream.status)
         if sse:
             response.headers.update(SSE_HEADERS)
         else:
-            response.headers["Content-Type"] = upstream.headers.get("Content-Type", "application/json") if provider.passthrough else "application/json"
+            response.headers["Content-Type"] = content_type or _JSON
         if ctx.response_headers:
             response.headers.update(ctx.response_headers)
         await response.prepare(ctx.request)

@@ -156,6 +156,12 @@ class Meter:
             data = self._patch(data)
         return data
 
+    def whole(self, body: bytes) -> bytes:
+        """A whole JSON answer, patched with the cost if it carries usage."""
+        self.stream = False
+        self._note_finish(body)
+        return self._patch(body)
+
     def _note_finish(self, data: bytes) -> None:
         found = _FINISH.findall(data)
         if found:

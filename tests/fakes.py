@@ -115,6 +115,7 @@ class Upstream:
     ended: int = 0
     tags: set[str] = field(default_factory=set)  # the `tag` body fields seen
     raw_json: bytes = b""  # mode "raw": this JSON body as is
+    cookie: str = ""  # a Set-Cookie header on every non-stream answer
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=64 * 1024 * 1024)
@@ -187,7 +188,8 @@ class Upstream:
         if self.mode == "usage" and not body.get("stream"):
             return web.json_response(completion(body["model"], self.usage))
         if not body.get("stream"):
-            return web.Response(body=JSON_BODY, content_type="application/json")
+            return web.Response(body=JSON_BODY, content_type="application/json",
+                                headers={"Set-Cookie": self.cookie} if self.cookie else None)
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         if self.sndbuf and request.transport is not None:
             request.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.sndbuf)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
+from aiohttp import web
 
 from proxy.catalog import Catalog, seed_rows
 from tests.fakes import JSON_BODY, STREAM_BODY, without_cost
@@ -99,3 +101,53 @@ async def test_unreachable_upstream_is_502(gateway, unused_tcp_port):
     body = await resp.json()
     assert body["error_type"] == "upstream_error"
     assert "sk-or-test-key" not in json.dumps(body)
+
+
+async def test_small_json_answer_goes_out_whole_with_its_length(gateway, upstream):
+    client = await gateway()
+    resp = await client.post("/v1/chat/completions", json=chat("openai/gpt-5.4"))
+    body = await resp.read()
+    assert resp.status == 200 and resp.headers["Content-Type"] == "application/json"
+    assert int(resp.headers["Content-Length"]) == len(body) and "Transfer-Encoding" not in resp.headers
+    assert json.loads(body)["usage"]["cost"] > 0 and resp.headers["X-Request-Id"]
+
+
+async def test_large_json_answer_is_relayed_as_it_arrives(gateway, upstream):
+    doc = json.loads(JSON_BODY)
+    doc["choices"][0]["message"]["content"] = "word " * 20_000  # 100 KB: more than the meter holds
+    upstream.mode, upstream.raw_json = "raw", json.dumps(doc).encode()
+    client = await gateway()
+    resp = await client.post("/v1/chat/completions", json=chat("openai/gpt-5.4"))
+    got = json.loads(await resp.read())
+    assert resp.headers.get("Transfer-Encoding") == "chunked"
+    assert got["choices"] == doc["choices"] and got["usage"]["cost"] > 0
+
+
+async def test_upstream_cookies_are_not_kept_or_sent_back(gateway, upstream):
+    upstream.cookie = "session=abc123; Path=/"
+    client = await gateway(env={"OPENROUTER_BASE_URL": upstream.url.replace("127.0.0.1", "localhost")})  # a jar keeps no IP's cookies
+    for _ in range(2):
+        resp = await client.post("/v1/chat/completions", json=chat("openai/gpt-5.4"))
+        assert resp.status == 200
+        assert "Set-Cookie" not in resp.headers  # nor passed on to our caller
+    assert all("Cookie" not in seen.headers for seen in upstream.seen)
+    assert upstream.seen[0].headers["User-Agent"] == "turnstile"
+
+
+async def test_json_answer_cut_short_is_a_clean_502(gateway, aiohttp_server):
+    async def short(request):
+        resp = web.StreamResponse(headers={"Content-Type": "application/json", "Content-Length": "1000"})
+        await resp.prepare(request)
+        await resp.write(b'{"id": "chatcmpl-1", ')
+        await asyncio.sleep(0.05)
+        request.transport.abort()
+        return resp
+
+    app = web.Application()
+    app.router.add_post("/chat/completions", short)
+    server = await aiohttp_server(app)
+    client = await gateway(env={"OPENROUTER_BASE_URL": str(server.make_url(""))})
+    resp = await client.post("/v1/chat/completions", json=chat("openai/gpt-5.4"))
+    assert resp.status == 502
+    body = await resp.json()
+    assert body["error_type"] == "upstream_error" and "stopped mid-answer" in body["error"]["message"]
