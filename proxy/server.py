@@ -77,7 +77,10 @@ def run(cfg: Config) -> int:
 def _worker(cfg: Config) -> int:
     uvloop = _use_uvloop()
     app = create_app(cfg)
-    return asyncio.run(serve(cfg, app, uvloop))
+    try:
+        return asyncio.run(serve(cfg, app, uvloop))
+    finally:
+        logs.flush()
 
 
 def _spawn(cfg: Config, index: int) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 
@@ -42,5 +43,51 @@ def test_json_lines_when_not_a_terminal():
         structlog.get_logger("t").info("hello", n=1)
         line = json.loads(out.getvalue().splitlines()[-1])
         assert line["event"] == "hello" and line["n"] == 1 and line["level"] == "info"
+    finally:
+        structlog.reset_defaults()
+
+
+class Writes:
+    """A binary stream that keeps each write apart."""
+
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+
+    def write(self, data: bytes) -> int:
+        self.writes.append(bytes(data))
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+
+async def test_info_lines_are_batched_in_whole_lines_and_errors_go_at_once():
+    out = Writes()
+    logs.setup(Logging(level="info", format="json"), stream=out)
+    try:
+        log = structlog.get_logger("t")
+        for n in range(100):
+            log.info("request", n=n, pad="x" * 100)
+        assert 0 < len(out.writes) < 10  # full pieces only, so far
+        log.info("last", n=100)
+        log.error("broken", n=101)  # flushes everything waiting, in order
+        await asyncio.sleep(logs.FLUSH_EVERY * 2)
+        assert all(len(w) <= logs.PIECE and w.endswith(b"\n") for w in out.writes)
+        lines = [json.loads(line) for w in out.writes for line in w.splitlines()]
+        assert [line["n"] for line in lines] == list(range(102))
+        log.info("alone")
+        assert lines[-1]["level"] == "error"
+        await asyncio.sleep(logs.FLUSH_EVERY * 2)  # a lone line waits at most FLUSH_EVERY
+        assert json.loads(out.writes[-1])["event"] == "alone"
+    finally:
+        structlog.reset_defaults()
+
+
+def test_lines_logged_outside_an_event_loop_are_written_at_once():
+    out = Writes()
+    logs.setup(Logging(level="info", format="json"), stream=out)
+    try:
+        structlog.get_logger("t").info("hello")
+        assert json.loads(out.writes[-1])["event"] == "hello"
     finally:
         structlog.reset_defaults()
