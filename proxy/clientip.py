@@ -41,7 +41,10 @@ class ClientIP:
             peer = peer[7:]  # an IPv4 client on a dual-stack socket
         if not self.networks or not self.trusted(peer):
             return peer
-        hops = ",".join(request.headers.getall("X-Forwarded-For", ())).split(",")
+        forwarded = request.headers.getall("X-Forwarded-For", None)
+        if not forwarded:
+            return peer
+        hops = ",".join(forwarded).split(",")
         client = peer
         for hop in reversed(hops):
             hop = hop.strip()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hmac
 import os
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -38,27 +39,36 @@ class Metrics:
         self.streams = Gauge("turnstile_streams_in_flight", "Streams being relayed", registry=r, multiprocess_mode="livesum")
         self.tokens = Counter("turnstile_tokens_total", "Tokens from upstream usage", ["model", "direction"], registry=r)
         self.multiproc = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+        # Children by label values, looked up once: `labels()` validates and locks on every call.
+        self._children: dict[tuple[Any, ...], Any] = {}
+
+    def _child(self, metric: Any, *values: str) -> Any:
+        key = (id(metric), *values)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*values)
+        return child
 
     def observe(self, route: str, status: int, seconds: float, ctx: object | None, error: GatewayError | None) -> None:
         model = provider = ""
         if ctx is not None:
             model, provider = ctx.model.id, ctx.provider  # type: ignore[attr-defined]
             if ctx.first_byte_at:  # type: ignore[attr-defined]
-                self.ttfb.labels(route).observe(ctx.first_byte_at - ctx.started_at)  # type: ignore[attr-defined]
+                self._child(self.ttfb, route).observe(ctx.first_byte_at - ctx.started_at)  # type: ignore[attr-defined]
             if ctx.retries:  # type: ignore[attr-defined]
                 self.retries.labels(provider).inc(ctx.retries)  # type: ignore[attr-defined]
             if ctx.fallbacks:  # type: ignore[attr-defined]
                 self.fallbacks.labels(model).inc()
             meter = ctx.meter  # type: ignore[attr-defined]
             if meter is not None and meter.usage is not None:
-                self.tokens.labels(model, "in").inc(meter.usage.prompt)
-                self.tokens.labels(model, "out").inc(meter.usage.completion)
+                self._child(self.tokens, model, "in").inc(meter.usage.prompt)
+                self._child(self.tokens, model, "out").inc(meter.usage.completion)
             if provider and status >= 500:
                 self.upstream_errors.labels(provider, str(status)).inc()
         if error is not None and error.error_type in ("rate_limit_exceeded", "promotion_limit_reached"):
             self.rejections.labels("hourly" if error.status == 429 else "daily").inc()
-        self.requests.labels(route, model, provider, str(status)).inc()
-        self.duration.labels(route).observe(seconds)
+        self._child(self.requests, route, model, provider, str(status)).inc()
+        self._child(self.duration, route).observe(seconds)
 
     async def handler(self, request: web.Request) -> web.Response:
         if self.token:
