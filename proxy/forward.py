@@ -121,17 +121,21 @@ class Forwarder:
                 ctx.retries += 1
                 await asyncio.sleep(wait)
         ctx.status = failure.status if failure else 502
-        raise failure or upstream_error(502, "No provider could serve the request.")
+        try:
+            raise failure or upstream_error(502, "No provider could serve the request.")
+        finally:
+            failure = None  # its traceback holds this frame: no cycle
 
     async def _stream(self, ctx: Context) -> web.StreamResponse:
         """A stream whose upstream is slow to answer gets its 200 and SSE comments meanwhile; a failure
         after that point arrives as the error chunk. The fast path costs one timer, no task."""
         loop = asyncio.get_running_loop()
-        opened = asyncio.Event()
+        opened: asyncio.Event | None = None
         early: asyncio.Task[web.StreamResponse] | None = None
 
         def commit() -> None:
-            nonlocal early
+            nonlocal early, opened
+            opened = asyncio.Event()
             early = loop.create_task(self._keep_waiting(ctx, opened))
 
         timer = loop.call_later(self.settings.keepalive_interval, commit)
@@ -140,6 +144,7 @@ class Forwarder:
         except GatewayError as exc:
             if early is None:
                 raise
+            assert opened is not None
             opened.set()
             response = await early
             await write(ctx, response, error_chunk(exc.message, exc.status))
@@ -151,7 +156,8 @@ class Forwarder:
             raise
         finally:
             timer.cancel()
-            opened.set()
+            if opened is not None:
+                opened.set()
         return await self._finish(ctx, provider, upstream, await early if early is not None else None)
 
     async def _keep_waiting(self, ctx: Context, opened: asyncio.Event) -> web.StreamResponse:
