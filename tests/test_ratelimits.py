@@ -1,0 +1,48 @@
+"""The in-process limit storage: limits' counting, with a sweep that costs nothing per request."""
+
+from __future__ import annotations
+
+import asyncio
+
+from limits import parse
+from limits.aio.strategies import MovingWindowRateLimiter
+
+from proxy import ratelimits
+from proxy.ratelimits import SweptMemoryStorage, open_storage
+
+
+async def test_memory_uri_opens_the_swept_storage():
+    assert isinstance(open_storage("memory://"), SweptMemoryStorage)
+    assert not isinstance(open_storage("redis://127.0.0.1:1"), SweptMemoryStorage)
+
+
+async def test_counts_exactly_and_sweeps_only_what_expired():
+    storage = SweptMemoryStorage()
+    limiter = MovingWindowRateLimiter(storage)
+    short, long = parse("3/second"), parse("3/hour")
+    assert [await limiter.hit(short, "a") for _ in range(4)] == [True, True, True, False]
+    assert [await limiter.hit(long, "b") for _ in range(4)] == [True, True, True, False]
+    await asyncio.sleep(1.1)
+    await storage._sweep()
+    assert not any("/a/" in key for key in storage.events)  # expired: gone, lock and all
+    assert [len(v) for k, v in storage.events.items() if "/b/" in k] == [3]
+    assert await limiter.hit(short, "a") and not await limiter.hit(long, "b")
+
+
+async def test_sweeps_at_most_every_interval(monkeypatch):
+    monkeypatch.setattr(ratelimits, "SWEEP_EVERY", 3600.0)
+    storage = SweptMemoryStorage()
+    limiter = MovingWindowRateLimiter(storage)
+    swept = 0
+    real = storage._sweep
+
+    async def counting() -> None:
+        nonlocal swept
+        swept += 1
+        await real()
+
+    storage._sweep = counting  # type: ignore[method-assign]
+    for i in range(500):
+        await limiter.hit(parse("200/hour"), f"198.18.0.{i % 250}")
+        await asyncio.sleep(0)
+    assert swept == 1
