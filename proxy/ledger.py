@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import hmac
 import sqlite3
 import threading
 import time
@@ -82,8 +81,9 @@ _INSERT = (f"INSERT OR IGNORE INTO ledger ({', '.join(COLUMNS)}) SELECT "
 
 
 def ip_hash(secret: bytes, ip: str) -> str:
-    """An anonymous caller's IP, pseudonymised: an HMAC with this installation's secret."""
-    return hmac.new(secret, ip.encode("utf-8", "surrogateescape"), hashlib.sha256).hexdigest()[:32]
+    """An anonymous caller's IP, pseudonymised: keyed BLAKE2b (a MAC) with this installation's secret,
+    a third of HMAC-SHA256's cost per request."""
+    return hashlib.blake2b(ip.encode("utf-8", "surrogateescape"), key=secret[:64], digest_size=16).hexdigest()
 
 
 def _write(db: sqlite3.Connection, rows: list[Row], debits: dict[int, int]) -> None:
