@@ -16,6 +16,7 @@ from typing import Any
 import orjson
 
 _MARKERS = (b'"usage":{', b'"usage": {')
+_FINISHES = (b'"finish_reason":"', b'"finish_reason": "')
 _FINISH = re.compile(rb'"finish_reason"\s*:\s*"([a-z_]+)"')
 HOLD = 16 * 1024
 _DECODER = json.JSONDecoder()
@@ -95,7 +96,7 @@ class Prices:
 
 def _usage(buf: bytes) -> tuple[int, int, Any] | None:
     """(start, end, parsed object) of the last `"usage":{…}` in `buf`, by the C JSON scanner."""
-    at = max(buf.rfind(m) for m in _MARKERS)
+    at = max(buf.rfind(_MARKERS[0]), buf.rfind(_MARKERS[1]))
     if at < 0:
         return None
     start = buf.index(b"{", at)
@@ -137,8 +138,7 @@ class Meter:
             data = data[:cut]
             if data:
                 self.events += data.count(b"data: ")
-                if b'"finish_reason":"' in data or b'"finish_reason": "' in data:
-                    self._note_finish(data)
+                self._note_finish(data)
                 if _MARKERS[0] in data or _MARKERS[1] in data:
                     data = self._patch(data)
             return data
@@ -163,9 +163,12 @@ class Meter:
         return self._patch(body)
 
     def _note_finish(self, data: bytes) -> None:
-        found = _FINISH.findall(data)
-        if found:
-            self.finish_reason = found[-1].decode()
+        """The last finish reason in `data`, found from the end: no scan of every chunk."""
+        at = max(data.rfind(_FINISHES[0]), data.rfind(_FINISHES[1]))
+        if at >= 0:
+            found = _FINISH.match(data, at)
+            if found:
+                self.finish_reason = found.group(1).decode()
 
     def _patch(self, data: bytes) -> bytes:
         found = _usage(data)
