@@ -110,6 +110,11 @@ def _usage(buf: bytes) -> tuple[int, int, Any] | None:
 
 def _sse_boundary(data: bytes) -> int:
     """Index just past the last complete event (0: none is complete)."""
+    if data.endswith(b"\n\n"):  # the usual chunk: whole events, nothing to search
+        return len(data)
+    if b"\r" not in data:  # a one-byte search is fast; a CRLF pair search that finds nothing is not
+        lf = data.rfind(b"\n\n")
+        return lf + 2 if lf >= 0 else 0
     lf = data.rfind(b"\n\n")
     crlf = data.rfind(b"\r\n\r\n")
     return max(lf + 2 if lf >= 0 else 0, crlf + 4 if crlf >= 0 else 0)
