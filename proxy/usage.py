@@ -33,18 +33,22 @@ class Usage:
 
     @classmethod
     def parse(cls, u: dict[str, Any]) -> Usage:
-        def n(v: Any) -> int:
-            return v if isinstance(v, int) and v > 0 else 0
-
-        pd = u.get("prompt_tokens_details") or {}
-        cd = u.get("completion_tokens_details") or {}
+        pd = u.get("prompt_tokens_details")
+        cd = u.get("completion_tokens_details")
+        if type(pd) is not dict:
+            pd = {}
         return cls(
-            prompt=n(u.get("prompt_tokens")),
-            completion=n(u.get("completion_tokens")),
-            reasoning=n(cd.get("reasoning_tokens")) if isinstance(cd, dict) else 0,
-            cached=n(pd.get("cached_tokens")) if isinstance(pd, dict) else 0,
-            cache_write=n(pd.get("cache_write_tokens")) if isinstance(pd, dict) else 0,
+            prompt=_count(u.get("prompt_tokens")),
+            completion=_count(u.get("completion_tokens")),
+            reasoning=_count(cd.get("reasoning_tokens")) if type(cd) is dict else 0,
+            cached=_count(pd.get("cached_tokens")),
+            cache_write=_count(pd.get("cache_write_tokens")),
         )
+
+
+def _count(v: Any) -> int:
+    """A token count as sent, or 0 for anything that is not a positive whole number."""
+    return v if type(v) is int and v > 0 else 0
 
 
 # Prices are kept as whole numbers of 10^-24 USD: every catalog price is exact at that scale, and
