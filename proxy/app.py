@@ -173,6 +173,8 @@ def create_app(config: Config, env: Mapping[str, str] = os.environ) -> web.Appli
     app.cleanup_ctx.append(keys.cleanup_ctx)  # opens (and first creates) the database
     app.cleanup_ctx.append(ledger.cleanup_ctx)  # closed after the session: its last flush sees every request
     app.cleanup_ctx.append(forwarder.session_ctx)
+    if metrics is not None:
+        app.cleanup_ctx.append(metrics.sync_ctx)
     if config.catalog.sync:
         app.cleanup_ctx.append(sync.catalog_sync(config.catalog, forwarder, router, env))
     chat_endpoint, models_endpoint = endpoint(chat.__call__, "chat"), endpoint(models.__call__, "models")

@@ -176,14 +176,14 @@ class Forwarder:
         try:
             if upstream.status >= 400:
                 return await self._error(ctx, provider, upstream, response)
-            gauge = self.metrics.streams if self.metrics is not None and ctx.stream else None
-            if gauge is not None:
-                gauge.inc()
+            metrics = self.metrics if ctx.stream else None
+            if metrics is not None:
+                metrics.streams_in_flight += 1
             try:
                 result, clean = await relay(ctx, provider, upstream, response, self.settings.keepalive_interval)
             finally:
-                if gauge is not None:
-                    gauge.dec()
+                if metrics is not None:
+                    metrics.streams_in_flight -= 1
             return result
         except (asyncio.CancelledError, ConnectionResetError):
             ctx.status = 499

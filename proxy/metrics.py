@@ -3,13 +3,19 @@
 Labels stay bounded: route (the endpoint, not the path), model (a catalog id), provider, status; never
 a client IP or a key. With several workers, set PROMETHEUS_MULTIPROC_DIR and every worker's samples
 are merged at scrape time.
+
+A request only adds to plain counters (a prometheus-client update takes locks and a dozen calls);
+they are moved into the metrics at each scrape, and every second when workers share the samples.
 """
 
 from __future__ import annotations
 
+import asyncio
+import bisect
+import contextlib
 import hmac
 import os
-from typing import Any
+from typing import Any, AsyncIterator
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -41,6 +47,11 @@ class Metrics:
         self.multiproc = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
         # Children by label values, looked up once: `labels()` validates and locks on every call.
         self._children: dict[tuple[Any, ...], Any] = {}
+        # Not yet moved into the metrics: request counts by labels, histogram bucket counts and sums.
+        self._requests: dict[tuple[str, str, str, str], int] = {}
+        self._tokens: dict[tuple[str, str], int] = {}
+        self._observed: dict[tuple[Any, str], list[float]] = {}  # counts per bucket (+Inf last), then the sum
+        self.streams_in_flight = 0
 
     def _child(self, metric: Any, *values: str) -> Any:
         key = (id(metric), *values)
@@ -49,26 +60,69 @@ class Metrics:
             child = self._children[key] = metric.labels(*values)
         return child
 
+    def _observe(self, metric: Any, route: str, seconds: float) -> None:
+        counts = self._observed.get((metric, route))
+        if counts is None:
+            counts = self._observed[(metric, route)] = [0] * (len(_BUCKETS) + 2)
+        counts[bisect.bisect_left(_BUCKETS, seconds)] += 1  # Prometheus buckets are `le`: <= bound
+        counts[-1] += seconds
+
     def observe(self, route: str, status: int, seconds: float, ctx: object | None, error: GatewayError | None) -> None:
         model = provider = ""
         if ctx is not None:
             model, provider = ctx.model.id, ctx.provider  # type: ignore[attr-defined]
             if ctx.first_byte_at:  # type: ignore[attr-defined]
-                self._child(self.ttfb, route).observe(ctx.first_byte_at - ctx.started_at)  # type: ignore[attr-defined]
+                self._observe(self.ttfb, route, ctx.first_byte_at - ctx.started_at)  # type: ignore[attr-defined]
             if ctx.retries:  # type: ignore[attr-defined]
                 self.retries.labels(provider).inc(ctx.retries)  # type: ignore[attr-defined]
             if ctx.fallbacks:  # type: ignore[attr-defined]
                 self.fallbacks.labels(model).inc()
             meter = ctx.meter  # type: ignore[attr-defined]
             if meter is not None and meter.usage is not None:
-                self._child(self.tokens, model, "in").inc(meter.usage.prompt)
-                self._child(self.tokens, model, "out").inc(meter.usage.completion)
+                tokens = self._tokens
+                tokens[(model, "in")] = tokens.get((model, "in"), 0) + meter.usage.prompt
+                tokens[(model, "out")] = tokens.get((model, "out"), 0) + meter.usage.completion
             if provider and status >= 500:
                 self.upstream_errors.labels(provider, str(status)).inc()
         if error is not None and error.error_type in ("rate_limit_exceeded", "promotion_limit_reached"):
             self.rejections.labels("hourly" if error.status == 429 else "daily").inc()
-        self._child(self.requests, route, model, provider, str(status)).inc()
-        self._child(self.duration, route).observe(seconds)
+        key = (route, model, provider, str(status))
+        self._requests[key] = self._requests.get(key, 0) + 1
+        self._observe(self.duration, route, seconds)
+
+    def sync(self) -> None:
+        """Moves what requests counted into the metrics."""
+        requests, self._requests = self._requests, {}
+        for labels, n in requests.items():
+            self._child(self.requests, *labels).inc(n)
+        tokens, self._tokens = self._tokens, {}
+        for labels, n in tokens.items():
+            self._child(self.tokens, *labels).inc(n)
+        observed, self._observed = self._observed, {}
+        for (metric, route), counts in observed.items():
+            child = self._child(metric, route)
+            # prometheus-client keeps a histogram child as one value per bucket and its sum; it has
+            # no public call to add many observations at once.
+            for bucket, n in zip(child._buckets, counts):
+                if n:
+                    bucket.inc(n)
+            child._sum.inc(counts[-1])
+        self.streams.set(self.streams_in_flight)
+
+    async def sync_ctx(self, app: web.Application) -> AsyncIterator[None]:
+        """aiohttp cleanup_ctx: with samples shared between workers, every second."""
+        task = asyncio.create_task(self._sync_loop()) if self.multiproc else None
+        yield
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self.sync()
+
+    async def _sync_loop(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            self.sync()
 
     async def handler(self, request: web.Request) -> web.Response:
         if self.token:
@@ -76,6 +130,7 @@ class Metrics:
             if not hmac.compare_digest(given.encode("utf-8", "surrogateescape"), self.token.encode()):
                 raise GatewayError(401, "authentication_required", "The metrics need their bearer token.",
                                    code="authentication_required")
+        self.sync()
         registry = self.registry
         if self.multiproc:
             registry = CollectorRegistry()

@@ -59,3 +59,30 @@ async def test_metrics_token(gateway):
     assert (await client.get("/metrics")).status == 401
     resp = await client.get("/metrics", headers={"Authorization": "Bearer scrape-me-please"})
     assert resp.status == 200 and "turnstile_requests_total" in await resp.text()
+
+
+def test_histograms_and_counters_match_prometheus_semantics():
+    from prometheus_client import generate_latest
+
+    from proxy.metrics import Metrics
+
+    metrics = Metrics()
+    for seconds in (0.005, 0.3, 400.0):
+        metrics.observe("chat", 200, seconds, None, None)
+    metrics.streams_in_flight = 2
+    metrics.sync()
+    metrics.observe("chat", 200, 0.001, None, None)  # counted at the next sync, not lost
+    text = generate_latest(metrics.registry).decode()
+    duration = "turnstile_request_duration_seconds_bucket"
+    assert value(text, duration, route="chat", le="0.005") == 1  # le: a bound is inclusive
+    assert value(text, duration, route="chat", le="0.25") == 1
+    assert value(text, duration, route="chat", le="0.5") == 2
+    assert value(text, duration, route="chat", le="300.0") == 2
+    assert value(text, duration, route="chat", le="+Inf") == 3
+    assert value(text, "turnstile_request_duration_seconds_sum", route="chat") == 400.305
+    assert value(text, "turnstile_requests_total", route="chat", status="200") == 3
+    assert value(text, "turnstile_streams_in_flight") == 2
+    metrics.sync()
+    text = generate_latest(metrics.registry).decode()
+    assert value(text, "turnstile_requests_total", route="chat", status="200") == 4
+    assert value(text, duration, route="chat", le="0.005") == 2
