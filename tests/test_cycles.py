@@ -27,8 +27,8 @@ async def test_no_request_leaves_a_cycle(kilo, account):
     for row in pipeline:
         if row["use"] == "ratelimit":
             row["limit"] = "3/hour"
-    client = await kilo(pipeline=pipeline)
     key = account(balance="10")
+    client = await kilo(pipeline=pipeline)
     calls = [
         (CHAT, {"Authorization": f"Bearer {key}"}),  # paid, relayed
         ({**CHAT, "stream": True}, {"Authorization": f"Bearer {key}"}),  # paid stream
