@@ -54,7 +54,8 @@ def wrap(handler: Handler, route: str, max_body: int, metrics: Metrics | None, i
     id, every refusal rendered in the error shape, the one access-log line and its metrics."""
 
     async def endpoint(request: web.Request) -> web.StreamResponse:
-        rid = request[REQUEST_ID] = next(ids)
+        rid = next(ids)
+        REQUEST_ID.set(rid)
         start = time.monotonic()
         error: GatewayError | None = None
         try:
@@ -67,8 +68,7 @@ def wrap(handler: Handler, route: str, max_body: int, metrics: Metrics | None, i
         except asyncio.CancelledError:
             _access(request, start, 499)
             if metrics is not None:
-                metrics.observe(route, 499, time.monotonic() - start, request.get(CONTEXT), None)
-            request.pop(CONTEXT, None)
+                metrics.observe(route, 499, time.monotonic() - start, CONTEXT.get(), None)
             raise
         except Exception:
             log.exception("unhandled_error", request_id=rid, path=request.path)
@@ -77,11 +77,10 @@ def wrap(handler: Handler, route: str, max_body: int, metrics: Metrics | None, i
             response.headers["X-Request-Id"] = rid
         status = _access(request, start, response.status, response)
         if metrics is not None:
-            metrics.observe(route, status, time.monotonic() - start, request.get(CONTEXT), error)
-        # No reference cycle may outlive the request: the context points at the request, and a caught
-        # error's traceback at this frame. Both unlinked, everything goes when the request ends
-        # instead of waiting, with all it holds, for the cycle collector.
-        request.pop(CONTEXT, None)
+            metrics.observe(route, status, time.monotonic() - start, CONTEXT.get(), error)
+        # No reference cycle may outlive the request: a caught error's traceback holds this frame.
+        # Unlinked, everything goes when the request ends instead of waiting, with all it holds,
+        # for the cycle collector.
         error = None
         return response
 
@@ -110,11 +109,11 @@ class Fallback:
 
 
 def _access(request: web.Request, start: float, status: int, response: web.StreamResponse | None = None) -> int:
-    ctx = request.get(CONTEXT)
+    ctx = CONTEXT.get()
     now = time.monotonic()
     body = getattr(response, "body", None)
     fields: dict[str, Any] = {
-        "request_id": request[REQUEST_ID],
+        "request_id": REQUEST_ID.get(),
         "method": request.method,
         "path": request.path,
         "status": status,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from contextvars import ContextVar
 from typing import Any
 
 import orjson
@@ -14,8 +15,11 @@ from proxy.context import Context
 from proxy.errors import GatewayError, invalid_request, model_not_found
 from proxy.pipeline import Next
 
-REQUEST_ID = web.RequestKey("request_id", str)
-CONTEXT = web.RequestKey("context", Context)
+# Per request, in the request's own task (aiohttp runs each in one): set by the endpoint wrapper and
+# the chat handler, read by the access log and metrics. Unlike keys in the request's mapping, they go
+# with the task and cannot form a cycle with the request.
+REQUEST_ID: ContextVar[str] = ContextVar("request_id", default="")
+CONTEXT: ContextVar[Context | None] = ContextVar("context", default=None)
 
 _JSON = "application/json"
 
@@ -44,6 +48,7 @@ class ChatHandler:
 
     async def __call__(self, request: web.Request) -> web.StreamResponse:
         started = time.monotonic()
+        rid = REQUEST_ID.get()
         raw = await request.read()
         body = parse_body(raw)
         model_id = body.get("model")
@@ -54,7 +59,7 @@ class ChatHandler:
             raise model_not_found()
         ctx = Context(
             request=request,
-            request_id=request[REQUEST_ID],
+            request_id=rid,
             catalog=self.catalog,
             body=body,
             stream=body.get("stream") is True,
@@ -63,9 +68,9 @@ class ChatHandler:
             model=model,
             started_at=started,
             request_bytes=len(raw),
-            response_headers={"X-Request-Id": request[REQUEST_ID]},  # on whatever answer the pipeline makes
+            response_headers={"X-Request-Id": rid},  # on whatever answer the pipeline makes
         )
-        request[CONTEXT] = ctx
+        CONTEXT.set(ctx)
         return await self.pipeline(ctx)
 
 
