@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import Awaitable, Callable, Protocol, Sequence
 
 from aiohttp import web
@@ -18,6 +20,15 @@ class Stage(Protocol):
 
 
 def _link(stage: Stage, call_next: Next) -> Next:
+    """`stage` with its next handler bound. With the protocol's parameter name this is a partial (no
+    extra coroutine frame per stage on every request); any other name gets a small wrapper."""
+    try:
+        param = inspect.signature(stage).parameters.get("call_next")
+    except (TypeError, ValueError):
+        param = None
+    if param is not None and param.kind in (param.POSITIONAL_OR_KEYWORD, param.KEYWORD_ONLY):
+        return functools.partial(stage, call_next=call_next)
+
     async def run(ctx: Context) -> web.StreamResponse:
         return await stage(ctx, call_next)
 

@@ -22,3 +22,16 @@ class Tag:
         response = await call_next(ctx)
         ORDER.append(f"out:{self.name}")
         return response
+
+
+class OtherNames:
+    """The same, with its own names for the parameters: it must chain just as well."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    async def __call__(self, context: Context, nxt: Next) -> web.StreamResponse:
+        ORDER.append(f"in:{self.name}")
+        response = await nxt(context)
+        ORDER.append(f"out:{self.name}")
+        return response

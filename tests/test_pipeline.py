@@ -25,6 +25,19 @@ async def test_custom_stages_run_in_config_order(gateway):
     assert resp.headers["X-Stage-first"] == resp.headers["X-Stage-second"] == "1"
 
 
+async def test_stages_chain_whatever_their_parameter_names(gateway):
+    custom_stages.ORDER.clear()
+    client = await gateway(pipeline=[
+        {"use": "tests.custom_stages:OtherNames", "name": "first"},
+        {"use": "tests.custom_stages:Tag", "name": "second"},
+        {"use": "tests.custom_stages:OtherNames", "name": "third"},
+    ])
+    resp = await client.post("/v1/chat/completions", json=OK)
+    assert resp.status == 200
+    await resp.read()
+    assert custom_stages.ORDER == ["in:first", "in:second", "in:third", "out:third", "out:second", "out:first"]
+
+
 def test_unknown_option_fails_at_start_up_naming_the_stage():
     cfg = make_config(pipeline=[{"use": "tests.custom_stages:Tag", "name": "a", "colour": "red"}])
     with pytest.raises(ConfigError, match=r"pipeline\[0\] \(tests.custom_stages:Tag\): unknown option 'colour'"):
