@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from typing import AsyncIterator
+from typing import AsyncIterator, Awaitable, Callable
 
 import aiohttp
 import orjson
@@ -55,6 +55,14 @@ async def write(ctx: Context, response: web.StreamResponse, data: bytes) -> None
 
 async def _once(body: bytes) -> AsyncIterator[bytes]:
     yield body
+
+
+async def _reads(chunks: AsyncIterator[bytes], before_next: Callable[[], Awaitable[None]]) -> AsyncIterator[bytes]:
+    """Upstream reads for a translator. When it asks for the next one, it is done with the last:
+    `before_next` sends what it made of it."""
+    async for chunk in chunks:
+        yield chunk
+        await before_next()
 
 
 async def _read(ctx: Context, provider: Provider, upstream: aiohttp.ClientResponse) -> bytes:
@@ -107,6 +115,18 @@ async def relay(ctx: Context, provider: Provider, upstream: aiohttp.ClientRespon
     """(the response, whether the upstream answer was read to its end)."""
     whole: bytes | None = None  # a JSON answer small enough (or translated) to send in one piece
     content_type = ""
+    held: list[bytes] | None = None  # translated stream output not written yet
+
+    async def send(data: bytes) -> None:
+        await write(ctx, response, data)  # type: ignore[arg-type]
+        if ticker is not None and data.endswith(DONE):
+            ticker.cancel()  # the stream is over; only the connection's end is left
+
+    async def flush() -> None:
+        if held:
+            data = b"".join(held)
+            held.clear()
+            await send(data)
     if provider.passthrough:
         content_type = upstream.headers.get("Content-Type", "")
         sse = content_type.startswith("text/event-stream")
@@ -116,7 +136,10 @@ async def relay(ctx: Context, provider: Provider, upstream: aiohttp.ClientRespon
         else:
             chunks: AsyncIterator[bytes] = upstream.content.iter_any()
     elif ctx.stream:
-        chunks, sse = provider.translate_stream(ctx, upstream.content.iter_any()), True
+        # What a translator makes of one upstream read goes out in one write, just before the next
+        # read: one write per read, as for passthrough, not one per event.
+        chunks, sse = provider.translate_stream(ctx, _reads(upstream.content.iter_any(), flush)), True
+        held = []
     else:
         content_type, sse = _JSON, False
         try:
@@ -147,10 +170,13 @@ async def relay(ctx: Context, provider: Provider, upstream: aiohttp.ClientRespon
     try:
         async for chunk in chunks:
             data = meter.feed(chunk)
-            if data:
-                await write(ctx, response, data)
-                if ticker is not None and data.endswith(DONE):
-                    ticker.cancel()  # the stream is over; only the connection's end is left
+            if not data:
+                continue
+            if held is not None:
+                held.append(data)
+            else:
+                await send(data)
+        await flush()
         tail = meter.finish()
         if tail:
             await write(ctx, response, tail)
@@ -165,8 +191,9 @@ async def relay(ctx: Context, provider: Provider, upstream: aiohttp.ClientRespon
                     error=type(exc).__name__)
         ctx.status = 502
         if sse:
+            done = b"".join(held or ())  # what was translated before the break goes first
             with contextlib.suppress(ConnectionResetError):
-                await write(ctx, response, error_chunk(f"The {ctx.provider} provider stopped mid-stream."))
+                await write(ctx, response, done + error_chunk(f"The {ctx.provider} provider stopped mid-stream."))
         elif ctx.request.transport is not None:
             ctx.request.transport.abort()  # a cut JSON body must not look complete
         return response, False

@@ -116,6 +116,7 @@ class Upstream:
     tags: set[str] = field(default_factory=set)  # the `tag` body fields seen
     raw_json: bytes = b""  # mode "raw": this JSON body as is
     cookie: str = ""  # a Set-Cookie header on every non-stream answer
+    one_write: bool = False  # native streams: every event in one write
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=64 * 1024 * 1024)
@@ -138,9 +139,12 @@ class Upstream:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
         events = self.replay[: self.cut] if self.cut else self.replay
+        frames = []
         for event in events:
             data = json.dumps(event).encode()
-            await resp.write(b"data: " + data + b"\n\n" if gemini else b"event: " + event["type"].encode() + b"\ndata: " + data + b"\n\n")
+            frames.append(b"data: " + data + b"\n\n" if gemini else b"event: " + event["type"].encode() + b"\ndata: " + data + b"\n\n")
+        for frame in [b"".join(frames)] if self.one_write else frames:
+            await resp.write(frame)
         if self.cut:
             # a broken upstream: the connection drops in the middle of a response
             assert request.transport is not None

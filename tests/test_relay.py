@@ -151,3 +151,49 @@ async def test_json_answer_cut_short_is_a_clean_502(gateway, aiohttp_server):
     assert resp.status == 502
     body = await resp.json()
     assert body["error_type"] == "upstream_error" and "stopped mid-answer" in body["error"]["message"]
+
+
+async def test_translated_stream_goes_out_in_one_write_per_upstream_read(gateway, upstream, monkeypatch):
+    from proxy import relay
+    from tests.fakes import fixture_lines
+
+    reads, writes = [], []
+    real_reads, real_write = relay._reads, relay.write
+
+    async def counted_reads(chunks, before_next):
+        async def each():
+            async for chunk in chunks:
+                reads.append(chunk)
+                yield chunk
+        async for chunk in real_reads(each(), before_next):
+            yield chunk
+
+    async def counted_write(ctx, response, data):
+        writes.append(data)
+        await real_write(ctx, response, data)
+
+    monkeypatch.setattr(relay, "_reads", counted_reads)
+    monkeypatch.setattr(relay, "write", counted_write)
+    upstream.replay, upstream.one_write = fixture_lines("anthropic-messages-stream-text.jsonl"), True
+    client = await gateway(native=True)
+    resp = await client.post("/v1/chat/completions", json=chat("anthropic/claude-sonnet-4.6", stream=True))
+    body = await resp.read()
+    events = [e for e in body.split(b"\n\n") if e.startswith(b"data: {")]
+    assert resp.status == 200 and body.endswith(b"data: [DONE]\n\n") and len(events) >= 5
+    assert b"".join(writes) == body
+    assert len(writes) <= len(reads) + 1 < len(events)  # one per read (and the end), not one per event
+
+
+async def test_translated_stream_cut_short_keeps_what_was_translated(gateway, upstream):
+    from tests.fakes import fixture_lines
+
+    upstream.replay, upstream.one_write = fixture_lines("anthropic-messages-stream-text.jsonl"), True
+    upstream.cut = 5  # the connection drops after five events
+    client = await gateway(native=True)
+    resp = await client.post("/v1/chat/completions", json=chat("anthropic/claude-sonnet-4.6", stream=True))
+    body = await resp.read()
+    events = [json.loads(e[6:]) for e in body.split(b"\n\n") if e.startswith(b"data: {")]
+    assert resp.status == 200 and body.endswith(b"data: [DONE]\n\n")
+    assert events[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert any(e["choices"][0]["delta"].get("content") for e in events[:-1])  # the text before the break
+    assert events[-1]["error"]["code"] == 502 and events[-1]["choices"][0]["finish_reason"] == "error"
