@@ -124,9 +124,10 @@ async def relay(ctx: Context, provider: Provider, upstream: aiohttp.ClientRespon
 
     async def flush() -> None:
         if held:
-            data = b"".join(held)
+            data = meter.feed(b"".join(held))  # metered once per read, not once per event
             held.clear()
-            await send(data)
+            if data:
+                await send(data)
     if provider.passthrough:
         content_type = upstream.headers.get("Content-Type", "")
         sse = content_type.startswith("text/event-stream")
@@ -169,12 +170,11 @@ async def relay(ctx: Context, provider: Provider, upstream: aiohttp.ClientRespon
     ctx.last_write = time.monotonic()
     try:
         async for chunk in chunks:
-            data = meter.feed(chunk)
-            if not data:
-                continue
             if held is not None:
-                held.append(data)
-            else:
+                held.append(chunk)
+                continue
+            data = meter.feed(chunk)
+            if data:
                 await send(data)
         await flush()
         tail = meter.finish()
@@ -191,7 +191,7 @@ async def relay(ctx: Context, provider: Provider, upstream: aiohttp.ClientRespon
                     error=type(exc).__name__)
         ctx.status = 502
         if sse:
-            done = b"".join(held or ())  # what was translated before the break goes first
+            done = meter.feed(b"".join(held)) if held else b""  # what was translated before the break goes first
             with contextlib.suppress(ConnectionResetError):
                 await write(ctx, response, done + error_chunk(f"The {ctx.provider} provider stopped mid-stream."))
         elif ctx.request.transport is not None:
