@@ -6,6 +6,7 @@ Log only what is safe: never a key, an Authorization value or message content.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import logging
 import sys
@@ -101,6 +102,8 @@ def setup(settings: Logging, stream: object = None, cache: bool = False, workers
     if as_json:
         processors += [structlog.processors.format_exc_info, structlog.processors.JSONRenderer(serializer=orjson.dumps)]
         global _batched
+        if _batched is None:
+            atexit.register(flush)  # whatever waits when the interpreter ends
         batched = _batched = BatchedBytesLogger(getattr(out, "buffer", out))
         factory: object = lambda *args: batched  # noqa: E731
     else:
