@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import signal
 import socket
 import sqlite3
@@ -29,14 +30,24 @@ async def wait_up(session: aiohttp.ClientSession, url: str, **kwargs: object) ->
                 if resp.status == 200:
                     return
         except aiohttp.ClientError:
-            await asyncio.sleep(0.1)
+            pass
+        await asyncio.sleep(0.1)
     raise AssertionError("the gateway did not come up")
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A free port below the ephemeral range: one the kernel hands out for outgoing connections could
+    be taken by one between this check and the gateway's bind."""
+    low, _ = map(int, open("/proc/sys/net/ipv4/ip_local_port_range").read().split())
+    for _ in range(200):
+        port = random.randrange(max(1024, low - 12000), low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port")
 
 
 async def test_sigterm_under_load_loses_no_ledger_row(upstream: Upstream, account, keys_db, tmp_path):
