@@ -46,8 +46,9 @@ class ClientIP:
 
     def trusted(self, address: str) -> bool:
         ip = parse(address)
-        if ip is None:
-            return False
+        return ip is not None and self._within(ip)
+
+    def _within(self, ip: tuple[int, int]) -> bool:
         version, value = ip
         return any(v == version and value & mask == net for v, net, mask in self.networks)
 
@@ -64,9 +65,10 @@ class ClientIP:
         client = peer
         for hop in reversed(hops):
             hop = hop.strip()
-            if parse(hop) is None:
+            ip = parse(hop)
+            if ip is None:
                 break  # garbage left of what our proxies wrote: stop at the last address they vouched for
             client = hop
-            if not self.trusted(hop):
+            if not self._within(ip):
                 break
         return client
