@@ -122,12 +122,18 @@ async def relay(ctx: Context, provider: Provider, upstream: aiohttp.ClientRespon
         if ticker is not None and data.endswith(DONE):
             ticker.cancel()  # the stream is over; only the connection's end is left
 
+    def take() -> bytes:
+        """The held translated output, metered once per read, not once per event."""
+        if not held:
+            return b""
+        data = meter.feed(b"".join(held))
+        held.clear()
+        return data
+
     async def flush() -> None:
-        if held:
-            data = meter.feed(b"".join(held))  # metered once per read, not once per event
-            held.clear()
-            if data:
-                await send(data)
+        data = take()
+        if data:
+            await send(data)
     if provider.passthrough:
         content_type = upstream.headers.get("Content-Type", "")
         sse = content_type.startswith("text/event-stream")
@@ -191,9 +197,8 @@ async def relay(ctx: Context, provider: Provider, upstream: aiohttp.ClientRespon
                     error=type(exc).__name__)
         ctx.status = 502
         if sse:
-            done = meter.feed(b"".join(held)) if held else b""  # what was translated before the break goes first
-            with contextlib.suppress(ConnectionResetError):
-                await write(ctx, response, done + error_chunk(f"The {ctx.provider} provider stopped mid-stream."))
+            with contextlib.suppress(ConnectionResetError):  # what was translated before the break goes first
+                await write(ctx, response, take() + error_chunk(f"The {ctx.provider} provider stopped mid-stream."))
         elif ctx.request.transport is not None:
             ctx.request.transport.abort()  # a cut JSON body must not look complete
         return response, False

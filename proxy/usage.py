@@ -116,12 +116,12 @@ def _sse_boundary(data: bytes) -> int:
     """Index just past the last complete event (0: none is complete)."""
     if data.endswith(b"\n\n"):  # the usual chunk: whole events, nothing to search
         return len(data)
-    if b"\r" not in data:  # a one-byte search is fast; a CRLF pair search that finds nothing is not
-        lf = data.rfind(b"\n\n")
-        return lf + 2 if lf >= 0 else 0
     lf = data.rfind(b"\n\n")
-    crlf = data.rfind(b"\r\n\r\n")
-    return max(lf + 2 if lf >= 0 else 0, crlf + 4 if crlf >= 0 else 0)
+    cut = lf + 2 if lf >= 0 else 0
+    if b"\r" in data:  # a one-byte search is fast; a CRLF pair search that finds nothing is not
+        crlf = data.rfind(b"\r\n\r\n")
+        cut = max(cut, crlf + 4 if crlf >= 0 else 0)
+    return cut
 
 
 class Meter:
@@ -161,8 +161,7 @@ class Meter:
         """What was held back, patched with the cost if it carries usage."""
         data, self._pending = self._pending, b""
         if data and not self.stream:
-            self._note_finish(data)
-            data = self._patch(data)
+            return self.whole(data)
         return data
 
     def whole(self, body: bytes) -> bytes:
