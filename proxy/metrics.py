@@ -15,6 +15,7 @@ import bisect
 import contextlib
 import hmac
 import os
+import collections
 from typing import Any, AsyncIterator
 
 from aiohttp import web
@@ -48,13 +49,13 @@ class Metrics:
         # Children by label values, looked up once: `labels()` validates and locks on every call.
         self._children: dict[tuple[Any, ...], Any] = {}
         # Not yet moved into the metrics: request counts by labels, histogram bucket counts and sums.
-        self._requests: dict[tuple[str, str, str, str], int] = {}
-        self._tokens: dict[tuple[str, str], int] = {}
+        self._requests: collections.Counter[tuple[str, str, str, str]] = collections.Counter()
+        self._tokens: collections.Counter[tuple[str, str]] = collections.Counter()
         self._observed: dict[tuple[Any, str], list[float]] = {}  # counts per bucket (+Inf last), then the sum
         self.streams_in_flight = 0
 
     def _child(self, metric: Any, *values: str) -> Any:
-        key = (id(metric), *values)
+        key = (metric, *values)
         child = self._children.get(key)
         if child is None:
             child = self._children[key] = metric.labels(*values)
@@ -79,23 +80,21 @@ class Metrics:
                 self.fallbacks.labels(model).inc()
             meter = ctx.meter  # type: ignore[attr-defined]
             if meter is not None and meter.usage is not None:
-                tokens = self._tokens
-                tokens[(model, "in")] = tokens.get((model, "in"), 0) + meter.usage.prompt
-                tokens[(model, "out")] = tokens.get((model, "out"), 0) + meter.usage.completion
+                self._tokens[(model, "in")] += meter.usage.prompt
+                self._tokens[(model, "out")] += meter.usage.completion
             if provider and status >= 500:
                 self.upstream_errors.labels(provider, str(status)).inc()
         if error is not None and error.error_type in ("rate_limit_exceeded", "promotion_limit_reached"):
             self.rejections.labels("hourly" if error.status == 429 else "daily").inc()
-        key = (route, model, provider, str(status))
-        self._requests[key] = self._requests.get(key, 0) + 1
+        self._requests[(route, model, provider, str(status))] += 1
         self._observe(self.duration, route, seconds)
 
     def sync(self) -> None:
         """Moves what requests counted into the metrics."""
-        requests, self._requests = self._requests, {}
+        requests, self._requests = self._requests, collections.Counter()
         for labels, n in requests.items():
             self._child(self.requests, *labels).inc(n)
-        tokens, self._tokens = self._tokens, {}
+        tokens, self._tokens = self._tokens, collections.Counter()
         for labels, n in tokens.items():
             self._child(self.tokens, *labels).inc(n)
         observed, self._observed = self._observed, {}
