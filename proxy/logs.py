@@ -35,14 +35,13 @@ class BatchedBytesLogger:
     def msg(self, message: bytes) -> None:
         self._lines.append(message + b"\n")
         self._size += len(message) + 1
-        if self._timer is None and self._size < PIECE:
+        if self._size >= PIECE:
+            self.flush()
+        elif self._timer is None:
             try:
                 self._timer = asyncio.get_running_loop().call_later(FLUSH_EVERY, self.flush)
-                return
-            except RuntimeError:
-                pass
-        if self._size >= PIECE or self._timer is None:
-            self.flush()
+            except RuntimeError:  # no event loop: nothing to batch with
+                self.flush()
 
     def now(self, message: bytes) -> None:
         self._lines.append(message + b"\n")
