@@ -11,13 +11,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import itertools
 import sqlite3
 import threading
 import time
-from dataclasses import dataclass, fields
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, NamedTuple
 
-import orjson
 import structlog
 from aiohttp import web
 
@@ -26,8 +25,9 @@ from proxy.keys import KeyStore, connect, ip_secret
 log = structlog.get_logger("turnstile.ledger")
 
 
-@dataclass(slots=True)
-class Row:
+class Row(NamedTuple):
+    """A tuple, so that a batch is bound to its INSERT as it is, without a Python step per column."""
+
     request_id: str
     account_id: int | None
     ip_hash: str | None
@@ -73,11 +73,16 @@ class Row:
         }
 
 
-COLUMNS = [f.name for f in fields(Row)]
-# One statement for the whole batch, its rows as one JSON array: SQLite runs it without handing the
-# GIL back and forth once per row (which taxed every request on the event loop while a flush ran).
-_INSERT = (f"INSERT OR IGNORE INTO ledger ({', '.join(COLUMNS)}) SELECT "
-           + ", ".join(f"json_extract(value, '$.{c}')" for c in COLUMNS) + " FROM json_each(?)")
+COLUMNS = list(Row._fields)
+# Many rows per INSERT (`VALUES (…), (…), …`): SQLite takes a batch in a few steps instead of one per
+# row, and so hands the GIL back and forth a few times per flush, not once per request. (Rows passed
+# as JSON and taken apart by json_extract cost about ten times as much CPU per row.)
+_CHUNK = 500  # 500 rows x 19 columns: well under SQLite's 32,766 bound parameters
+_VALUES = "(" + ", ".join("?" * len(COLUMNS)) + ")"
+
+
+def _insert(rows: int) -> str:
+    return f"INSERT OR IGNORE INTO ledger ({', '.join(COLUMNS)}) VALUES " + ", ".join([_VALUES] * rows)
 
 
 def ip_hash(secret: bytes, ip: str) -> str:
@@ -89,7 +94,9 @@ def ip_hash(secret: bytes, ip: str) -> str:
 def _write(db: sqlite3.Connection, rows: list[Row], debits: dict[int, int]) -> None:
     db.execute("BEGIN IMMEDIATE")
     try:
-        db.execute(_INSERT, (orjson.dumps(rows),))
+        for i in range(0, len(rows), _CHUNK):
+            part = rows[i:i + _CHUNK]
+            db.execute(_insert(len(part)), list(itertools.chain.from_iterable(part)))
         db.executemany("UPDATE accounts SET balance_micros = balance_micros - ? WHERE id = ?",
                        [(micros, account) for account, micros in debits.items() if micros])
     except BaseException:
@@ -173,9 +180,10 @@ class Ledger:
         row = self.pending(request_id)
         if row is None:
             found = await self.query(f"SELECT {', '.join(COLUMNS)} FROM ledger WHERE request_id = ?", request_id)
-            row = Row(*found[0]) if found else None
-            if row is not None:
-                row.estimated, row.streamed = bool(row.estimated), bool(row.streamed)
+            row = None
+            if found:
+                row = Row(*found[0])
+                row = row._replace(estimated=bool(row.estimated), streamed=bool(row.streamed))
         if row is None or row.account_id != account_id:
             return None  # another caller's request is as good as unknown
         return row

@@ -139,6 +139,26 @@ async def test_two_gateways_one_store_no_lost_debit(kilo, upstream, account, key
     assert balance(keys_db) == 100_000_000 - sum(r["cost_micros"] for r in rows) == 100_000_000 - 200 * by_hand(300)
 
 
+async def test_a_large_batch_is_written_whole(kilo, keys_db):
+    """More rows than one INSERT takes: every one is written, each column in its place."""
+    from proxy.ledger import Row
+
+    client = await kilo()
+    ledger = client.app[LEDGER]
+    for i in range(1201):
+        ledger.record(Row(f"req-{i}", None, "ip", "asked", "model", "prov", i, 2, 3, 4, 5, 0, i % 2 == 0, 200,
+                          None if i % 3 else 1.5, 2.5, "stop", True, 1700000000.0 + i))
+    assert await ledger.flush() == 1201
+    rows = {r["request_id"]: r for r in ledger_rows(keys_db)}
+    assert len(rows) == 1201
+    assert rows["req-1200"] == {
+        "request_id": "req-1200", "account_id": None, "ip_hash": "ip", "model_asked": "asked", "model": "model",
+        "provider": "prov", "prompt_tokens": 1200, "completion_tokens": 2, "reasoning_tokens": 3, "cached_tokens": 4,
+        "cache_write_tokens": 5, "cost_micros": 0, "estimated": 1, "status": 200, "ttfb_ms": 1.5, "duration_ms": 2.5,
+        "finish_reason": "stop", "streamed": 1, "created_at": 1700001200.0}
+    assert rows["req-1199"]["ttfb_ms"] is None and rows["req-1199"]["estimated"] == 0
+
+
 async def test_key_and_generation_endpoints(kilo, upstream, account):
     upstream.mode, upstream.usage = "usage", usage(0)
     alice, bob = account("alice", "1"), account("bob", "1")
@@ -157,6 +177,7 @@ async def test_key_and_generation_endpoints(kilo, upstream, account):
         data = (await gen.json())["data"]
         assert (data["id"], data["model"], data["provider_name"]) == (request_id, SONNET, "openrouter")
         assert (data["tokens_prompt"], data["tokens_completion"], data["total_cost"]) == (1000, 200, by_hand(0) / 1e6)
+        assert data["streamed"] is False and data["usage_estimated"] is False
         other = await client.get(f"/api/gateway/generation?id={request_id}", headers={"Authorization": f"Bearer {bob}"})
         assert other.status == 404
     assert (await client.get("/v1/key")).status == 401
