@@ -10,6 +10,7 @@ import atexit
 import contextlib
 import logging
 import sys
+import time
 from typing import Any
 
 import orjson
@@ -72,6 +73,28 @@ class BatchedBytesLogger:
     warning = warn = error = critical = exception = fatal = failure = err = now
 
 
+_LEVEL_NAMES = {"warn": "warning", "exception": "error"}  # as structlog's add_log_level names them
+
+
+class Stamp:
+    """structlog's `add_log_level` and `TimeStamper(fmt="iso", utc=True)` in one processor, with the
+    date and time formatted once a second instead of once a line (a third of a line's cost)."""
+
+    __slots__ = ("_second", "_prefix")
+
+    def __init__(self) -> None:
+        self._second, self._prefix = -1, ""
+
+    def __call__(self, logger: Any, method: str, event: dict[str, Any]) -> dict[str, Any]:
+        event["level"] = _LEVEL_NAMES.get(method, method)
+        now = time.time()
+        second = int(now)
+        if second != self._second:
+            self._second, self._prefix = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        event["timestamp"] = f"{self._prefix}.{int((now - second) * 1_000_000):06d}Z"
+        return event
+
+
 _batched: BatchedBytesLogger | None = None
 
 
@@ -95,8 +118,7 @@ def setup(settings: Logging, stream: object = None, cache: bool = False, workers
     as_json = fmt == "json" or (fmt == "auto" and not getattr(out, "isatty", lambda: False)())
     processors: list[structlog.typing.Processor] = [
         *([structlog.contextvars.merge_contextvars] if workers else []),  # the worker's number
-        structlog.processors.add_log_level,
-        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        Stamp(),
     ]
     if as_json:
         processors += [structlog.processors.format_exc_info, structlog.processors.JSONRenderer(serializer=orjson.dumps)]

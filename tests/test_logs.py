@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import datetime
 import io
 import json
+import re
 
 import structlog
 from structlog.testing import capture_logs
@@ -40,9 +42,16 @@ def test_json_lines_when_not_a_terminal():
     out = io.BytesIO()
     logs.setup(Logging(level="info", format="json"), stream=out)
     try:
+        before = datetime.datetime.now(datetime.timezone.utc)
         structlog.get_logger("t").info("hello", n=1)
-        line = json.loads(out.getvalue().splitlines()[-1])
+        structlog.get_logger("t").warn("careful")
+        after = datetime.datetime.now(datetime.timezone.utc)
+        line, warned = (json.loads(x) for x in out.getvalue().splitlines()[-2:])
         assert line["event"] == "hello" and line["n"] == 1 and line["level"] == "info"
+        assert warned["level"] == "warning"
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", line["timestamp"])
+        stamped = datetime.datetime.fromisoformat(line["timestamp"].replace("Z", "+00:00"))
+        assert before - datetime.timedelta(microseconds=1) <= stamped <= after
     finally:
         structlog.reset_defaults()
 
