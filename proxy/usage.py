@@ -99,8 +99,10 @@ class Prices:
 
 
 def _usage(buf: bytes) -> tuple[int, int, Any] | None:
-    """(start, end, parsed object) of the last `"usage":{…}` in `buf`, by the C JSON scanner."""
-    at = max(buf.rfind(_MARKERS[0]), buf.rfind(_MARKERS[1]))
+    """(start, end, parsed object) of the last `"usage":{…}` in `buf`, by the C JSON scanner. Searched
+    from the end, where usage sits: the spaced form only after the last compact one."""
+    at = buf.rfind(_MARKERS[0])
+    at = max(at, buf.rfind(_MARKERS[1], at + 1 if at >= 0 else 0))
     if at < 0:
         return None
     start = buf.index(b"{", at)
@@ -148,8 +150,7 @@ class Meter:
             if data:
                 self.events += data.count(b"data: ")
                 self._note_finish(data)
-                if _MARKERS[0] in data or _MARKERS[1] in data:
-                    data = self._patch(data)
+                data = self._patch(data)
             return data
         if len(data) <= HOLD:
             self._pending = data
@@ -172,7 +173,8 @@ class Meter:
 
     def _note_finish(self, data: bytes) -> None:
         """The last finish reason in `data`, found from the end: no scan of every chunk."""
-        at = max(data.rfind(_FINISHES[0]), data.rfind(_FINISHES[1]))
+        at = data.rfind(_FINISHES[0])
+        at = max(at, data.rfind(_FINISHES[1], at + 1 if at >= 0 else 0))
         if at >= 0:
             found = _FINISH.match(data, at)
             if found:
@@ -188,7 +190,7 @@ class Meter:
         self.usage = Usage.parse(raw)
         self.cost_micros = self.prices.cost_micros(self.usage)
         raw["cost"] = self.cost_micros / 1_000_000
-        return data[:start] + orjson.dumps(raw) + data[end:]
+        return b"".join((data[:start], orjson.dumps(raw), data[end:]))
 
     def observe(self, usage: dict[str, Any]) -> None:
         """Usage a translator saw but the client did not ask to be sent."""

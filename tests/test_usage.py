@@ -91,3 +91,19 @@ def test_no_usage_means_estimate():
     meter.estimate(request_bytes=400, bytes_out=2000)
     assert meter.usage.estimated and meter.usage.prompt == 100 and meter.usage.completion > 0
     assert meter.cost_micros > 0
+
+
+def test_spaced_and_compact_json_both_found_the_last_one_wins():
+    """Upstreams that put a space after the colon are metered too; in one read, the last usage object and
+    the last finish reason count, whichever form each is in."""
+    compact = b'data: {"choices":[{"delta":{},"finish_reason":"stop"}],"usage":{"prompt_tokens":1,"completion_tokens":1}}\n\n'
+    spaced = (b'data: {"choices": [{"delta": {}, "finish_reason": "length"}], '
+              b'"usage": {"prompt_tokens": 10, "completion_tokens": 20}}\n\n')
+    for body, usage, reason in ((compact + spaced, Usage(prompt=10, completion=20), "length"),
+                                (spaced + compact, Usage(prompt=1, completion=1), "stop"),
+                                (spaced, Usage(prompt=10, completion=20), "length")):
+        meter = Meter(SONNET, stream=True)
+        out = feed_all(meter, [body])
+        assert (meter.usage, meter.finish_reason) == (usage, reason)
+        last = json.loads(out.split(b"\n\n")[-2][6:])
+        assert last["usage"]["cost"] == meter.cost_micros / 1e6
