@@ -1,0 +1,168 @@
+"""CPU instructions per request, counted by valgrind's callgrind: the same build gives the same count
+(within about 1%) however busy the machine is, where CPU time moves by ±20% on a shared one.
+
+    python deploy/loadtest/instructions.py                       # chat, 1,000 requests, about two minutes
+    python deploy/loadtest/instructions.py --scenario stream --requests 500
+
+Needs valgrind (Debian: apt-get install valgrind). The bare relay and Turnstile (full default
+pipeline) each run in a process under callgrind; the mock provider and the client (8 requests at a
+time) run natively beside it. Counting is switched on only for the measured requests, after a
+warm-up; Turnstile's count includes the ledger's write of their rows (in its writer thread).
+User-space instructions only: system calls, about the same for both here, are not counted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parents[1]))
+
+from run import free_port, wait_port  # noqa: E402
+
+BODIES = {
+    "chat": '{"model":"openai/gpt-5.4","messages":[{"role":"user","content":"Say hello"}]}',
+    "stream": '{"model":"openai/gpt-5.4","stream":true,"messages":[{"role":"user","content":"Say hello"}]}',
+    "anonymous": '{"model":"minimax/minimax-m2.5:free","messages":[{"role":"user","content":"Say hello"}]}',
+    "anthropic": '{"model":"anthropic/claude-sonnet-4.6","stream":true,"messages":[{"role":"user","content":"Say hello"}]}',
+}
+# The client, run natively: `n` requests, 8 at a time; anonymous ones from many client addresses.
+CLIENT = """
+import asyncio, random, sys, aiohttp
+url, body, key, n = sys.argv[1], sys.argv[2].encode(), sys.argv[3], int(sys.argv[4])
+async def main():
+    todo = iter(range(n))
+    async with aiohttp.ClientSession() as s:
+        async def worker():
+            for _ in todo:
+                headers = {"Content-Type": "application/json"}
+                if key:
+                    headers["Authorization"] = "Bearer " + key
+                else:
+                    headers["X-Forwarded-For"] = "198.18.%d.%d" % (random.randrange(256), random.randrange(1, 255))
+                async with s.post(url, data=body, headers=headers) as r:
+                    await r.read()
+                    assert r.status == 200, r.status
+        await asyncio.gather(*(worker() for _ in range(8)))
+asyncio.run(main())
+"""
+
+
+async def _drive(port: int, scenario: str, key: str, n: int) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", CLIENT, f"http://127.0.0.1:{port}/v1/chat/completions", BODIES[scenario],
+        "" if scenario == "anonymous" else key, str(n))
+    if await proc.wait() != 0:
+        raise SystemExit("the client failed")
+
+
+def serve(args: argparse.Namespace) -> None:
+    """Inside callgrind: start the target, warm up, count `args.requests` requests, stop."""
+    from aiohttp import web
+
+    if args.target == "bare":
+        from bare_relay import make_app
+
+        app, runner_class = make_app(f"http://127.0.0.1:{args.mock}"), web.AppRunner
+    else:
+        from proxy import config as configuration, logs
+        from proxy.app import LEDGER, create_app
+        from proxy.protocol import Runner
+
+        cfg = configuration.load(args.config)
+        cfg.server.port = args.port
+        # Periodic work at the pace of real load, not once a second of callgrind's slow time.
+        cfg.ledger.flush_interval = cfg.keys.refresh_interval = 3600.0
+        logs.setup(cfg.logging, stream=open(os.devnull, "w"), cache=True)
+        logs.FLUSH_EVERY = 50.0
+        app, runner_class = create_app(cfg), Runner
+    ledger = app.get(LEDGER) if args.target == "turnstile" else None
+
+    async def main() -> None:
+        runner = runner_class(app, access_log=None, handle_signals=False, handler_cancellation=True)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", args.port).start()
+        await _drive(args.port, args.scenario, args.key, 200)
+        control = ["callgrind_control", "-i"]
+        subprocess.run([*control, "on", str(os.getpid())], check=True, capture_output=True)
+        await _drive(args.port, args.scenario, args.key, args.requests)
+        if ledger is not None:
+            await ledger.flush()  # the measured requests' rows, as one batch: part of their cost
+        subprocess.run([*control, "off", str(os.getpid())], check=True, capture_output=True)
+        await runner.cleanup()
+
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    asyncio.run(main())
+
+
+def count(target: str, args: argparse.Namespace, tmp: Path, mock: int, key: str, config: Path) -> float:
+    out = tmp / f"callgrind.{target}.out"
+    subprocess.run(["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}",
+                    sys.executable, __file__, "--serve", target, "--scenario", args.scenario, "--requests",
+                    str(args.requests), "--mock", str(mock), "--port", str(free_port()), "--key", key,
+                    "--config", str(config)], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    totals = re.findall(r"^totals: (\d+)", out.read_text(), re.M)
+    return int(totals[-1]) / args.requests
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--scenario", choices=sorted(BODIES), default="chat")
+    ap.add_argument("--requests", type=int, default=1000)
+    ap.add_argument("--serve", choices=["bare", "turnstile"], help=argparse.SUPPRESS)
+    for name in ("--mock", "--port"):
+        ap.add_argument(name, type=int, default=0, help=argparse.SUPPRESS)
+    for name in ("--key", "--config"):
+        ap.add_argument(name, default="", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.serve:
+        args.target = args.serve
+        serve(args)
+        return 0
+    if shutil.which("valgrind") is None:
+        print("valgrind is not installed (Debian: apt-get install valgrind)", file=sys.stderr)
+        return 2
+    from proxy import keys
+
+    tmp = Path(tempfile.mkdtemp(prefix="turnstile-instructions-"))
+    mock = free_port()
+    db = keys.connect(str(tmp / "keys.db"))
+    key = keys.create(db, "bench", "1000000")[1]
+    db.close()
+    config = tmp / "turnstile.toml"
+    config.write_text(f'[server]\ntrusted_proxies = ["127.0.0.1/32"]\n[keys]\ndb = "{tmp / "keys.db"}"\n'
+                      '[logging]\nformat = "json"\n')
+    os.environ.update({"OPENROUTER_API_KEY": "sk-bench", "OPENROUTER_BASE_URL": f"http://127.0.0.1:{mock}/v1",
+                       "ANTHROPIC_API_KEY": "sk-bench", "ANTHROPIC_BASE_URL": f"http://127.0.0.1:{mock}"})
+    upstream = subprocess.Popen([sys.executable, str(HERE / "mock_upstream.py"), "--port", str(mock), "--chunks", "50"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_port(mock)
+        bare = count("bare", args, tmp, mock, key, config)
+        ours = count("turnstile", args, tmp, mock, key, config)
+    finally:
+        upstream.terminate()
+        upstream.wait()
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"{args.scenario}, {args.requests} requests, 8 at a time: instructions per request")
+    print(f"  bare relay  {bare:>12,.0f}")
+    print(f"  turnstile   {ours:>12,.0f}   {ours / bare:.2f}x bare")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
