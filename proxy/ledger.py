@@ -76,7 +76,7 @@ class Row(NamedTuple):
 COLUMNS = list(Row._fields)
 # Many rows per INSERT (`VALUES (…), (…), …`): SQLite takes a batch in a few steps instead of one per
 # row, and so hands the GIL back and forth a few times per flush, not once per request. (Rows passed
-# as JSON and taken apart by json_extract cost about ten times as much CPU per row.)
+# as JSON and taken apart by json_extract cost about five times as much CPU per row.)
 _CHUNK = 500  # rows per INSERT at most; fewer where SQLite binds fewer parameters (999 before 3.32)
 _VALUES = "(" + ", ".join("?" * len(COLUMNS)) + ")"
 

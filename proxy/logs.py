@@ -78,7 +78,7 @@ _LEVEL_NAMES = {"warn": "warning", "exception": "error"}  # as structlog's add_l
 
 class Stamp:
     """structlog's `add_log_level` and `TimeStamper(fmt="iso", utc=True)` in one processor, with the
-    date and time formatted once a second instead of once a line (a third of a line's cost)."""
+    date and time formatted once a second instead of once a line (about a third of a line's cost)."""
 
     __slots__ = ("_second", "_prefix")
 
