@@ -66,14 +66,30 @@ EFFORT_RATIO = {"max": 0.95, "xhigh": 0.95, "high": 0.8, "medium": 0.5, "low": 0
 
 
 class Chunks:
-    """Builds the OpenAI chunks a translator sends, all with one id, time and model."""
+    """Builds the OpenAI chunks a translator sends, all with one id, time and model. What every delta
+    chunk shares (`data: ` and `base`) is encoded once per id, not once per event."""
 
     def __init__(self, ctx: Context, upstream_id: str = "") -> None:
-        self.id = upstream_id or f"chatcmpl-{ctx.request_id}"
-        self.base = {"id": self.id, "object": "chat.completion.chunk", "created": int(time.time()), "model": ctx.model.id}
+        self.base = {"id": upstream_id or f"chatcmpl-{ctx.request_id}", "object": "chat.completion.chunk",
+                     "created": int(time.time()), "model": ctx.model.id}
+        self._head_id: str | None = None
+        self._head = b""
+
+    @property
+    def id(self) -> str:
+        return self.base["id"]
+
+    @id.setter
+    def id(self, value: str) -> None:
+        self.base["id"] = value
 
     def delta(self, delta: dict[str, Any], finish: str | None = None) -> bytes:
-        return data({**self.base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+        """`data({**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})`."""
+        if self._head_id is not self.base["id"]:
+            self._head_id = self.base["id"]
+            self._head = b"data: " + orjson.dumps(self.base)[:-1] + b',"choices":[{"index":0,"delta":'
+        end = b',"finish_reason":null}]}\n\n' if finish is None else b',"finish_reason":' + orjson.dumps(finish) + b"}]}\n\n"
+        return b"".join((self._head, orjson.dumps(delta), end))
 
     def usage(self, usage: dict[str, Any]) -> bytes:
         return data({**self.base, "choices": [], "usage": usage})
