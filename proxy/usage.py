@@ -98,11 +98,16 @@ class Prices:
         return (units + _TO_MICROS // 2) // _TO_MICROS
 
 
+def _last(data: bytes, forms: tuple[bytes, bytes]) -> int:
+    """Where the last of either form (compact, spaced) starts in `data`, or -1. Searched from the end,
+    the spaced form only after the last compact one: no scan of the whole of `data` when it is found."""
+    at = data.rfind(forms[0])
+    return max(at, data.rfind(forms[1], at + 1 if at >= 0 else 0))
+
+
 def _usage(buf: bytes) -> tuple[int, int, Any] | None:
-    """(start, end, parsed object) of the last `"usage":{…}` in `buf`, by the C JSON scanner. Searched
-    from the end, where usage sits: the spaced form only after the last compact one."""
-    at = buf.rfind(_MARKERS[0])
-    at = max(at, buf.rfind(_MARKERS[1], at + 1 if at >= 0 else 0))
+    """(start, end, parsed object) of the last `"usage":{…}` in `buf`, by the C JSON scanner."""
+    at = _last(buf, _MARKERS)
     if at < 0:
         return None
     start = buf.index(b"{", at)
@@ -173,8 +178,7 @@ class Meter:
 
     def _note_finish(self, data: bytes) -> None:
         """The last finish reason in `data`, found from the end: no scan of every chunk."""
-        at = data.rfind(_FINISHES[0])
-        at = max(at, data.rfind(_FINISHES[1], at + 1 if at >= 0 else 0))
+        at = _last(data, _FINISHES)
         if at >= 0:
             found = _FINISH.match(data, at)
             if found:
