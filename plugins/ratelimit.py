@@ -12,9 +12,8 @@ import time
 from ipaddress import ip_network
 
 from aiohttp import web
-from limits import parse
-from limits.aio.storage import Storage
-from limits.aio.strategies import MovingWindowRateLimiter
+from limits import RateLimitItem, parse
+from limits.aio.storage import MovingWindowSupport, Storage
 
 from proxy.config import Config, ConfigError
 from proxy.context import Context
@@ -27,6 +26,17 @@ PROMOTION = (
     "Sign up for free to continue and explore 500 other models. Takes 2 minutes, no credit card required. "
     "Or come back later."
 )
+
+
+class _Window:
+    """One limit's storage key parts, amount and length, computed once: limits' own key format."""
+
+    def __init__(self, item: RateLimitItem, name: str) -> None:
+        self.head, self.tail = item.key_for(name, "\0").split("\0")
+        self.amount, self.expiry = item.amount, item.get_expiry()
+
+    def key(self, ip: str) -> str:
+        return self.head + ip + self.tail
 
 
 class RateLimit:
@@ -56,7 +66,13 @@ class RateLimit:
             self.daily = parse(daily_limit) if daily_limit else None
         except ValueError as exc:
             raise ConfigError(f"ratelimit: {exc}") from None
-        self.limiter = MovingWindowRateLimiter(storage)
+        if not isinstance(storage, MovingWindowSupport):
+            raise ConfigError(f"ratelimit: {type(storage).__name__} cannot count a moving window")
+        # limits' moving-window storage, asked directly with keys made of precomputed parts: what
+        # MovingWindowRateLimiter does, without building the same key twice per request.
+        self.storage = storage
+        self._hourly = _Window(self.hourly, "free")
+        self._daily = _Window(self.daily, "promo") if self.daily else None
         self.everyone = who == "free"
         self.retry_after = retry_after
         self.promotion_message = promotion_message
@@ -74,8 +90,11 @@ class RateLimit:
         ip = ctx.client_ip
         if ":" in ip:  # one IPv6 client holds a whole /64: count it as one
             ip = self._bucket(ip)
-        admitted = await self.limiter.hit(self.hourly, "free", ip)
-        reset, remaining = await self.limiter.get_window_stats(self.hourly, "free", ip)
+        hourly = self._hourly
+        key = hourly.key(ip)
+        admitted = await self.storage.acquire_entry(key, hourly.amount, hourly.expiry)
+        start, count = await self.storage.get_moving_window(key, hourly.amount, hourly.expiry)
+        reset, remaining = start + hourly.expiry, hourly.amount - count
         headers = {
             "X-RateLimit-Limit": self.limit_header,
             "X-RateLimit-Remaining": str(max(remaining, 0)),
@@ -85,7 +104,9 @@ class RateLimit:
             if self.retry_after:
                 headers["Retry-After"] = str(max(1, math.ceil(reset - time.time())))
             raise GatewayError(429, "rate_limit_exceeded", RATE_LIMITED, headers=headers)
-        if ctx.account is None and self.daily is not None and not await self.limiter.hit(self.daily, "promo", ip):
+        daily = self._daily
+        if ctx.account is None and daily is not None and not await self.storage.acquire_entry(
+                daily.key(ip), daily.amount, daily.expiry):
             raise GatewayError(
                 401, "promotion_limit_reached", self.promotion_message, code="PROMOTION_MODEL_LIMIT_REACHED"
             )

@@ -46,3 +46,9 @@ async def test_sweeps_at_most_every_interval(monkeypatch):
         await limiter.hit(parse("200/hour"), f"198.18.0.{i % 250}")
         await asyncio.sleep(0)
     assert swept == 1
+
+
+async def test_moving_window_counts_without_limits_wrappers():
+    storage = SweptMemoryStorage()
+    assert [await storage.acquire_entry("k", 2, 60) for _ in range(3)] == [True, True, False]
+    assert (await storage.get_moving_window("k", 2, 60))[1] == 2

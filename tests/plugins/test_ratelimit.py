@@ -92,3 +92,14 @@ def test_memory_storage_with_several_workers_is_refused():
 
 def test_redis_storage_with_several_workers_is_accepted(redis_url):
     create_app(make_config(server={"workers": 2}, limits={"storage": redis_url}), {})
+
+
+def test_keys_are_the_ones_limits_builds():
+    """Instances of other versions (or limits' own strategies) sharing a Redis count the same keys."""
+    from limits import parse
+
+    from plugins.ratelimit import _Window
+
+    hourly = parse("200/hour")
+    for ip in ("198.51.100.7", "2001:db8::/64"):
+        assert _Window(hourly, "free").key(ip) == hourly.key_for("free", ip)
