@@ -9,37 +9,56 @@ import orjson
 DONE = b"data: [DONE]\n\n"
 
 
-async def events(chunks: AsyncIterator[bytes]) -> AsyncIterator[tuple[str, bytes]]:
-    """(event name, data) per event; comments come out as ("", b"") keep-alives."""
-    buffer = b""
-    async for chunk in chunks:
-        buffer += chunk
-        plain = b"\r" not in buffer
+class Events:
+    """An SSE reader fed upstream reads: `feed` returns the events completed so far as (event name,
+    data) pairs, comments as ("", b"") keep-alives; `end` the last one, left without its blank line.
+    A whole read is taken in one call: a translator handles its events in one loop, not one await each."""
+
+    __slots__ = ("_buffer", "_names")
+
+    def __init__(self) -> None:
+        self._buffer = b""
+        self._names: dict[bytes, str] = {}  # `event: x` line -> name, decoded once per stream
+
+    def feed(self, chunk: bytes) -> list[tuple[str, bytes]]:
+        buffer = self._buffer + chunk if self._buffer else chunk
+        plain = buffer.find(b"\r") < 0  # (`in` tries the needle as an int first: slower)
         if not plain:
             buffer = _crlf(buffer)
-        *blocks, buffer = buffer.split(b"\n\n")
+        *blocks, self._buffer = buffer.split(b"\n\n")
+        out: list[tuple[str, bytes]] = []
         for block in blocks:
-            usual = _usual(block) if plain else None
-            if usual is not None:
-                yield usual
-                continue
-            for event in _block(block):
-                yield event
-    if buffer:  # a last event without its blank line: its complete lines
-        for event in _block(buffer[: buffer.rfind(b"\n") + 1]):
+            if plain:  # the usual shapes, read without a pass over every line
+                if block.startswith(b"event: "):  # Anthropic's `event: x\ndata: {...}`
+                    head, found, data = block.partition(b"\ndata: ")
+                    if found and data.find(b"\n") < 0 and head.find(b"\n") < 0:
+                        name = self._names.get(head)
+                        if name is None:
+                            name = head[6:].strip().decode("utf-8", "replace") or "message"
+                            if len(self._names) < 64:
+                                self._names[head] = name
+                        out.append((name, data))
+                        continue
+                elif block.startswith(b"data: ") and block.find(b"\n") < 0:  # Gemini's `data: {...}`
+                    out.append(("message", block[6:]))
+                    continue
+            out += _block(block)
+        return out
+
+    def end(self) -> list[tuple[str, bytes]]:
+        """The complete lines of a last event that came without its blank line."""
+        buffer, self._buffer = self._buffer, b""
+        return _block(buffer[: buffer.rfind(b"\n") + 1]) if buffer else []
+
+
+async def events(chunks: AsyncIterator[bytes]) -> AsyncIterator[tuple[str, bytes]]:
+    """`Events` over an iterator of reads, one event at a time."""
+    reader = Events()
+    async for chunk in chunks:
+        for event in reader.feed(chunk):
             yield event
-
-
-def _usual(block: bytes) -> tuple[str, bytes] | None:
-    """The usual shapes, `event: x\ndata: {...}` (Anthropic) and `data: {...}` (Gemini), read
-    without a pass over every line; None for anything else."""
-    if block.startswith(b"data: "):
-        return ("message", block[6:]) if b"\n" not in block else None
-    if block.startswith(b"event: "):
-        nl = block.find(b"\n")
-        if nl > 0 and block.startswith(b"data: ", nl + 1) and block.find(b"\n", nl + 1) < 0:
-            return block[6:nl].strip().decode("utf-8", "replace") or "message", block[nl + 7:]
-    return None
+    for event in reader.end():
+        yield event
 
 
 def _crlf(buffer: bytes) -> bytes:

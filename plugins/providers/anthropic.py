@@ -17,7 +17,7 @@ from plugins.providers.base import (
 )
 from proxy.context import Context
 from proxy.errors import invalid_request
-from proxy.sse import DONE, events
+from proxy.sse import DONE, Events
 
 VERSION = "2023-06-01"
 DEFAULT_MAX_TOKENS = 32000
@@ -287,75 +287,19 @@ class Anthropic:
         return orjson.dumps(out)
 
     async def translate_stream(self, ctx: Context, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-        out = Chunks(ctx)
-        send_usage = wants_usage(ctx.body)
-        exclude = bool((reasoning_of(ctx.body) or {}).get("exclude"))
-        tool_index: dict[int, int] = {}
-        counts: dict[str, Any] = {}
-        finish: str | None = None
-        async for name, raw in events(chunks):
-            if not name:
-                continue
-            try:
-                event = orjson.loads(raw)
-            except orjson.JSONDecodeError:
-                yield out.error("The provider sent an invalid event.")
+        """What each upstream read holds, translated in one loop and sent as one piece."""
+        stream, reader = _Stream(ctx), Events()
+        async for chunk in chunks:
+            data = stream.translate(reader.feed(chunk))
+            if data:
+                yield data
+            if stream.over:
                 return
-            kind = event.get("type", name)
-            if kind == "ping":
-                yield b": ping\n\n"
-            elif kind == "message_start":
-                message = event.get("message") or {}
-                if message.get("id"):
-                    out.id = out.base["id"] = message["id"]
-                counts.update(message.get("usage") or {})
-                yield out.delta({"role": "assistant", "content": ""})
-            elif kind == "content_block_start":
-                index, block = event.get("index", 0), event.get("content_block") or {}
-                if block.get("type") == "tool_use":
-                    tool_index[index] = len(tool_index)
-                    yield out.delta({"tool_calls": [{"index": tool_index[index], "id": block.get("id"), "type": "function",
-                                                     "function": {"name": block.get("name"), "arguments": ""}}]})
-                elif block.get("type") == "text" and block.get("text"):
-                    yield out.delta({"content": block["text"]})
-                elif block.get("type") == "redacted_thinking" and not exclude:
-                    yield out.delta({"reasoning_details": [{"type": "reasoning.encrypted", "data": block.get("data"),
-                                                            "format": FORMAT, "index": index}]})
-            elif kind == "content_block_delta":
-                index, delta = event.get("index", 0), event.get("delta") or {}
-                dtype = delta.get("type")
-                if dtype == "text_delta":
-                    yield out.delta({"content": delta.get("text", "")})
-                elif dtype == "input_json_delta" and delta.get("partial_json"):
-                    yield out.delta({"tool_calls": [{"index": tool_index.get(index, 0),
-                                                     "function": {"arguments": delta["partial_json"]}}]})
-                elif dtype == "thinking_delta" and not exclude and delta.get("thinking"):
-                    text = delta["thinking"]
-                    yield out.delta({"reasoning": text, "reasoning_details": [
-                        {"type": "reasoning.text", "text": text, "format": FORMAT, "index": index}]})
-                elif dtype == "signature_delta" and not exclude:
-                    yield out.delta({"reasoning_details": [
-                        {"type": "reasoning.text", "signature": delta.get("signature"), "format": FORMAT, "index": index}]})
-            elif kind == "message_delta":
-                counts.update(event.get("usage") or {})
-                stop = (event.get("delta") or {}).get("stop_reason")
-                if stop:
-                    finish = FINISH.get(stop, "stop")
-                    yield out.delta({}, finish)
-            elif kind == "message_stop":
-                totals = usage(counts)
-                if send_usage:
-                    yield out.usage(totals)
-                elif ctx.meter is not None:
-                    ctx.meter.observe(totals)
-                yield DONE
-                return
-            elif kind == "error":
-                err = event.get("error") or {}
-                status, _ = upstream_status(529 if err.get("type") == "overloaded_error" else 502, err.get("message", ""))
-                yield out.error(err.get("message") or "The provider reported an error.", status)
-                return
-        yield out.error("The provider closed the stream before it was complete.")
+        data = stream.translate(reader.end())
+        if not stream.over:
+            data += stream.out.error("The provider closed the stream before it was complete.")
+        if data:
+            yield data
 
     def translate_error(self, status: int, body: bytes) -> tuple[int, bytes]:
         try:
@@ -365,3 +309,96 @@ class Anthropic:
             message = ""
         ours, code = upstream_status(status, message)
         return error_body(ours, f"Anthropic: {message or f'HTTP {status}'}", code=code)
+
+
+class _Stream:
+    """One streamed answer's translation: Anthropic events in, OpenAI chunks out (§G.2)."""
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self.out = Chunks(ctx)
+        self.send_usage = wants_usage(ctx.body)
+        self.exclude = bool((reasoning_of(ctx.body) or {}).get("exclude"))
+        self.tool_index: dict[int, int] = {}
+        self.counts: dict[str, Any] = {}
+        self.over = False  # the message ended, or broke: nothing after it is read
+
+    def translate(self, events: list[tuple[str, bytes]]) -> bytes:
+        out, parts = self.out, []
+        for name, raw in events:
+            if not name or self.over:
+                continue
+            try:
+                event = orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                parts.append(out.error("The provider sent an invalid event."))
+                self.over = True
+                continue
+            kind = event.get("type", name)
+            if kind == "content_block_delta":  # most events: first
+                delta = event.get("delta") or {}
+                dtype = delta.get("type")
+                if dtype == "text_delta":
+                    parts.append(out.delta({"content": delta.get("text", "")}))
+                else:
+                    part = self._delta(event.get("index", 0), dtype, delta)
+                    if part:
+                        parts.append(part)
+            elif kind == "ping":
+                parts.append(b": ping\n\n")
+            elif kind == "message_start":
+                message = event.get("message") or {}
+                if message.get("id"):
+                    out.id = message["id"]
+                self.counts.update(message.get("usage") or {})
+                parts.append(out.delta({"role": "assistant", "content": ""}))
+            elif kind == "content_block_start":
+                part = self._start(event.get("index", 0), event.get("content_block") or {})
+                if part:
+                    parts.append(part)
+            elif kind == "message_delta":
+                self.counts.update(event.get("usage") or {})
+                stop = (event.get("delta") or {}).get("stop_reason")
+                if stop:
+                    parts.append(out.delta({}, FINISH.get(stop, "stop")))
+            elif kind == "message_stop":
+                totals = usage(self.counts)
+                if self.send_usage:
+                    parts.append(out.usage(totals))
+                elif self.ctx.meter is not None:
+                    self.ctx.meter.observe(totals)
+                parts.append(DONE)
+                self.over = True
+            elif kind == "error":
+                err = event.get("error") or {}
+                status, _ = upstream_status(529 if err.get("type") == "overloaded_error" else 502, err.get("message", ""))
+                parts.append(out.error(err.get("message") or "The provider reported an error.", status))
+                self.over = True
+        return b"".join(parts)
+
+    def _start(self, index: int, block: dict[str, Any]) -> bytes:
+        out = self.out
+        if block.get("type") == "tool_use":
+            self.tool_index[index] = len(self.tool_index)
+            return out.delta({"tool_calls": [{"index": self.tool_index[index], "id": block.get("id"), "type": "function",
+                                              "function": {"name": block.get("name"), "arguments": ""}}]})
+        if block.get("type") == "text" and block.get("text"):
+            return out.delta({"content": block["text"]})
+        if block.get("type") == "redacted_thinking" and not self.exclude:
+            return out.delta({"reasoning_details": [{"type": "reasoning.encrypted", "data": block.get("data"),
+                                                     "format": FORMAT, "index": index}]})
+        return b""
+
+    def _delta(self, index: int, dtype: Any, delta: dict[str, Any]) -> bytes:
+        out = self.out
+        if dtype == "input_json_delta" and delta.get("partial_json"):
+            return out.delta({"tool_calls": [{"index": self.tool_index.get(index, 0),
+                                              "function": {"arguments": delta["partial_json"]}}]})
+        if dtype == "thinking_delta" and not self.exclude and delta.get("thinking"):
+            text = delta["thinking"]
+            return out.delta({"reasoning": text, "reasoning_details": [
+                {"type": "reasoning.text", "text": text, "format": FORMAT, "index": index}]})
+        if dtype == "signature_delta" and not self.exclude:
+            return out.delta({"reasoning_details": [
+                {"type": "reasoning.text", "signature": delta.get("signature"), "format": FORMAT, "index": index}]})
+        return b""

@@ -22,6 +22,12 @@ _GATEWAY_ONLY = ("models",)
 _MARKERS = (b'"reasoning_content":"', b'"reasoning_content": "')
 
 
+def _marked(data: bytes) -> bool:
+    """Does `data` hold a `reasoning_content` string? (`find`: `in` on bytes first tries the needle as
+    an integer, and formats the error it gets, on every call.)"""
+    return data.find(_MARKERS[0]) >= 0 or data.find(_MARKERS[1]) >= 0
+
+
 def alias_reasoning(doc: Any) -> None:
     for choice in doc.get("choices") or [] if isinstance(doc, dict) else []:
         for key in ("delta", "message"):
@@ -33,7 +39,7 @@ def alias_reasoning(doc: Any) -> None:
 def _alias_events(data: bytes) -> bytes:
     out = []
     for event in data.split(b"\n\n"):
-        if event.startswith(b"data: {") and (_MARKERS[0] in event or _MARKERS[1] in event):
+        if event.startswith(b"data: {") and _marked(event):
             try:
                 doc = orjson.loads(event[6:])
             except orjson.JSONDecodeError:
@@ -68,7 +74,7 @@ class OpenAICompatible:
         return UpstreamRequest(self.url, self.headers, orjson.dumps(body))
 
     def translate_body(self, ctx: Context, body: bytes) -> bytes:
-        if _MARKERS[0] not in body and _MARKERS[1] not in body:
+        if not _marked(body):
             return body
         doc = orjson.loads(body)
         alias_reasoning(doc)
@@ -78,10 +84,11 @@ class OpenAICompatible:
         pending = b""
         async for chunk in chunks:
             data = pending + chunk
-            cut = data.rfind(b"\n\n") + 2 if b"\n\n" in data else 0
+            end = data.rfind(b"\n\n")
+            cut = end + 2 if end >= 0 else 0
             pending, data = data[cut:], data[:cut]
             if data:
-                yield _alias_events(data) if (_MARKERS[0] in data or _MARKERS[1] in data) else data
+                yield _alias_events(data) if _marked(data) else data
         if pending:
             yield pending
 

@@ -242,3 +242,30 @@ async def test_openai_sdk_streams_a_tool_call(gateway, upstream):
         assert name == "json" and json.loads(args)["elements"][0]["location"] == "San Francisco"
     finally:
         await sdk.close()
+
+
+@pytest.mark.parametrize("name", ["anthropic-messages-stream-text.jsonl", "anthropic-messages-stream-tool-use.jsonl",
+                                  "anthropic-messages-stream-thinking-signature-text.jsonl"])
+async def test_same_chunks_however_the_stream_is_cut_into_reads(name):
+    """Each read is translated in one piece: where the reads end changes nothing but the grouping."""
+    from types import SimpleNamespace
+
+    from plugins.providers.anthropic import Anthropic
+
+    frames = [b"event: " + e["type"].encode() + b"\ndata: " + json.dumps(e).encode() + b"\n\n" for e in fixture_lines(name)]
+    whole = b"".join(frames) + b'event: ping\ndata: {"type":"ping"}\n\n'  # after the end: never read
+    provider = Anthropic(name="anthropic", base_url="http://127.0.0.1:1")
+    ctx = SimpleNamespace(body=chat(), request_id="r1", model=SimpleNamespace(id=SONNET), meter=None)
+
+    async def translated(reads: list[bytes]) -> list[dict]:
+        async def upstream():
+            for read in reads:
+                yield read
+        out = b"".join([piece async for piece in provider.translate_stream(ctx, upstream())])
+        docs, others = chunks_of(out)
+        assert others[-1] == b"data: [DONE]" and others.count(b"data: [DONE]") == 1
+        return [{k: v for k, v in d.items() if k != "created"} for d in docs]
+
+    expected = await translated(frames)
+    assert await translated([whole]) == expected
+    assert await translated([whole[i:i + 7] for i in range(0, len(whole), 7)]) == expected
