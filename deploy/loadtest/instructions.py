@@ -2,7 +2,7 @@
 (within about 1%) however busy the machine is, where CPU time moves by ±20% on a shared one.
 
     python deploy/loadtest/instructions.py                       # chat, 1,000 requests, about two minutes
-    python deploy/loadtest/instructions.py --scenario stream --requests 500
+    python deploy/loadtest/instructions.py --scenario stream --requests 500   # or anonymous, anthropic, gemini
 
 Needs valgrind (Debian: apt-get install valgrind). The bare relay and Turnstile (full default
 pipeline) each run in a process under callgrind; the mock provider and the client (8 requests at a
@@ -34,6 +34,7 @@ BODIES = {
     "stream": '{"model":"openai/gpt-5.4","stream":true,"messages":[{"role":"user","content":"Say hello"}]}',
     "anonymous": '{"model":"minimax/minimax-m2.5:free","messages":[{"role":"user","content":"Say hello"}]}',
     "anthropic": '{"model":"anthropic/claude-sonnet-4.6","stream":true,"messages":[{"role":"user","content":"Say hello"}]}',
+    "gemini": '{"model":"google/gemini-2.5-flash","stream":true,"messages":[{"role":"user","content":"Say hello"}]}',
 }
 # The client, run natively: `n` requests, 8 at a time; anonymous ones from many client addresses.
 CLIENT = """
@@ -147,7 +148,8 @@ def main() -> int:
     config.write_text(f'[server]\ntrusted_proxies = ["127.0.0.1/32"]\n[keys]\ndb = "{tmp / "keys.db"}"\n'
                       '[logging]\nformat = "json"\n')
     os.environ.update({"OPENROUTER_API_KEY": "sk-bench", "OPENROUTER_BASE_URL": f"http://127.0.0.1:{mock}/v1",
-                       "ANTHROPIC_API_KEY": "sk-bench", "ANTHROPIC_BASE_URL": f"http://127.0.0.1:{mock}"})
+                       "ANTHROPIC_API_KEY": "sk-bench", "ANTHROPIC_BASE_URL": f"http://127.0.0.1:{mock}",
+                       "GEMINI_API_KEY": "sk-bench", "GEMINI_BASE_URL": f"http://127.0.0.1:{mock}/v1beta"})
     upstream = subprocess.Popen([sys.executable, str(HERE / "mock_upstream.py"), "--port", str(mock), "--chunks", "50"],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

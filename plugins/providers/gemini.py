@@ -20,7 +20,7 @@ from plugins.providers.base import (
 )
 from proxy.context import Context
 from proxy.errors import invalid_request
-from proxy.sse import DONE, events
+from proxy.sse import DONE, Events
 
 FORMAT = "google-gemini-v1"
 _DATA_URL = re.compile(r"^data:([\w/+.-]+);base64,(.*)$", re.S)
@@ -260,55 +260,18 @@ class Gemini:
         return orjson.dumps(out)
 
     async def translate_stream(self, ctx: Context, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-        out = Chunks(ctx)
-        exclude = bool((reasoning_of(ctx.body) or {}).get("exclude"))
-        started, called, reason, meta = False, 0, None, {}
-        async for name, raw in events(chunks):
-            if not name:
-                continue
-            try:
-                doc = orjson.loads(raw)
-            except orjson.JSONDecodeError:
-                yield out.error("The provider sent an invalid event.")
+        """What each upstream read holds, translated in one loop and sent as one piece."""
+        stream, reader = _Stream(ctx), Events()
+        async for chunk in chunks:
+            data = stream.translate(reader.feed(chunk))
+            if data:
+                yield data
+            if stream.over:
                 return
-            if "error" in doc:
-                err = doc.get("error") or {}
-                yield out.error(f"Gemini: {err.get('message') or 'error'}", int(err.get("code") or 502))
-                return
-            if not started:
-                started = True
-                if doc.get("responseId"):
-                    out.id = out.base["id"] = doc["responseId"]
-                yield out.delta({"role": "assistant", "content": ""})
-            meta = doc.get("usageMetadata") or meta
-            parts, finish = self._candidate(doc)
-            reason = finish or reason
-            for i, part in enumerate(parts):
-                if "functionCall" in part:
-                    call = part["functionCall"]
-                    call_id = call.get("id") or f"call_{uuid.uuid4().hex[:24]}"
-                    delta: dict[str, Any] = {"tool_calls": [{"index": called, "id": call_id, "type": "function", "function": {
-                        "name": call.get("name"), "arguments": orjson.dumps(call.get("args") or {}).decode()}}]}
-                    if part.get("thoughtSignature"):
-                        delta["reasoning_details"] = [{"type": "reasoning.encrypted", "data": part["thoughtSignature"],
-                                                       "id": call_id, "format": FORMAT, "index": i}]
-                    called += 1
-                    yield out.delta(delta)
-                elif part.get("thought"):
-                    if not exclude and part.get("text"):
-                        yield out.delta({"reasoning": part["text"]})
-                elif part.get("text"):
-                    yield out.delta({"content": part["text"]})
-        if reason is None:
-            yield out.error("The provider closed the stream before it was complete.")
-            return
-        yield out.delta({}, finish_reason(reason, called > 0))
-        totals = usage(meta)
-        if wants_usage(ctx.body):
-            yield out.usage(totals)
-        elif ctx.meter is not None:
-            ctx.meter.observe(totals)
-        yield DONE
+        data = stream.translate(reader.end())
+        if not stream.over:
+            data += stream.finish()
+        yield data
 
     def translate_error(self, status: int, body: bytes) -> tuple[int, bytes]:
         try:
@@ -322,3 +285,72 @@ class Gemini:
                               error_type="temporarily_unavailable")
         ours, code = upstream_status(status, message)
         return error_body(ours, f"Gemini: {message or f'HTTP {status}'}", code=code)
+
+
+class _Stream:
+    """One streamed answer's translation: Gemini responses in, OpenAI chunks out (§G.4)."""
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self.out = Chunks(ctx)
+        self.exclude = bool((reasoning_of(ctx.body) or {}).get("exclude"))
+        self.started = False
+        self.called = 0
+        self.reason: str | None = None
+        self.meta: dict[str, Any] = {}
+        self.over = False  # broke: nothing after it is read
+
+    def translate(self, events: list[tuple[str, bytes]]) -> bytes:
+        out, parts = self.out, []
+        for name, raw in events:
+            if not name or self.over:
+                continue
+            try:
+                doc = orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                parts.append(out.error("The provider sent an invalid event."))
+                self.over = True
+                continue
+            if "error" in doc:
+                err = doc.get("error") or {}
+                parts.append(out.error(f"Gemini: {err.get('message') or 'error'}", int(err.get("code") or 502)))
+                self.over = True
+                continue
+            if not self.started:
+                self.started = True
+                if doc.get("responseId"):
+                    out.id = doc["responseId"]
+                parts.append(out.delta({"role": "assistant", "content": ""}))
+            self.meta = doc.get("usageMetadata") or self.meta
+            pieces, finish = Gemini._candidate(doc)
+            self.reason = finish or self.reason
+            for i, part in enumerate(pieces):
+                if "functionCall" in part:
+                    call = part["functionCall"]
+                    call_id = call.get("id") or f"call_{uuid.uuid4().hex[:24]}"
+                    delta: dict[str, Any] = {"tool_calls": [{"index": self.called, "id": call_id, "type": "function", "function": {
+                        "name": call.get("name"), "arguments": orjson.dumps(call.get("args") or {}).decode()}}]}
+                    if part.get("thoughtSignature"):
+                        delta["reasoning_details"] = [{"type": "reasoning.encrypted", "data": part["thoughtSignature"],
+                                                       "id": call_id, "format": FORMAT, "index": i}]
+                    self.called += 1
+                    parts.append(out.delta(delta))
+                elif part.get("thought"):
+                    if not self.exclude and part.get("text"):
+                        parts.append(out.delta({"reasoning": part["text"]}))
+                elif part.get("text"):
+                    parts.append(out.delta({"content": part["text"]}))
+        return b"".join(parts)
+
+    def finish(self) -> bytes:
+        """The end of the upstream stream: Gemini has no closing event, its last finish reason is it."""
+        out = self.out
+        if self.reason is None:
+            return out.error("The provider closed the stream before it was complete.")
+        totals = usage(self.meta)
+        end = out.delta({}, finish_reason(self.reason, self.called > 0))
+        if wants_usage(self.ctx.body):
+            end += out.usage(totals)
+        elif self.ctx.meter is not None:
+            self.ctx.meter.observe(totals)
+        return end + DONE

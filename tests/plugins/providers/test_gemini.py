@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import openai
 import pytest
@@ -167,3 +168,33 @@ async def test_openai_sdk_streams_a_tool_call(gateway, upstream):
         assert json.loads(args) == {"location": "San Francisco"}
     finally:
         await sdk.close()
+
+
+@pytest.mark.parametrize("name", ["gemini-stream-text-thought-signature.jsonl", "gemini-stream-function-call.jsonl"])
+async def test_same_chunks_however_the_stream_is_cut_into_reads(name):
+    """Each read is translated in one piece: where the reads end changes nothing but the grouping; an
+    error ends the translation even with more events in the same read."""
+    from types import SimpleNamespace
+
+    from plugins.providers.gemini import Gemini
+
+    frames = [b"data: " + json.dumps(e).encode() + b"\n\n" for e in fixture_lines(name)]
+    provider = Gemini(name="gemini", base_url="http://127.0.0.1:1")
+
+    async def translated(reads: list[bytes]) -> list[dict]:
+        ctx = SimpleNamespace(body=chat_body(PRO, True), request_id="r1", model=SimpleNamespace(id=PRO), meter=None)
+
+        async def upstream():
+            for read in reads:
+                yield read
+        out = b"".join([piece async for piece in provider.translate_stream(ctx, upstream())])
+        docs, others = chunks_of(re.sub(rb"call_[0-9a-f]{24}", b"call_made_up", out))  # ids made per call
+        assert others == [b"data: [DONE]"]
+        return [{k: v for k, v in d.items() if k not in ("created", "id")} for d in docs]
+
+    expected = await translated(frames)
+    whole = b"".join(frames)
+    assert await translated([whole]) == expected
+    assert await translated([whole[i:i + 7] for i in range(0, len(whole), 7)]) == expected
+    broken = await translated([frames[0] + b'data: {"error": {"code": 503, "message": "overloaded"}}\n\n' + frames[1]])
+    assert broken[-1]["error"]["message"] == "Gemini: overloaded" and len(broken) == 3  # role, first part, error
