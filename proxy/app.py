@@ -10,11 +10,12 @@ from typing import Any, Awaitable, Callable, Iterator, Mapping
 
 import structlog
 from aiohttp import web
+from aiohttp.web_urldispatcher import _default_expect_handler
 
 from proxy.catalog import Catalog, seed_rows
 from proxy.clientip import ClientIP
 from proxy.config import Config
-from proxy.errors import GatewayError
+from proxy.errors import GatewayError, too_large
 from proxy.forward import Forwarder
 from proxy.account import AccountHandlers
 from proxy.handlers import CONTEXT, REQUEST_ID, ChatHandler, ModelsHandler, healthz
@@ -44,8 +45,7 @@ def _http_error(exc: web.HTTPException, max_body: int) -> GatewayError:
         return GatewayError(405, "method_not_allowed", "Method not allowed.", code="method_not_allowed",
                             headers={"Allow": exc.headers.get("Allow", "")})
     if exc.status == 413:
-        return GatewayError(413, "request_too_large", f"Request body is larger than the {max_body}-byte limit.",
-                            code="request_too_large")
+        return too_large(max_body)
     return GatewayError(exc.status, "invalid_request", exc.reason or "Bad request.")
 
 
@@ -62,6 +62,10 @@ def wrap(handler: Handler, route: str, max_body: int, metrics: Metrics | None, i
             response = await handler(request)
         except GatewayError as exc:
             error, response = exc, exc.response()
+            ctx = CONTEXT.get()
+            if ctx is not None:  # a refusal after the limit stage still tells what is left of the limit
+                for name, value in ctx.response_headers.items():
+                    response.headers.setdefault(name, value)
         except web.HTTPException as exc:
             error = _http_error(exc, max_body)
             response = error.response()
@@ -75,6 +79,8 @@ def wrap(handler: Handler, route: str, max_body: int, metrics: Metrics | None, i
             response = GatewayError(500, "internal_error", "Internal error; it has been logged.").response()
         if not response.prepared:
             response.headers["X-Request-Id"] = rid
+        if error is not None and error.status in (408, 413):
+            response.force_close()  # the body was not read: the connection cannot carry another request
         status = _access(request, start, response.status, response)
         if metrics is not None:
             metrics.observe(route, status, time.monotonic() - start, CONTEXT.get(), error)
@@ -85,6 +91,18 @@ def wrap(handler: Handler, route: str, max_body: int, metrics: Metrics | None, i
         return response
 
     return endpoint
+
+
+def expect_within(max_body: int) -> Handler:
+    """`Expect: 100-continue` is answered only for a body within the limit; a larger one gets its 413
+    without being sent at all."""
+
+    async def expect(request: web.Request) -> None:
+        if (request.content_length or 0) > max_body:
+            return None  # no "100 Continue": the endpoint refuses the request unread
+        return await _default_expect_handler(request)
+
+    return expect  # type: ignore[return-value]
 
 
 def request_ids() -> Iterator[str]:
@@ -156,7 +174,8 @@ def create_app(config: Config, env: Mapping[str, str] = os.environ) -> web.Appli
     for i, row in enumerate(config.pipeline):
         where = f"pipeline[{i}] ({row.use})"
         stages.append(build(load(STAGES, row.use, where), row.options, where, **resources))
-    chat = ChatHandler(catalog, client_ip, compose(stages, forwarder))
+    chat = ChatHandler(catalog, client_ip, compose(stages, forwarder), config.server.max_body_bytes,
+                       config.server.body_timeout)
     models = ModelsHandler(catalog)
     account = AccountHandlers(keys, ledger, config)
     metrics = Metrics(env.get(config.metrics.token_env, "") if config.metrics.token_env else "") if config.metrics.enabled else None
@@ -176,10 +195,11 @@ def create_app(config: Config, env: Mapping[str, str] = os.environ) -> web.Appli
         app.cleanup_ctx.append(metrics.sync_ctx)
     if config.catalog.sync:
         app.cleanup_ctx.append(sync.catalog_sync(config.catalog, forwarder, router, env))
+    expect = expect_within(config.server.max_body_bytes)
     chat_endpoint, models_endpoint = endpoint(chat.__call__, "chat"), endpoint(models.__call__, "models")
     key_endpoint, generation_endpoint = endpoint(account.key, "key"), endpoint(account.generation, "generation")
     for base in BASES:
-        app.router.add_post(base + "/chat/completions", chat_endpoint)
+        app.router.add_post(base + "/chat/completions", chat_endpoint, expect_handler=expect)
         app.router.add_get(base + "/models", models_endpoint)
         app.router.add_get(base + "/key", key_endpoint)
         app.router.add_get(base + "/auth/key", key_endpoint)

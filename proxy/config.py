@@ -24,6 +24,7 @@ class Server:
     trusted_proxies: list[str] = field(default_factory=list)
     workers: int = 1
     shutdown_timeout: float = 30.0
+    body_timeout: float = 30.0
     tls_cert: str = ""
     tls_key: str = ""
 

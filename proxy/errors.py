@@ -66,6 +66,11 @@ class GatewayError(Exception):
         )
 
 
+def too_large(limit: int) -> GatewayError:
+    return GatewayError(413, "request_too_large", f"Request body is larger than the {limit}-byte limit.",
+                        code="request_too_large")
+
+
 def invalid_request(message: str, param: str | None = None) -> GatewayError:
     return GatewayError(400, "invalid_request", message, param=param)
 

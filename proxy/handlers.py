@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from contextvars import ContextVar
 from typing import Any
@@ -12,7 +13,7 @@ from aiohttp import web
 from proxy.catalog import Catalog
 from proxy.clientip import ClientIP
 from proxy.context import Context
-from proxy.errors import GatewayError, invalid_request, model_not_found
+from proxy.errors import GatewayError, invalid_request, model_not_found, too_large
 from proxy.pipeline import Next
 
 # Per request, in the request's own task (aiohttp runs each in one): set by the endpoint wrapper and
@@ -41,15 +42,32 @@ def parse_body(raw: bytes) -> dict[str, Any]:
 
 
 class ChatHandler:
-    def __init__(self, catalog: Catalog, client_ip: ClientIP, pipeline: Next) -> None:
+    def __init__(self, catalog: Catalog, client_ip: ClientIP, pipeline: Next, max_body: int = 4 * 1024 * 1024,
+                 body_timeout: float = 30.0) -> None:
         self.catalog = catalog
         self.client_ip = client_ip
         self.pipeline = pipeline
+        self.max_body = max_body
+        self.body_timeout = body_timeout
+
+    async def _body(self, request: web.Request) -> bytes:
+        """The body, refused unread when it says it is too large, and bounded in time when it has not
+        all arrived with the headers (a client trickling it would hold the request forever)."""
+        if (request.content_length or 0) > self.max_body:
+            raise too_large(self.max_body)
+        if request.content.is_eof():
+            return await request.read()
+        try:
+            async with asyncio.timeout(self.body_timeout):
+                return await request.read()
+        except TimeoutError:
+            raise GatewayError(408, "request_timeout", "The request body did not arrive in time.",
+                               code="request_timeout") from None
 
     async def __call__(self, request: web.Request) -> web.StreamResponse:
         started = time.monotonic()
         rid = REQUEST_ID.get()
-        raw = await request.read()
+        raw = await self._body(request)
         body = parse_body(raw)
         model_id = body.get("model")
         if not isinstance(model_id, str) or not model_id:

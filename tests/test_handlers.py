@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
@@ -105,3 +106,44 @@ async def test_healthz(gateway):
     resp = await client.get("/healthz")
     assert resp.status == 200
     assert (await resp.json()) == {"status": "ok"}
+
+
+async def _raw(client, head: bytes, body: bytes = b"") -> bytes:
+    """The first answer to bytes written on a bare connection: status line and headers, then its body."""
+    reader, writer = await asyncio.open_connection(client.server.host, client.server.port)
+    writer.write(head + body)
+    await writer.drain()
+    answer = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    length = next(int(line.split(b":")[1]) for line in answer.split(b"\r\n") if line.lower().startswith(b"content-length:"))
+    answer += await asyncio.wait_for(reader.readexactly(length), 10)
+    writer.close()
+    assert b"\r\nConnection: close\r\n" in answer  # the unread body: this connection carries nothing more
+    return answer
+
+
+def _head(length: int, *extra: bytes) -> bytes:
+    return (b"POST /v1/chat/completions HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\n"
+            + b"".join(h + b"\r\n" for h in extra) + b"Content-Length: %d\r\n\r\n" % length)
+
+
+async def test_declared_oversize_body_is_refused_unread(gateway, upstream):
+    client = await gateway(server={"max_body_bytes": 64 * 1024})
+    for extra in ((), (b"Expect: 100-continue",)):
+        answer = await _raw(client, _head(99_999_999, *extra))  # no body sent: none is waited for
+        assert answer.startswith(b"HTTP/1.1 413 "), answer[:40]  # no "100 Continue" first
+        assert_error_shape(json.loads(answer.split(b"\r\n\r\n", 1)[1]), 413, "request_too_large")
+    assert upstream.seen == []
+
+
+async def test_expect_continue_within_the_limit_is_served(gateway, upstream):
+    client = await gateway()
+    resp = await client.post("/v1/chat/completions", json=OK, expect100=True)
+    assert resp.status == 200
+
+
+async def test_body_trickling_past_the_timeout_is_408(gateway, upstream):
+    client = await gateway(server={"body_timeout": 0.3})
+    answer = await _raw(client, _head(100), b'{"model": "op')  # the rest never comes
+    assert answer.startswith(b"HTTP/1.1 408 "), answer[:40]
+    assert_error_shape(json.loads(answer.split(b"\r\n\r\n", 1)[1]), 408, "request_timeout")
+    assert upstream.seen == []

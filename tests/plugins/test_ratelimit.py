@@ -103,3 +103,12 @@ def test_keys_are_the_ones_limits_builds():
     hourly = parse("200/hour")
     for ip in ("198.51.100.7", "2001:db8::/64"):
         assert _Window(hourly, "free").key(ip) == hourly.key_for("free", ip)
+
+
+async def test_a_refusal_after_the_count_still_carries_the_limit_headers(kilo):
+    """Counted when the request starts (as the real gateway does): what failed later says what is left."""
+    client = await kilo(env={"OPENROUTER_API_KEY": ""})  # the free model's provider has no key
+    resp = await client.post("/v1/chat/completions", json=FREE, headers=from_ip("198.51.100.9"))
+    assert resp.status == 503
+    assert (resp.headers["X-RateLimit-Limit"], resp.headers["X-RateLimit-Remaining"]) == ("200", "199")
+    assert resp.headers["X-Request-Id"]
