@@ -38,8 +38,9 @@ BODIES = {
 }
 # The client, run natively: `n` requests, 8 at a time; anonymous ones from many client addresses.
 CLIENT = """
-import asyncio, random, sys, aiohttp
-url, body, key, n = sys.argv[1], sys.argv[2].encode(), sys.argv[3], int(sys.argv[4])
+import asyncio, os, random, sys, aiohttp
+url, body, keyed, n = sys.argv[1], sys.argv[2].encode(), sys.argv[3] == "key", int(sys.argv[4])
+key = os.environ["BENCH_KEY"] if keyed else ""
 async def main():
     todo = iter(range(n))
     async with aiohttp.ClientSession() as s:
@@ -58,10 +59,10 @@ asyncio.run(main())
 """
 
 
-async def _drive(port: int, scenario: str, key: str, n: int) -> None:
+async def _drive(port: int, scenario: str, n: int) -> None:
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-c", CLIENT, f"http://127.0.0.1:{port}/v1/chat/completions", BODIES[scenario],
-        "" if scenario == "anonymous" else key, str(n))
+        "none" if scenario == "anonymous" else "key", str(n))
     if await proc.wait() != 0:
         raise SystemExit("the client failed")
 
@@ -92,10 +93,10 @@ def serve(args: argparse.Namespace) -> None:
         runner = runner_class(app, access_log=None, handle_signals=False, handler_cancellation=True)
         await runner.setup()
         await web.TCPSite(runner, "127.0.0.1", args.port).start()
-        await _drive(args.port, args.scenario, args.key, 200)
+        await _drive(args.port, args.scenario, 200)
         control = ["callgrind_control", "-i"]
         subprocess.run([*control, "on", str(os.getpid())], check=True, capture_output=True)
-        await _drive(args.port, args.scenario, args.key, args.requests)
+        await _drive(args.port, args.scenario, args.requests)
         if ledger is not None:
             await ledger.flush()  # the measured requests' rows, as one batch: part of their cost
         subprocess.run([*control, "off", str(os.getpid())], check=True, capture_output=True)
@@ -110,11 +111,11 @@ def serve(args: argparse.Namespace) -> None:
     asyncio.run(main())
 
 
-def count(target: str, args: argparse.Namespace, tmp: Path, mock: int, key: str, config: Path) -> float:
+def count(target: str, args: argparse.Namespace, tmp: Path, mock: int, config: Path) -> float:
     out = tmp / f"callgrind.{target}.out"
     subprocess.run(["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}",
                     sys.executable, __file__, "--serve", target, "--scenario", args.scenario, "--requests",
-                    str(args.requests), "--mock", str(mock), "--port", str(free_port()), "--key", key,
+                    str(args.requests), "--mock", str(mock), "--port", str(free_port()),
                     "--config", str(config)], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     totals = re.findall(r"^totals: (\d+)", out.read_text(), re.M)
     return int(totals[-1]) / args.requests
@@ -127,8 +128,7 @@ def main() -> int:
     ap.add_argument("--serve", choices=["bare", "turnstile"], help=argparse.SUPPRESS)
     for name in ("--mock", "--port"):
         ap.add_argument(name, type=int, default=0, help=argparse.SUPPRESS)
-    for name in ("--key", "--config"):
-        ap.add_argument(name, default="", help=argparse.SUPPRESS)
+    ap.add_argument("--config", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.serve:
         args.target = args.serve
@@ -147,15 +147,16 @@ def main() -> int:
     config = tmp / "turnstile.toml"
     config.write_text(f'[server]\ntrusted_proxies = ["127.0.0.1/32"]\n[keys]\ndb = "{tmp / "keys.db"}"\n'
                       '[logging]\nformat = "json"\n')
-    os.environ.update({"OPENROUTER_API_KEY": "sk-bench", "OPENROUTER_BASE_URL": f"http://127.0.0.1:{mock}/v1",
+    os.environ.update({"BENCH_KEY": key,  # in the environment, not on command lines that `ps` shows
+                       "OPENROUTER_API_KEY": "sk-bench", "OPENROUTER_BASE_URL": f"http://127.0.0.1:{mock}/v1",
                        "ANTHROPIC_API_KEY": "sk-bench", "ANTHROPIC_BASE_URL": f"http://127.0.0.1:{mock}",
                        "GEMINI_API_KEY": "sk-bench", "GEMINI_BASE_URL": f"http://127.0.0.1:{mock}/v1beta"})
     upstream = subprocess.Popen([sys.executable, str(HERE / "mock_upstream.py"), "--port", str(mock), "--chunks", "50"],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_port(mock)
-        bare = count("bare", args, tmp, mock, key, config)
-        ours = count("turnstile", args, tmp, mock, key, config)
+        bare = count("bare", args, tmp, mock, config)
+        ours = count("turnstile", args, tmp, mock, config)
     finally:
         upstream.terminate()
         upstream.wait()

@@ -1,5 +1,5 @@
-"""A mock provider fast enough not to be the bottleneck: OpenAI chat (JSON and SSE), Anthropic
-Messages and Gemini streams, all precomputed. `python mock_upstream.py --port 9100 --chunks 50 --delay 0`."""
+"""A mock provider fast enough not to be the bottleneck: OpenAI chat, Anthropic Messages and Gemini
+generateContent, each as JSON and as SSE, all precomputed. `python mock_upstream.py --port 9100 --chunks 50 --delay 0`."""
 
 from __future__ import annotations
 
@@ -46,6 +46,13 @@ def gemini_events(chunks: int) -> list[bytes]:
 def make_app(chunks: int, delay: float) -> web.Application:
     body, events = openai_bodies(chunks)
     anthropic, gemini = anthropic_events(chunks), gemini_events(chunks)
+    anthropic_body = json.dumps({"id": "msg_mock", "type": "message", "role": "assistant", "model": "mock",
+                                 "content": [{"type": "text", "text": "word " * chunks}], "stop_reason": "end_turn",
+                                 "usage": {"input_tokens": 12, "output_tokens": chunks}}).encode()
+    gemini_body = json.dumps({"candidates": [{"content": {"role": "model", "parts": [{"text": "word " * chunks}]},
+                                              "finishReason": "STOP"}],
+                              "usageMetadata": {"promptTokenCount": 12, "candidatesTokenCount": chunks,
+                                                "totalTokenCount": 12 + chunks}}).encode()
     sse = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
 
     async def stream(request: web.Request, parts: list[bytes]) -> web.StreamResponse:
@@ -78,12 +85,16 @@ def make_app(chunks: int, delay: float) -> web.Application:
         return resp
 
     async def messages(request: web.Request) -> web.StreamResponse:
-        await request.read()
-        return await stream(request, anthropic)
+        raw = await request.read()
+        if b'"stream":true' in raw or b'"stream": true' in raw:
+            return await stream(request, anthropic)
+        return web.Response(body=anthropic_body, content_type="application/json")
 
     async def generate(request: web.Request) -> web.StreamResponse:
         await request.read()
-        return await stream(request, gemini)
+        if request.match_info["action"].endswith(":streamGenerateContent"):
+            return await stream(request, gemini)
+        return web.Response(body=gemini_body, content_type="application/json")
 
     app = web.Application()
     app.router.add_post("/v1/chat/completions", chat)
