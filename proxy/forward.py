@@ -45,10 +45,13 @@ class Forwarder:
         self.secrets = tuple(s.encode() for s in secrets if len(s) >= 8)
         self.session: aiohttp.ClientSession | None = None
         self.metrics: Metrics | None = None
+        # The app's loop, taken once: `asyncio.get_running_loop()` makes a getpid system call each time.
+        self.loop: asyncio.AbstractEventLoop | None = None
 
     async def session_ctx(self, app: web.Application) -> AsyncIterator[None]:
         """aiohttp cleanup_ctx: one pooled session for the app's lifetime."""
         s = self.settings
+        self.loop = asyncio.get_running_loop()
         connector = aiohttp.TCPConnector(limit=s.pool_size, limit_per_host=0, ttl_dns_cache=300, enable_cleanup_closed=True)
         # `connect` bounds the wait for a free pooled connection too: a full pool gives a 504, not a hang.
         timeout = aiohttp.ClientTimeout(total=None, connect=s.connect_timeout * 3, sock_connect=s.connect_timeout,
@@ -129,7 +132,8 @@ class Forwarder:
     async def _stream(self, ctx: Context) -> web.StreamResponse:
         """A stream whose upstream is slow to answer gets its 200 and SSE comments meanwhile; a failure
         after that point arrives as the error chunk. The fast path costs one timer, no task."""
-        loop = asyncio.get_running_loop()
+        loop = self.loop
+        assert loop is not None, "the forwarder's loop is taken when the app starts"
         opened: asyncio.Event | None = None
         early: asyncio.Task[web.StreamResponse] | None = None
 
@@ -180,7 +184,7 @@ class Forwarder:
             if metrics is not None:
                 metrics.streams_in_flight += 1
             try:
-                result, clean = await relay(ctx, provider, upstream, response, self.settings.keepalive_interval)
+                result, clean = await relay(ctx, provider, upstream, response, self.settings.keepalive_interval, self.loop)
             finally:
                 if metrics is not None:
                     metrics.streams_in_flight -= 1

@@ -88,9 +88,8 @@ class _Ticker:
     """SSE comments through long silences, so that no intermediary times the stream out. A timer
     that re-arms itself: no task per stream."""
 
-    def __init__(self, ctx: Context, response: web.StreamResponse, interval: float) -> None:
-        self.ctx, self.response, self.interval = ctx, response, interval
-        self.loop = asyncio.get_running_loop()
+    def __init__(self, ctx: Context, response: web.StreamResponse, interval: float, loop: asyncio.AbstractEventLoop) -> None:
+        self.ctx, self.response, self.interval, self.loop = ctx, response, interval, loop
         self.handle: asyncio.TimerHandle | None = self.loop.call_later(interval, self.tick)
 
     def tick(self) -> None:
@@ -111,7 +110,8 @@ class _Ticker:
 
 
 async def relay(ctx: Context, provider: Provider, upstream: aiohttp.ClientResponse,
-                response: web.StreamResponse | None, keepalive: float) -> tuple[web.StreamResponse, bool]:
+                response: web.StreamResponse | None, keepalive: float,
+                loop: asyncio.AbstractEventLoop | None = None) -> tuple[web.StreamResponse, bool]:
     """(the response, whether the upstream answer was read to its end)."""
     whole: bytes | None = None  # a JSON answer small enough (or translated) to send in one piece
     content_type = ""
@@ -172,7 +172,7 @@ async def relay(ctx: Context, provider: Provider, upstream: aiohttp.ClientRespon
     meter = ctx.meter
     assert meter is not None
     meter.stream = sse
-    ticker = _Ticker(ctx, response, keepalive) if sse and keepalive > 0 else None
+    ticker = _Ticker(ctx, response, keepalive, loop or asyncio.get_running_loop()) if sse and keepalive > 0 else None
     ctx.last_write = time.monotonic()
     try:
         async for chunk in chunks:
