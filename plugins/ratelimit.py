@@ -1,6 +1,11 @@
 """Per-IP limits on free models (decisions 7, 8): a moving hourly window answered with 429, and a
 daily promotion cap for anonymous callers answered with 401 `PROMOTION_MODEL_LIMIT_REACHED`.
 
+The hourly limit is exact: limits' moving window, one entry per admitted request, at most `limit` per
+IP. The daily cap is limits' sliding-window counter (this day's count plus the part of yesterday's
+still inside the last 24 hours): two counters per IP, where a moving window would hold every request
+of the day (4,800 entries for an IP at 200 an hour) in the gateway's memory or in Redis.
+
 Counted when the request starts, atomically in the shared storage. Reads ctx.model, ctx.account and
 ctx.client_ip; writes X-RateLimit-* into ctx.response_headers.
 """
@@ -13,7 +18,7 @@ from ipaddress import ip_network
 
 from aiohttp import web
 from limits import RateLimitItem, parse
-from limits.aio.storage import MovingWindowSupport, Storage
+from limits.aio.storage import MovingWindowSupport, SlidingWindowCounterSupport, Storage
 
 from proxy.config import Config, ConfigError
 from proxy.context import Context
@@ -66,8 +71,8 @@ class RateLimit:
             self.daily = parse(daily_limit) if daily_limit else None
         except ValueError as exc:
             raise ConfigError(f"ratelimit: {exc}") from None
-        if not isinstance(storage, MovingWindowSupport):
-            raise ConfigError(f"ratelimit: {type(storage).__name__} cannot count a moving window")
+        if not isinstance(storage, MovingWindowSupport) or not isinstance(storage, SlidingWindowCounterSupport):
+            raise ConfigError(f"ratelimit: {type(storage).__name__} cannot count moving and sliding windows")
         # limits' moving-window storage, asked directly with keys made of precomputed parts: what
         # MovingWindowRateLimiter does, without building the same key twice per request.
         self.storage = storage
@@ -105,7 +110,7 @@ class RateLimit:
                 headers["Retry-After"] = str(max(1, math.ceil(reset - time.time())))
             raise GatewayError(429, "rate_limit_exceeded", RATE_LIMITED, headers=headers)
         daily = self._daily
-        if ctx.account is None and daily is not None and not await self.storage.acquire_entry(
+        if ctx.account is None and daily is not None and not await self.storage.acquire_sliding_window_entry(
                 daily.key(ip), daily.amount, daily.expiry):
             raise GatewayError(
                 401, "promotion_limit_reached", self.promotion_message, code="PROMOTION_MODEL_LIMIT_REACHED"

@@ -9,6 +9,7 @@ import pytest
 
 from proxy.app import create_app
 from proxy.config import ConfigError
+from proxy.errors import GatewayError
 from tests.conftest import make_config
 
 FREE = {"model": "minimax/minimax-m2.5:free", "messages": [{"role": "user", "content": "hi"}]}
@@ -112,3 +113,29 @@ async def test_a_refusal_after_the_count_still_carries_the_limit_headers(kilo):
     assert resp.status == 503
     assert (resp.headers["X-RateLimit-Limit"], resp.headers["X-RateLimit-Remaining"]) == ("200", "199")
     assert resp.headers["X-Request-Id"]
+
+
+async def test_the_daily_cap_keeps_counters_not_an_entry_per_request():
+    """An IP at its hourly limit all day would otherwise leave 4,800 entries in memory (or Redis)."""
+    from types import SimpleNamespace
+
+    from plugins.ratelimit import RateLimit
+    from proxy.ratelimits import SweptMemoryStorage
+
+    storage = SweptMemoryStorage()
+    stage = RateLimit(storage, make_config(), limit="50/hour", daily_limit="45/day")
+
+    async def served(ctx):
+        return "served"
+
+    answers = []
+    for _ in range(48):
+        ctx = SimpleNamespace(model=SimpleNamespace(free=True), account=None, client_ip="198.51.100.40",
+                              response_headers={})
+        try:
+            answers.append(await stage(ctx, served))
+        except GatewayError as exc:
+            answers.append(exc.status)
+    assert answers == ["served"] * 45 + [401] * 3  # the hourly window (50) counted all 48
+    assert [len(entries) for entries in storage.events.values()] == [48]  # the hourly window's only
+    assert sorted(storage.storage.values()) == [45]  # the daily cap: one counter for this day
