@@ -13,11 +13,11 @@ from typing import Any, AsyncIterator
 import orjson
 
 from plugins.providers.base import (
-    EFFORT_RATIO, Chunks, UpstreamRequest, error_body, reasoning_of, upstream_status, wants_usage,
+    EFFORT_RATIO, Chunks, StreamTranslation, UpstreamRequest, error_body, reasoning_of, upstream_status, wants_usage,
 )
 from proxy.context import Context
 from proxy.errors import invalid_request
-from proxy.sse import DONE, Events
+from proxy.sse import DONE
 
 VERSION = "2023-06-01"
 DEFAULT_MAX_TOKENS = 32000
@@ -286,20 +286,8 @@ class Anthropic:
         }
         return orjson.dumps(out)
 
-    async def translate_stream(self, ctx: Context, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-        """What each upstream read holds, translated in one loop and sent as one piece."""
-        stream, reader = _Stream(ctx), Events()
-        async for chunk in chunks:
-            data = stream.translate(reader.feed(chunk))
-            if data:
-                yield data
-            if stream.over:
-                return
-        data = stream.translate(reader.end())
-        if not stream.over:
-            data += stream.out.error("The provider closed the stream before it was complete.")
-        if data:
-            yield data
+    def translate_stream(self, ctx: Context, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        return _Stream(ctx).run(chunks)
 
     def translate_error(self, status: int, body: bytes) -> tuple[int, bytes]:
         try:
@@ -311,17 +299,14 @@ class Anthropic:
         return error_body(ours, f"Anthropic: {message or f'HTTP {status}'}", code=code)
 
 
-class _Stream:
-    """One streamed answer's translation: Anthropic events in, OpenAI chunks out (§G.2)."""
+class _Stream(StreamTranslation):
+    """Anthropic events in, OpenAI chunks out (§G.2)."""
 
     def __init__(self, ctx: Context) -> None:
-        self.ctx = ctx
-        self.out = Chunks(ctx)
+        super().__init__(ctx)
         self.send_usage = wants_usage(ctx.body)
-        self.exclude = bool((reasoning_of(ctx.body) or {}).get("exclude"))
         self.tool_index: dict[int, int] = {}
         self.counts: dict[str, Any] = {}
-        self.over = False  # the message ended, or broke: nothing after it is read
 
     def translate(self, events: list[tuple[str, bytes]]) -> bytes:
         out, parts = self.out, []

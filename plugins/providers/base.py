@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Protocol
 
 import orjson
 
-from proxy.sse import DONE, data
+from proxy.sse import DONE, Events, data
 
 if TYPE_CHECKING:
     from proxy.context import Context
@@ -101,6 +101,39 @@ class Chunks:
             "choices": [{"index": 0, "delta": {"content": ""}, "finish_reason": "error"}],
         }
         return data(chunk) + DONE
+
+
+class StreamTranslation:
+    """One streamed answer's translation, fed the upstream's events a read at a time: what a read
+    holds is translated in one loop and sent as one piece. A translator writes `translate` (and
+    `finish` if the upstream's end is not an error)."""
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self.out = Chunks(ctx)
+        self.exclude = bool((reasoning_of(ctx.body) or {}).get("exclude"))
+        self.over = False  # the answer ended, or broke: nothing after it is read
+
+    def translate(self, events: list[tuple[str, bytes]]) -> bytes:
+        raise NotImplementedError
+
+    def finish(self) -> bytes:
+        """What follows when the upstream closes the stream before the answer is over."""
+        return self.out.error("The provider closed the stream before it was complete.")
+
+    async def run(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        reader = Events()
+        async for chunk in chunks:
+            data = self.translate(reader.feed(chunk))
+            if data:
+                yield data
+            if self.over:
+                return
+        data = self.translate(reader.end())
+        if not self.over:
+            data += self.finish()
+        if data:
+            yield data
 
 
 def error_body(status: int, message: str, error_type: str = "upstream_error", code: str | None = None) -> tuple[int, bytes]:

@@ -16,11 +16,11 @@ from typing import Any, AsyncIterator
 import orjson
 
 from plugins.providers.base import (
-    EFFORT_RATIO, Chunks, UpstreamRequest, error_body, reasoning_of, upstream_status, wants_usage,
+    EFFORT_RATIO, Chunks, StreamTranslation, UpstreamRequest, error_body, reasoning_of, upstream_status, wants_usage,
 )
 from proxy.context import Context
 from proxy.errors import invalid_request
-from proxy.sse import DONE, Events
+from proxy.sse import DONE
 
 FORMAT = "google-gemini-v1"
 _DATA_URL = re.compile(r"^data:([\w/+.-]+);base64,(.*)$", re.S)
@@ -259,19 +259,8 @@ class Gemini:
         }
         return orjson.dumps(out)
 
-    async def translate_stream(self, ctx: Context, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-        """What each upstream read holds, translated in one loop and sent as one piece."""
-        stream, reader = _Stream(ctx), Events()
-        async for chunk in chunks:
-            data = stream.translate(reader.feed(chunk))
-            if data:
-                yield data
-            if stream.over:
-                return
-        data = stream.translate(reader.end())
-        if not stream.over:
-            data += stream.finish()
-        yield data
+    def translate_stream(self, ctx: Context, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        return _Stream(ctx).run(chunks)
 
     def translate_error(self, status: int, body: bytes) -> tuple[int, bytes]:
         try:
@@ -287,18 +276,15 @@ class Gemini:
         return error_body(ours, f"Gemini: {message or f'HTTP {status}'}", code=code)
 
 
-class _Stream:
-    """One streamed answer's translation: Gemini responses in, OpenAI chunks out (§G.4)."""
+class _Stream(StreamTranslation):
+    """Gemini responses in, OpenAI chunks out (§G.4)."""
 
     def __init__(self, ctx: Context) -> None:
-        self.ctx = ctx
-        self.out = Chunks(ctx)
-        self.exclude = bool((reasoning_of(ctx.body) or {}).get("exclude"))
+        super().__init__(ctx)
         self.started = False
         self.called = 0
         self.reason: str | None = None
         self.meta: dict[str, Any] = {}
-        self.over = False  # broke: nothing after it is read
 
     def translate(self, events: list[tuple[str, bytes]]) -> bytes:
         out, parts = self.out, []
@@ -346,7 +332,7 @@ class _Stream:
         """The end of the upstream stream: Gemini has no closing event, its last finish reason is it."""
         out = self.out
         if self.reason is None:
-            return out.error("The provider closed the stream before it was complete.")
+            return super().finish()
         totals = usage(self.meta)
         end = out.delta({}, finish_reason(self.reason, self.called > 0))
         if wants_usage(self.ctx.body):
