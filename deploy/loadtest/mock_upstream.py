@@ -12,20 +12,25 @@ from aiohttp import web
 USAGE = {"prompt_tokens": 12, "completion_tokens": 50, "total_tokens": 62}
 
 
+def _json(obj: object) -> str:
+    """Compact, as OpenAI, OpenRouter, Anthropic and Gemini send it (no spaces after `:` and `,`)."""
+    return json.dumps(obj, separators=(",", ":"))
+
+
 def openai_bodies(chunks: int) -> tuple[bytes, list[bytes]]:
     base = {"id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": 1770000000, "model": "mock"}
     full = {**base, "object": "chat.completion", "choices": [{"index": 0, "message": {"role": "assistant",
             "content": "word " * chunks}, "finish_reason": "stop"}], "usage": USAGE}
-    events = [b"data: " + json.dumps({**base, "choices": [{"index": 0, "delta": {"content": "word "}, "finish_reason": None}]}).encode() + b"\n\n"
+    events = [b"data: " + _json({**base, "choices": [{"index": 0, "delta": {"content": "word "}, "finish_reason": None}]}).encode() + b"\n\n"
               for _ in range(chunks)]
-    events.append(b"data: " + json.dumps({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}).encode() + b"\n\n")
-    events.append(b"data: " + json.dumps({**base, "choices": [], "usage": USAGE}).encode() + b"\n\ndata: [DONE]\n\n")
-    return json.dumps(full).encode(), events
+    events.append(b"data: " + _json({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}).encode() + b"\n\n")
+    events.append(b"data: " + _json({**base, "choices": [], "usage": USAGE}).encode() + b"\n\ndata: [DONE]\n\n")
+    return _json(full).encode(), events
 
 
 def anthropic_events(chunks: int) -> list[bytes]:
     def ev(obj: dict) -> bytes:
-        return b"event: " + obj["type"].encode() + b"\ndata: " + json.dumps(obj).encode() + b"\n\n"
+        return b"event: " + obj["type"].encode() + b"\ndata: " + _json(obj).encode() + b"\n\n"
     out = [ev({"type": "message_start", "message": {"id": "msg_mock", "usage": {"input_tokens": 12, "output_tokens": 1}}}),
            ev({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}})]
     out += [ev({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "word "}})] * chunks
@@ -40,16 +45,16 @@ def gemini_events(chunks: int) -> list[bytes]:
             "usageMetadata": {"promptTokenCount": 12, "candidatesTokenCount": chunks}}
     last = {"candidates": [{"content": {"role": "model", "parts": [{"text": ""}]}, "finishReason": "STOP"}],
             "usageMetadata": {"promptTokenCount": 12, "candidatesTokenCount": chunks, "totalTokenCount": 12 + chunks}}
-    return [b"data: " + json.dumps(part).encode() + b"\n\n"] * chunks + [b"data: " + json.dumps(last).encode() + b"\n\n"]
+    return [b"data: " + _json(part).encode() + b"\n\n"] * chunks + [b"data: " + _json(last).encode() + b"\n\n"]
 
 
 def make_app(chunks: int, delay: float) -> web.Application:
     body, events = openai_bodies(chunks)
     anthropic, gemini = anthropic_events(chunks), gemini_events(chunks)
-    anthropic_body = json.dumps({"id": "msg_mock", "type": "message", "role": "assistant", "model": "mock",
+    anthropic_body = _json({"id": "msg_mock", "type": "message", "role": "assistant", "model": "mock",
                                  "content": [{"type": "text", "text": "word " * chunks}], "stop_reason": "end_turn",
                                  "usage": {"input_tokens": 12, "output_tokens": chunks}}).encode()
-    gemini_body = json.dumps({"candidates": [{"content": {"role": "model", "parts": [{"text": "word " * chunks}]},
+    gemini_body = _json({"candidates": [{"content": {"role": "model", "parts": [{"text": "word " * chunks}]},
                                               "finishReason": "STOP"}],
                               "usageMetadata": {"promptTokenCount": 12, "candidatesTokenCount": chunks,
                                                 "totalTokenCount": 12 + chunks}}).encode()
