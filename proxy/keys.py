@@ -88,7 +88,18 @@ class Account:
 
 def connect(path: str) -> sqlite3.Connection:
     db = sqlite3.connect(path, timeout=10, isolation_level=None, check_same_thread=False)
-    db.execute("PRAGMA journal_mode=WAL")
+    # Turning WAL on takes a lock that SQLite does not wait for: a process opening a new database
+    # while another does the same (workers starting together) is told "locked" at once. It retries
+    # here for as long as the connection would wait for any other lock.
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            break
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
     db.execute("PRAGMA synchronous=NORMAL")  # with WAL: durable at checkpoints, no fsync per batch
     db.executescript(_SCHEMA)
     db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('ip_secret', ?)", (secrets.token_hex(32),))

@@ -89,3 +89,30 @@ async def test_a_new_key_works_at_once_on_a_running_gateway(kilo, keys_db, capsy
     await asyncio.sleep(0.15)
     resp = await client.post("/v1/chat/completions", json=PAID, headers={"Authorization": f"Bearer {key}"})
     assert resp.status == 200
+
+
+def test_processes_opening_a_new_database_together_all_succeed(tmp_path):
+    """Workers start together on a fresh install: none may fail on SQLite's switch to WAL."""
+    import os
+
+    from proxy import keys
+
+    for round_ in range(20):
+        path = str(tmp_path / f"keys-{round_}.db")
+        go_r, go_w = os.pipe()
+        pids = []
+        for _ in range(3):
+            pid = os.fork()
+            if pid == 0:
+                code = 1
+                try:
+                    os.read(go_r, 1)  # all start at once
+                    keys.connect(path).close()
+                    code = 0
+                finally:
+                    os._exit(code)
+            pids.append(pid)
+        os.write(go_w, b"go!")
+        os.close(go_r)
+        os.close(go_w)
+        assert [os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in pids] == [0, 0, 0]
