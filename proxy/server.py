@@ -97,7 +97,10 @@ def _spawn(cfg: Config, index: int) -> int:
         try:
             structlog.contextvars.bind_contextvars(worker=index)
             code = _worker(cfg)
+        except Exception:
+            log.exception("worker_failed")  # the supervisor only sees the exit code
         finally:
+            logs.flush()
             os._exit(code)
     return pid
 

@@ -151,7 +151,13 @@ async def test_two_workers_share_one_exact_limit_and_a_dead_worker_comes_back(up
     body = {"model": "minimax/minimax-m2.5:free", "messages": [{"role": "user", "content": "x"}]}
     try:
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as session:
-            await wait_up(session, url)
+            try:
+                await wait_up(session, url)
+            except AssertionError:
+                if proc.returncode is None:
+                    proc.kill()
+                output, _ = await proc.communicate()
+                raise AssertionError(output.decode(errors="replace")[-3000:]) from None
             await asyncio.sleep(0.5)  # both workers listening
 
             async def one() -> int:
