@@ -308,8 +308,8 @@ class _Stream(StreamTranslation):
         self.tool_index: dict[int, int] = {}
         self.counts: dict[str, Any] = {}
 
-    def translate(self, events: list[tuple[str, bytes]]) -> bytes:
-        out, parts = self.out, []
+    def translate(self, events: list[tuple[str, bytes]]) -> None:
+        out, parts = self.out, self.parts
         for name, raw in events:
             if not name or self.over:
                 continue
@@ -359,7 +359,6 @@ class _Stream(StreamTranslation):
                 status, _ = upstream_status(529 if err.get("type") == "overloaded_error" else 502, err.get("message", ""))
                 parts.append(out.error(err.get("message") or "The provider reported an error.", status))
                 self.over = True
-        return b"".join(parts)
 
     def _start(self, index: int, block: dict[str, Any]) -> bytes:
         out = self.out

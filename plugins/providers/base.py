@@ -105,16 +105,17 @@ class Chunks:
 
 class StreamTranslation:
     """One streamed answer's translation, fed the upstream's events a read at a time: what a read
-    holds is translated in one loop and sent as one piece. A translator writes `translate` (and
-    `finish` if the upstream's end is not an error)."""
+    holds is translated in one loop and sent as one piece. A translator writes `translate`, which
+    appends OpenAI chunks to `parts` (and `finish` if the upstream's end is not an error)."""
 
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
         self.out = Chunks(ctx)
         self.exclude = bool((reasoning_of(ctx.body) or {}).get("exclude"))
+        self.parts: list[bytes] = []  # made from the current read, not sent yet
         self.over = False  # the answer ended, or broke: nothing after it is read
 
-    def translate(self, events: list[tuple[str, bytes]]) -> bytes:
+    def translate(self, events: list[tuple[str, bytes]]) -> None:
         raise NotImplementedError
 
     def finish(self) -> bytes:
@@ -123,17 +124,27 @@ class StreamTranslation:
 
     async def run(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
         reader = Events()
-        async for chunk in chunks:
-            data = self.translate(reader.feed(chunk))
-            if data:
-                yield data
-            if self.over:
-                return
-        data = self.translate(reader.end())
-        if not self.over:
-            data += self.finish()
-        if data:
-            yield data
+        try:
+            async for chunk in chunks:
+                self.translate(reader.feed(chunk))
+                if self.parts:
+                    yield self._take()
+                if self.over:
+                    return
+            self.translate(reader.end())
+            if not self.over:
+                self.parts.append(self.finish())
+            if self.parts:
+                yield self._take()
+        except Exception:
+            if self.parts:  # what the read gave before an event that could not be translated goes first
+                yield self._take()
+            raise
+
+    def _take(self) -> bytes:
+        data = b"".join(self.parts)
+        self.parts.clear()
+        return data
 
 
 def error_body(status: int, message: str, error_type: str = "upstream_error", code: str | None = None) -> tuple[int, bytes]:

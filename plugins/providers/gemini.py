@@ -286,8 +286,8 @@ class _Stream(StreamTranslation):
         self.reason: str | None = None
         self.meta: dict[str, Any] = {}
 
-    def translate(self, events: list[tuple[str, bytes]]) -> bytes:
-        out, parts = self.out, []
+    def translate(self, events: list[tuple[str, bytes]]) -> None:
+        out, parts = self.out, self.parts
         for name, raw in events:
             if not name or self.over:
                 continue
@@ -326,7 +326,6 @@ class _Stream(StreamTranslation):
                         parts.append(out.delta({"reasoning": part["text"]}))
                 elif part.get("text"):
                     parts.append(out.delta({"content": part["text"]}))
-        return b"".join(parts)
 
     def finish(self) -> bytes:
         """The end of the upstream stream: Gemini has no closing event, its last finish reason is it."""

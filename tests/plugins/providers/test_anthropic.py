@@ -269,3 +269,28 @@ async def test_same_chunks_however_the_stream_is_cut_into_reads(name):
     expected = await translated(frames)
     assert await translated([whole]) == expected
     assert await translated([whole[i:i + 7] for i in range(0, len(whole), 7)]) == expected
+
+
+async def test_text_before_an_event_that_cannot_be_translated_still_goes_out():
+    """An event that breaks the translator comes after what the same read already gave: that text
+    is sent, then the error."""
+    from types import SimpleNamespace
+
+    from plugins.providers.anthropic import Anthropic
+
+    read = (b'event: message_start\ndata: {"type":"message_start","message":{"id":"msg_1","usage":{}}}\n\n'
+            b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,'
+            b'"delta":{"type":"text_delta","text":"Hello"}}\n\n'
+            b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,"delta":"not an object"}\n\n')
+    provider = Anthropic(name="anthropic", base_url="http://127.0.0.1:1")
+    ctx = SimpleNamespace(body=chat(), request_id="r1", model=SimpleNamespace(id=SONNET), meter=None)
+
+    async def upstream():
+        yield read
+
+    sent = []
+    with pytest.raises(AttributeError):
+        async for piece in provider.translate_stream(ctx, upstream()):
+            sent.append(piece)
+    docs, _ = chunks_of(b"".join(sent))
+    assert [d["choices"][0]["delta"].get("content") for d in docs] == ["", "Hello"]
