@@ -219,6 +219,8 @@ def parse(data: dict[str, Any]) -> Config:
         raise ConfigError("server.tls_cert: give both tls_cert and tls_key, or neither")
     if cfg.server.max_body_bytes < 1024:
         raise ConfigError("server.max_body_bytes: must be at least 1024")
+    if not cfg.server.body_timeout > 0:
+        raise ConfigError("server.body_timeout: must be more than 0 seconds")
     return cfg
 
 

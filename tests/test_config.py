@@ -42,6 +42,7 @@ def test_file_overrides_merge(tmp_path):
     ("[[pipeline]]\nopt = 1\n", "pipeline[0].use"),
     ("[[models]]\nname = \"x\"\n", "models[0].id"),
     ("[server]\nport = [\n", "not valid TOML"),
+    ("[server]\nbody_timeout = 0.0\n", "server.body_timeout: must be more than 0"),
 ])
 def test_errors_name_the_key(tmp_path, text, named):
     f = tmp_path / "bad.toml"
