@@ -184,6 +184,7 @@ class Forwarder:
             if metrics is not None:
                 metrics.streams_in_flight += 1
             try:
+                assert self.loop is not None, "the forwarder's loop is taken when the app starts"
                 result, clean = await relay(ctx, provider, upstream, response, self.settings.keepalive_interval, self.loop)
             finally:
                 if metrics is not None:

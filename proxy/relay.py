@@ -111,7 +111,7 @@ class _Ticker:
 
 async def relay(ctx: Context, provider: Provider, upstream: aiohttp.ClientResponse,
                 response: web.StreamResponse | None, keepalive: float,
-                loop: asyncio.AbstractEventLoop | None = None) -> tuple[web.StreamResponse, bool]:
+                loop: asyncio.AbstractEventLoop) -> tuple[web.StreamResponse, bool]:
     """(the response, whether the upstream answer was read to its end)."""
     whole: bytes | None = None  # a JSON answer small enough (or translated) to send in one piece
     content_type = ""
@@ -172,7 +172,7 @@ async def relay(ctx: Context, provider: Provider, upstream: aiohttp.ClientRespon
     meter = ctx.meter
     assert meter is not None
     meter.stream = sse
-    ticker = _Ticker(ctx, response, keepalive, loop or asyncio.get_running_loop()) if sse and keepalive > 0 else None
+    ticker = _Ticker(ctx, response, keepalive, loop) if sse and keepalive > 0 else None
     ctx.last_write = time.monotonic()
     try:
         async for chunk in chunks:
