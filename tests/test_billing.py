@@ -163,6 +163,20 @@ async def test_a_large_batch_is_written_whole(kilo, keys_db, bound):
     assert rows["req-1199"]["ttfb_ms"] is None and rows["req-1199"]["estimated"] == 0
 
 
+def test_batches_are_cut_into_few_statement_sizes():
+    """Any batch is written with the same ten INSERTs (sqlite3 keeps them compiled), in order, whole."""
+    from proxy.ledger import _parts
+
+    sizes = set()
+    for count, most in [(0, 512), (1, 512), (700, 512), (1201, 512), (5000, 512), (700, 52), (1023, 1724)]:
+        parts = _parts(count, most)
+        assert [start for start, _ in parts] == [sum(size for _, size in parts[:i]) for i in range(len(parts))]
+        assert sum(size for _, size in parts) == count
+        assert all(size <= min(most, 512) and size & (size - 1) == 0 for _, size in parts)
+        sizes |= {size for _, size in parts}
+    assert len(sizes) <= 10
+
+
 async def test_key_and_generation_endpoints(kilo, upstream, account):
     upstream.mode, upstream.usage = "usage", usage(0)
     alice, bob = account("alice", "1"), account("bob", "1")
