@@ -27,14 +27,14 @@ from proxy.pipeline import compose
 from proxy.ratelimits import open_storage
 from proxy.registry import STAGES, build, load
 from proxy.routing import Router, build_providers
-from proxy import sync
+from proxy import logs, sync
 
 BASES = ("/api/gateway", "/api/gateway/v1", "/api/openrouter", "/api/openrouter/v1", "/api/v1", "/v1")
 
-access_log = structlog.get_logger("turnstile.access")
 log = structlog.get_logger("turnstile")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Access = Callable[[dict[str, Any]], None]
 
 
 def _http_error(exc: web.HTTPException, max_body: int) -> GatewayError:
@@ -49,7 +49,8 @@ def _http_error(exc: web.HTTPException, max_body: int) -> GatewayError:
     return GatewayError(exc.status, "invalid_request", exc.reason or "Bad request.")
 
 
-def wrap(handler: Handler, route: str, max_body: int, metrics: Metrics | None, ids: Iterator[str]) -> Handler:
+def wrap(handler: Handler, route: str, max_body: int, metrics: Metrics | None, ids: Iterator[str],
+         access: Access) -> Handler:
     """Each endpoint, wrapped once at start-up (no per-request middleware chain): it gets a request
     id, every refusal rendered in the error shape, the one access-log line and its metrics."""
 
@@ -70,7 +71,7 @@ def wrap(handler: Handler, route: str, max_body: int, metrics: Metrics | None, i
             error = _http_error(exc, max_body)
             response = error.response()
         except asyncio.CancelledError:
-            _access(request, start, 499)
+            _access(access, request, start, 499)
             if metrics is not None:
                 metrics.observe(route, 499, time.monotonic() - start, CONTEXT.get(), None)
             raise
@@ -81,7 +82,7 @@ def wrap(handler: Handler, route: str, max_body: int, metrics: Metrics | None, i
             response.headers["X-Request-Id"] = rid
         if error is not None and error.status in (408, 413):
             response.force_close()  # the body was not read: the connection cannot carry another request
-        status = _access(request, start, response.status, response)
+        status = _access(access, request, start, response.status, response)
         if metrics is not None:
             metrics.observe(route, status, time.monotonic() - start, CONTEXT.get(), error)
         # No reference cycle may outlive the request: a caught error's traceback holds this frame.
@@ -126,7 +127,8 @@ class Fallback:
         raise _http_error(web.HTTPNotFound(), 0)
 
 
-def _access(request: web.Request, start: float, status: int, response: web.StreamResponse | None = None) -> int:
+def _access(access: Access, request: web.Request, start: float, status: int,
+            response: web.StreamResponse | None = None) -> int:
     ctx = CONTEXT.get()
     now = time.monotonic()
     body = getattr(response, "body", None)
@@ -154,7 +156,7 @@ def _access(request: web.Request, start: float, status: int, response: web.Strea
             fields["retries"] = ctx.retries
         if ctx.fallbacks:
             fields["fallbacks"] = ctx.fallbacks
-    access_log.info("request", **fields)
+    access(fields)
     return int(fields["status"])
 
 
@@ -184,9 +186,10 @@ def create_app(config: Config, env: Mapping[str, str] = os.environ) -> web.Appli
 
     app = web.Application(client_max_size=config.server.max_body_bytes)
     ids = request_ids()
+    access = logs.access_writer()
 
     def endpoint(handler: Handler, route: str) -> Handler:
-        return wrap(handler, route, config.server.max_body_bytes, metrics, ids)
+        return wrap(handler, route, config.server.max_body_bytes, metrics, ids, access)
 
     app.cleanup_ctx.append(keys.cleanup_ctx)  # opens (and first creates) the database
     app.cleanup_ctx.append(ledger.cleanup_ctx)  # closed after the session: its last flush sees every request

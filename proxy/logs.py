@@ -11,7 +11,7 @@ import contextlib
 import logging
 import sys
 import time
-from typing import Any
+from typing import Any, Callable
 
 import orjson
 import structlog
@@ -98,6 +98,42 @@ class Stamp:
 _batched: BatchedBytesLogger | None = None
 
 
+class JSONAccessLine:
+    """The access line, in JSON: the same line structlog would write, serialized straight to the
+    batched stream. It is the one line per request, and structlog's chain of processors cost more
+    than the rest of it (about 56,000 instructions a line, against 21,000 here)."""
+
+    def __init__(self, out: BatchedBytesLogger, stamp: Stamp, processors: list[Any], merge_contextvars: bool) -> None:
+        self.out, self.stamp, self.processors, self.installed = out, stamp, processors, list(processors)
+        self.merge_contextvars = merge_contextvars
+
+    def bind(self) -> Callable[[dict[str, Any]], None]:
+        bound = structlog.contextvars.get_contextvars() if self.merge_contextvars else {}  # the worker's number
+        out, stamp, dumps = self.out, self.stamp, orjson.dumps
+
+        def line(fields: dict[str, Any]) -> None:
+            fields["event"] = "request"
+            for name, value in bound.items():
+                fields.setdefault(name, value)
+            out.msg(dumps(stamp(None, "info", fields), default=repr))
+
+        return line
+
+
+_access: JSONAccessLine | None = None
+
+
+def access_writer() -> Callable[[dict[str, Any]], None]:
+    """How an app writes its access line, chosen when the app is built: straight to the stream when
+    `setup` made info lines in JSON and they are still configured so; else through structlog (console
+    lines, a test capturing the logs)."""
+    processors = structlog.get_config()["processors"]  # (capture_logs changes this list in place)
+    if _access is not None and processors is _access.processors and processors == _access.installed:
+        return _access.bind()
+    logger = structlog.get_logger("turnstile.access")
+    return lambda fields: logger.info("request", **fields)
+
+
 def flush() -> None:
     """Write what is waiting (before a process ends)."""
     if _batched is not None:
@@ -116,17 +152,21 @@ def setup(settings: Logging, stream: object = None, cache: bool = False, workers
     if fmt not in ("auto", "json", "console"):
         raise ConfigError(f"logging.format: {fmt!r} is not one of auto, json, console")
     as_json = fmt == "json" or (fmt == "auto" and not getattr(out, "isatty", lambda: False)())
+    stamp = Stamp()
     processors: list[structlog.typing.Processor] = [
         *([structlog.contextvars.merge_contextvars] if workers else []),  # the worker's number
-        Stamp(),
+        stamp,
     ]
+    global _access, _batched
+    _access = None
     if as_json:
         processors += [structlog.processors.format_exc_info, structlog.processors.JSONRenderer(serializer=orjson.dumps)]
-        global _batched
         if _batched is None:
             atexit.register(flush)  # whatever waits when the interpreter ends
         batched = _batched = BatchedBytesLogger(getattr(out, "buffer", out))
         factory: object = lambda *args: batched  # noqa: E731
+        if level <= logging.INFO:
+            _access = JSONAccessLine(batched, stamp, processors, workers)
     else:
         # Plain tracebacks: a rich one would print local variables, keys among them.
         processors.append(structlog.dev.ConsoleRenderer(colors=False, exception_formatter=structlog.dev.plain_traceback))

@@ -100,3 +100,31 @@ def test_lines_logged_outside_an_event_loop_are_written_at_once():
         assert json.loads(out.writes[-1])["event"] == "hello"
     finally:
         structlog.reset_defaults()
+
+
+def test_access_line_in_json_is_the_line_structlog_writes():
+    out = Writes()
+    structlog.contextvars.bind_contextvars(worker=3)
+    try:
+        logs.setup(Logging(level="info", format="json"), stream=out, workers=True)
+        fields = {"request_id": "r1", "method": "POST", "path": "/v1/chat/completions", "status": 200,
+                  "ttfb_ms": None, "total_ms": 1.25, "bytes_out": 10, "model": "openai/gpt-5.4", "fallbacks": ["a/b"]}
+        structlog.get_logger("turnstile.access").info("request", **fields)
+        logs.access_writer()(dict(fields))
+        logs.flush()
+        by_structlog, ours = (json.loads(line) for w in out.writes for line in w.splitlines())
+        assert list(ours) == list(by_structlog)  # the same fields in the same order
+        assert {**ours, "timestamp": None} == {**by_structlog, "timestamp": None}
+        assert ours["worker"] == 3 and ours["event"] == "request" and ours["level"] == "info"
+
+        with capture_logs() as captured:  # reconfigured since: an app built now logs through structlog
+            logs.access_writer()(dict(fields))
+        assert captured == [{**fields, "event": "request", "log_level": "info"}]
+
+        logs.setup(Logging(level="warning", format="json"), stream=out)
+        logs.access_writer()(dict(fields))  # below the level: not written
+        logs.flush()
+        assert sum(len(w.splitlines()) for w in out.writes) == 2
+    finally:
+        structlog.contextvars.clear_contextvars()
+        structlog.reset_defaults()
