@@ -194,7 +194,11 @@ class Meter:
         self.usage = Usage.parse(raw)
         self.cost_micros = self.prices.cost_micros(self.usage)
         raw["cost"] = self.cost_micros / 1_000_000
-        return b"".join((data[:start], orjson.dumps(raw), data[end:]))
+        try:
+            encoded = orjson.dumps(raw)
+        except TypeError:  # an integer beyond 64 bits, which orjson cannot write
+            encoded = json.dumps(raw, separators=(",", ":"), ensure_ascii=False).encode()
+        return b"".join((data[:start], encoded, data[end:]))
 
     def observe(self, usage: dict[str, Any]) -> None:
         """Usage a translator saw but the client did not ask to be sent."""

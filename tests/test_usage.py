@@ -107,3 +107,25 @@ def test_spaced_and_compact_json_both_found_the_last_one_wins():
         assert (meter.usage, meter.finish_reason) == (usage, reason)
         last = json.loads(out.split(b"\n\n")[-2][6:])
         assert last["usage"]["cost"] == meter.cost_micros / 1e6
+
+
+def test_usage_found_wherever_it_sits_in_its_object():
+    """Last in its object (OpenAI, OpenRouter), first, in the middle, with a nested object after it,
+    or holding what orjson refuses: each body is patched in place, every other byte left as it was."""
+    usage = '"usage":{"prompt_tokens":10,"completion_tokens":5,"prompt_tokens_details":{"cached_tokens":0}}'
+    bodies = [
+        '{"id":"a","choices":[{"finish_reason":"stop"}],' + usage + '}',
+        '{' + usage + ',"id":"a","choices":[{"finish_reason":"stop"}]}',
+        '{"id":"a",' + usage + ',"choices":[{"finish_reason":"stop"}],"x":{"y":{}}}',
+        '{"id":"a",' + usage + ',"extra":{"big":123456789012345678901234567890}}',
+        '{"id":"a","usage":{"prompt_tokens":10,"completion_tokens":5,"big":123456789012345678901234567890}}\n',
+    ]
+    for body in bodies:
+        meter = Meter(SONNET, stream=False)
+        out = meter.whole(body.encode())
+        assert meter.usage == Usage(prompt=10, completion=5)
+        patched = json.loads(out)
+        assert patched["usage"]["cost"] == meter.cost_micros / 1e6 > 0
+        del patched["usage"]["cost"]
+        assert patched == json.loads(body)
+        assert out.replace(b',"cost":%s' % str(meter.cost_micros / 1e6).encode(), b"") == body.encode()
