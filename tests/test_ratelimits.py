@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 
 from limits import parse
 from limits.aio.strategies import MovingWindowRateLimiter
@@ -52,3 +53,22 @@ async def test_moving_window_counts_without_limits_wrappers():
     storage = SweptMemoryStorage()
     assert [await storage.acquire_entry("k", 2, 60) for _ in range(3)] == [True, True, False]
     assert (await storage.get_moving_window("k", 2, 60))[1] == 2
+
+
+async def test_concurrent_hits_count_exactly_without_a_lock_per_key():
+    """Many requests of one address at once, interleaved by the event loop: exactly the limit is
+    admitted, in the hourly window and in the daily counters, and no lock is kept per address."""
+    storage = SweptMemoryStorage()
+    locks_before = sum(isinstance(o, asyncio.Lock) for o in gc.get_objects())
+
+    async def hourly() -> bool:
+        await asyncio.sleep(0)
+        return await storage.acquire_entry("hour/1.2.3.4", 50, 3600)
+
+    async def daily() -> bool:
+        await asyncio.sleep(0)
+        return await storage.acquire_sliding_window_entry("day/1.2.3.4", 30, 86400)
+
+    assert sum(await asyncio.gather(*(hourly() for _ in range(200)))) == 50
+    assert sum(await asyncio.gather(*(daily() for _ in range(200)))) == 30
+    assert sum(isinstance(o, asyncio.Lock) for o in gc.get_objects()) == locks_before
