@@ -71,6 +71,7 @@ def served(tmp_path_factory: Any) -> Iterator[tuple[int, LogCapture]]:
         asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(30)
     loop.call_soon_threadsafe(loop.stop)
     thread.join(10)
+    loop.close()  # else the collector finds it later, unclosed, and says so in another test
     structlog.reset_defaults()
 
 
