@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import re
@@ -113,7 +114,8 @@ def wrk(url: str, script: str, seconds: float, connections: int, env: dict[str, 
 
 def measure(proc: Proc | None, fn):
     """Runs `fn` (a coroutine function) while a thread samples the server's memory: the load
-    generator's event loop, which times every chunk, is never held up by the sampling."""
+    generator's event loop, which times every chunk, is never held up by the sampling (nor by its
+    own cycle collector)."""
     before = proc.cpu() if proc else 0.0
     peak = [proc.rss_mb() if proc else 0.0]
     stop = threading.Event()
@@ -125,9 +127,11 @@ def measure(proc: Proc | None, fn):
     sampler = threading.Thread(target=sample, daemon=True)
     if proc:
         sampler.start()
+    gc.disable()  # the load generator's own collections would show as the server's stalls and latency
     try:
         result = asyncio.run(fn())
     finally:
+        gc.enable()
         stop.set()
         if proc:
             sampler.join()
