@@ -3,6 +3,7 @@
 
     python deploy/loadtest/instructions.py                       # chat, 1,000 requests, about two minutes
     python deploy/loadtest/instructions.py --scenario stream --requests 500   # or anonymous, anthropic, gemini
+    python deploy/loadtest/instructions.py --floor               # and aiohttp's server and client alone
 
 Needs valgrind (Debian: apt-get install valgrind). The bare relay and Turnstile (full default
 pipeline) each run in a process under callgrind; the mock provider and the client (8 requests at a
@@ -68,10 +69,68 @@ async def _drive(port: int, scenario: str, n: int) -> None:
         raise SystemExit("the client failed")
 
 
+def _counted(n: int) -> None:
+    subprocess.run(["callgrind_control", "-i", "on" if n else "off", str(os.getpid())], check=True, capture_output=True)
+
+
+async def _floor(args: argparse.Namespace) -> None:
+    """aiohttp alone, each half of a relay: its server answering a canned body (`server`), or its
+    client posting to the mock and reading the answer (`client`, with no timeout, as cheap as it gets)."""
+    import aiohttp
+    from aiohttp import web
+
+    from mock_upstream import openai_bodies
+
+    if args.target == "server":
+        canned = openai_bodies(50)[0]
+
+        async def answer(request: web.Request) -> web.Response:
+            await request.read()
+            return web.Response(body=canned, content_type="application/json")
+
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", answer)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", args.port).start()
+        await _drive(args.port, "chat", 200)
+        _counted(1)
+        await _drive(args.port, "chat", args.requests)
+        _counted(0)
+        await runner.cleanup()
+        return
+    body, url = BODIES["chat"].encode(), f"http://127.0.0.1:{args.mock}/v1/chat/completions"
+    headers = {"Content-Type": "application/json", "Authorization": "Bearer mock"}
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None)) as session:
+        async def run(n: int) -> None:
+            todo = iter(range(n))
+
+            async def worker() -> None:
+                for _ in todo:
+                    async with session.post(url, data=body, headers=headers) as resp:
+                        await resp.read()
+
+            await asyncio.gather(*(worker() for _ in range(8)))
+
+        await run(200)
+        _counted(1)
+        await run(args.requests)
+        _counted(0)
+
+
 def serve(args: argparse.Namespace) -> None:
     """Inside callgrind: start the target, warm up, count `args.requests` requests, stop."""
     from aiohttp import web
 
+    if args.target in ("server", "client"):
+        try:
+            import uvloop
+
+            uvloop.install()
+        except ImportError:
+            pass
+        asyncio.run(_floor(args))
+        return
     if args.target == "bare":
         from bare_relay import make_app
 
@@ -99,12 +158,11 @@ def serve(args: argparse.Namespace) -> None:
         await _drive(args.port, args.scenario, 1023)
         if ledger is not None:
             await ledger.flush()
-        control = ["callgrind_control", "-i"]
-        subprocess.run([*control, "on", str(os.getpid())], check=True, capture_output=True)
+        _counted(1)
         await _drive(args.port, args.scenario, args.requests)
         if ledger is not None:
             await ledger.flush()  # the measured requests' rows, as one batch: part of their cost
-        subprocess.run([*control, "off", str(os.getpid())], check=True, capture_output=True)
+        _counted(0)
         await runner.cleanup()
 
     try:
@@ -130,11 +188,15 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--scenario", choices=sorted(BODIES), default="chat")
     ap.add_argument("--requests", type=int, default=1000)
-    ap.add_argument("--serve", choices=["bare", "turnstile"], help=argparse.SUPPRESS)
+    ap.add_argument("--floor", action="store_true",
+                    help="also count aiohttp alone: its server with a canned answer, its client alone (chat)")
+    ap.add_argument("--serve", choices=["bare", "turnstile", "server", "client"], help=argparse.SUPPRESS)
     for name in ("--mock", "--port"):
         ap.add_argument(name, type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--config", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.floor and args.scenario != "chat":
+        ap.error("--floor measures the chat scenario only")
     if args.serve:
         args.target = args.serve
         serve(args)
@@ -162,6 +224,7 @@ def main() -> int:
         wait_port(mock)
         bare = count("bare", args, tmp, mock, config)
         ours = count("turnstile", args, tmp, mock, config)
+        floor = {half: count(half, args, tmp, mock, config) for half in ("server", "client")} if args.floor else {}
     finally:
         upstream.terminate()
         upstream.wait()
@@ -169,6 +232,9 @@ def main() -> int:
     print(f"{args.scenario}, {args.requests} requests, 8 at a time: instructions per request")
     print(f"  bare relay  {bare:>12,.0f}")
     print(f"  turnstile   {ours:>12,.0f}   {ours / bare:.2f}x bare")
+    if floor:
+        print(f"  aiohttp alone: server (canned answer) {floor['server']:,.0f}, client {floor['client']:,.0f}, "
+              f"together {floor['server'] + floor['client']:,.0f}")
     return 0
 
 
