@@ -116,7 +116,7 @@ def ip_hash(secret: bytes, ip: str) -> str:
 
 def _write(db: sqlite3.Connection, rows: list[Row], debits: dict[int, int]) -> None:
     # SQLite before 3.32 binds at most 999 parameters per statement: 32 rows.
-    most = db.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // len(COLUMNS)
+    most = max(1, db.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // len(COLUMNS))
     db.execute("BEGIN IMMEDIATE")
     try:
         for start, size in _parts(len(rows), most):
@@ -162,8 +162,8 @@ class Ledger:
             assert self._db is not None
             try:
                 await asyncio.to_thread(self._locked, _write, self._db, rows, debits)
-            except sqlite3.Error as exc:
-                log.error("ledger_write_failed", rows=len(rows), error=str(exc))
+            except Exception as exc:  # noqa: BLE001 (whatever it is, the rows wait for the next try)
+                log.error("ledger_write_failed", rows=len(rows), error=f"{type(exc).__name__}: {exc}")
                 self.rows[:0] = rows  # keep them for the next try
                 for account, micros in debits.items():
                     self.keys.unflushed[account] = self.keys.unflushed.get(account, 0) + micros

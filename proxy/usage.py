@@ -46,9 +46,12 @@ class Usage:
         )
 
 
+MAX_TOKENS = 10**12  # no answer counts a trillion tokens; priced, a larger count could overflow the ledger
+
+
 def _count(v: Any) -> int:
-    """A token count as sent, or 0 for anything that is not a positive whole number."""
-    return v if type(v) is int and v > 0 else 0
+    """A token count as sent, or 0 for anything that is not a positive whole number up to MAX_TOKENS."""
+    return v if type(v) is int and 0 < v <= MAX_TOKENS else 0
 
 
 # Prices are kept as whole numbers of 10^-24 USD: every catalog price is exact at that scale, and
@@ -196,8 +199,11 @@ class Meter:
         raw["cost"] = self.cost_micros / 1_000_000
         try:
             encoded = orjson.dumps(raw)
-        except TypeError:  # an integer beyond 64 bits, which orjson cannot write
-            encoded = json.dumps(raw, separators=(",", ":"), ensure_ascii=False).encode()
+        except TypeError:  # what orjson will not write: an integer beyond 64 bits, a lone surrogate
+            try:
+                encoded = json.dumps(raw, separators=(",", ":"), allow_nan=False).encode()
+            except ValueError:  # NaN or infinity as well: left as sent, without the cost (billed all the same)
+                return data
         return b"".join((data[:start], encoded, data[end:]))
 
     def observe(self, usage: dict[str, Any]) -> None:

@@ -119,6 +119,29 @@ async def test_failed_upstream_costs_nothing(kilo, upstream, account, keys_db):
     assert balance(keys_db) == 10_000_000
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+async def test_an_unbelievable_token_count_is_not_billed_and_the_ledger_goes_on(kilo, upstream, account, keys_db, stream):
+    """A count no answer has (10^30 tokens, beyond SQLite's integers) is not believed: the client gets
+    its answer, the row is written with what can be believed, and later rows are written too."""
+    upstream.mode = "usage"
+    upstream.usage = {**usage(0), "prompt_tokens": 10**30, "total_tokens": 10**30 + 200}
+    key = account("odd", "10")
+    client = await kilo()
+    chat = {"model": SONNET, "messages": [{"role": "user", "content": "x"}], "stream": stream}
+    resp = await client.post("/v1/chat/completions", json=chat, headers={"Authorization": f"Bearer {key}"})
+    assert resp.status == 200
+    await resp.read()
+    assert await client.app[LEDGER].flush() == 1
+    upstream.usage = usage(0)
+    await (await client.post("/v1/chat/completions", json=chat, headers={"Authorization": f"Bearer {key}"})).read()
+    assert await client.app[LEDGER].flush() == 1
+    first, second = ledger_rows(keys_db)
+    assert (first["prompt_tokens"], first["completion_tokens"]) == (0, 200)
+    assert first["cost_micros"] == int(200 * Decimal("0.000015") * 1_000_000)
+    assert second["cost_micros"] == by_hand(0)
+    assert balance(keys_db) == 10_000_000 - first["cost_micros"] - second["cost_micros"]
+
+
 async def test_two_gateways_one_store_no_lost_debit(kilo, upstream, account, keys_db):
     upstream.mode, upstream.usage = "usage", usage(300)
     key = account("busy", "100")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from decimal import Decimal
 
+import orjson
+
 from proxy.usage import HOLD, Meter, Prices, Usage
 from tests.fakes import completion, fixture_bytes, stream_events
 
@@ -119,6 +121,7 @@ def test_usage_found_wherever_it_sits_in_its_object():
         '{"id":"a",' + usage + ',"choices":[{"finish_reason":"stop"}],"x":{"y":{}}}',
         '{"id":"a",' + usage + ',"extra":{"big":123456789012345678901234567890}}',
         '{"id":"a","usage":{"prompt_tokens":10,"completion_tokens":5,"big":123456789012345678901234567890}}\n',
+        '{"id":"a","usage":{"prompt_tokens":10,"completion_tokens":5,"note":"\\ud800","big":123456789012345678901234567890}}',
     ]
     for body in bodies:
         meter = Meter(SONNET, stream=False)
@@ -128,4 +131,13 @@ def test_usage_found_wherever_it_sits_in_its_object():
         assert patched["usage"]["cost"] == meter.cost_micros / 1e6 > 0
         del patched["usage"]["cost"]
         assert patched == json.loads(body)
-        assert out.replace(b',"cost":%s' % str(meter.cost_micros / 1e6).encode(), b"") == body.encode()
+        assert out.replace(b',"cost":' + orjson.dumps(meter.cost_micros / 1e6), b"") == body.encode()
+    # What no encoder writes back as JSON is left as it came: the cost is not written in, but billed.
+    body = b'{"usage":{"prompt_tokens":10,"completion_tokens":5,"x":NaN,"big":123456789012345678901234567890}}'
+    meter = Meter(SONNET, stream=False)
+    assert meter.whole(body) == body and meter.usage == Usage(prompt=10, completion=5) and meter.cost_micros > 0
+
+
+def test_unbelievable_counts_count_nothing():
+    assert Usage.parse({"prompt_tokens": 10**30, "completion_tokens": 10**12, "prompt_tokens_details": {"cached_tokens": -1}}) \
+        == Usage(prompt=0, completion=10**12)
