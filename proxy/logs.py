@@ -106,9 +106,13 @@ class JSONAccessLine:
     def __init__(self, out: BatchedBytesLogger, stamp: Stamp, processors: list[Any], merge_contextvars: bool) -> None:
         self.out, self.stamp, self.processors, self.installed = out, stamp, processors, list(processors)
         self.merge_contextvars = merge_contextvars
+        self.wrapper_class: Any = None  # what `setup` configured with these processors
+        self.factory: Any = None
 
     def bind(self) -> Callable[[dict[str, Any]], None]:
-        bound = structlog.contextvars.get_contextvars() if self.merge_contextvars else {}  # the worker's number
+        """The writer for one app. Context variables (the worker's number) are taken now, once: what
+        is bound later does not reach the access line."""
+        bound = structlog.contextvars.get_contextvars() if self.merge_contextvars else {}
         out, stamp, dumps = self.out, self.stamp, orjson.dumps
 
         def line(fields: dict[str, Any]) -> None:
@@ -127,8 +131,10 @@ def access_writer() -> Callable[[dict[str, Any]], None]:
     """How an app writes its access line, chosen when the app is built: straight to the stream when
     `setup` made info lines in JSON and they are still configured so; else through structlog (console
     lines, a test capturing the logs)."""
-    processors = structlog.get_config()["processors"]  # (capture_logs changes this list in place)
-    if _access is not None and processors is _access.processors and processors == _access.installed:
+    config = structlog.get_config()
+    processors = config["processors"]  # (capture_logs changes this list in place)
+    if (_access is not None and processors is _access.processors and processors == _access.installed
+            and config["wrapper_class"] is _access.wrapper_class and config["logger_factory"] is _access.factory):
         return _access.bind()
     logger = structlog.get_logger("turnstile.access")
     return lambda fields: logger.info("request", **fields)
@@ -177,5 +183,8 @@ def setup(settings: Logging, stream: object = None, cache: bool = False, workers
         logger_factory=factory,  # type: ignore[arg-type]
         cache_logger_on_first_use=cache,
     )
+    if _access is not None:
+        config = structlog.get_config()
+        _access.wrapper_class, _access.factory = config["wrapper_class"], config["logger_factory"]
     # aiohttp and asyncio report through the standard library: route them to the same stream.
     logging.basicConfig(level=max(level, logging.WARNING), stream=out, format="%(levelname)s %(name)s: %(message)s")

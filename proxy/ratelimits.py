@@ -20,10 +20,12 @@ _SWEEP_BATCH = 1000  # keys swept between two yields to the event loop
 
 
 class _NoLocks:
-    """limits' per-key locks, which lock nothing here. limits takes one around code with no `await`
-    in it, and in one event loop nothing else can run there: the storage counts the same without
-    them. With them, each new client address left three `asyncio.Lock`s behind (hourly window, daily
-    counters) for the cycle collector to walk until the key expired."""
+    """limits' per-key locks, which lock nothing here. Its counting takes one around code that never
+    suspends, and in one event loop nothing else can run there: it counts the same without them.
+    (limits' own expiry task does suspend inside one, awaiting a thread; this storage replaces that
+    task with `_sweep`, which holds nothing across an await.) With them, each new client address
+    left `asyncio.Lock`s behind (hourly window, daily counter) for the cycle collector to walk until
+    the key expired."""
 
     _NONE = contextlib.nullcontext()
 

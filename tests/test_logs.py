@@ -6,6 +6,7 @@ import asyncio
 import datetime
 import io
 import json
+import logging
 import re
 
 import structlog
@@ -120,6 +121,10 @@ def test_access_line_in_json_is_the_line_structlog_writes():
         with capture_logs() as captured:  # reconfigured since: an app built now logs through structlog
             logs.access_writer()(dict(fields))
         assert captured == [{**fields, "event": "request", "log_level": "info"}]
+
+        logs.setup(Logging(level="info", format="json"), stream=out)
+        structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+        logs.access_writer()(dict(fields))  # reconfigured to a higher level since: not written
 
         logs.setup(Logging(level="warning", format="json"), stream=out)
         logs.access_writer()(dict(fields))  # below the level: not written

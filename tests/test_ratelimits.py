@@ -6,6 +6,7 @@ import asyncio
 import gc
 
 from limits import parse
+from limits.aio.storage import MemoryStorage
 from limits.aio.strategies import MovingWindowRateLimiter
 
 from proxy import ratelimits
@@ -72,3 +73,6 @@ async def test_concurrent_hits_count_exactly_without_a_lock_per_key():
     assert sum(await asyncio.gather(*(hourly() for _ in range(200)))) == 50
     assert sum(await asyncio.gather(*(daily() for _ in range(200)))) == 30
     assert sum(isinstance(o, asyncio.Lock) for o in gc.get_objects()) == locks_before
+    # limits' own expiry task, which needs its locks, is still the one this storage replaces
+    assert "_MemoryStorage__schedule_expiry" in vars(MemoryStorage)
+    assert SweptMemoryStorage._MemoryStorage__schedule_expiry is SweptMemoryStorage._schedule_sweep

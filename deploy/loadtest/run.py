@@ -60,11 +60,12 @@ class Proc:
         stack.callback(self.stop)
 
     def pids(self) -> list[int]:
-        """The server and its workers, read from /proc: no process started per sample."""
+        """The server and its workers: read from /proc, or asked of pgrep where the kernel does not
+        list children there."""
         try:
             kids = Path(f"/proc/{self.p.pid}/task/{self.p.pid}/children").read_text().split()
         except OSError:
-            kids = []
+            kids = subprocess.run(["pgrep", "-P", str(self.p.pid)], capture_output=True, text=True).stdout.split()
         return [self.p.pid, *map(int, kids)]
 
     def cpu(self) -> float:
@@ -113,9 +114,9 @@ def wrk(url: str, script: str, seconds: float, connections: int, env: dict[str, 
 
 
 def measure(proc: Proc | None, fn):
-    """Runs `fn` (a coroutine function) while a thread samples the server's memory: the load
-    generator's event loop, which times every chunk, is never held up by the sampling (nor by its
-    own cycle collector)."""
+    """Runs `fn` (a coroutine function) while a thread samples the server's memory: the sampling is
+    not done in the load generator's event loop, which times every chunk, and its own cycle
+    collector is off meanwhile."""
     before = proc.cpu() if proc else 0.0
     peak = [proc.rss_mb() if proc else 0.0]
     stop = threading.Event()
