@@ -13,7 +13,8 @@ from typing import Any, AsyncIterator
 import orjson
 
 from plugins.providers.base import (
-    EFFORT_RATIO, Chunks, StreamTranslation, UpstreamRequest, error_body, reasoning_of, upstream_status, wants_usage,
+    EFFORT_RATIO, Chunks, StreamTranslation, UpstreamRequest, error_body, error_of, reasoning_of, upstream_status,
+    wants_usage,
 )
 from proxy.context import Context
 from proxy.errors import invalid_request
@@ -290,11 +291,7 @@ class Anthropic:
         return _Stream(ctx).run(chunks)
 
     def translate_error(self, status: int, body: bytes) -> tuple[int, bytes]:
-        try:
-            err = orjson.loads(body).get("error") or {}
-            message = str(err.get("message") or "")
-        except (orjson.JSONDecodeError, AttributeError):
-            message = ""
+        message = error_of(body)[1]
         ours, code = upstream_status(status, message)
         return error_body(ours, f"Anthropic: {message or f'HTTP {status}'}", code=code)
 

@@ -154,6 +154,15 @@ def error_body(status: int, message: str, error_type: str = "upstream_error", co
     return status, orjson.dumps(err.body())
 
 
+def error_of(body: bytes) -> tuple[dict[str, Any], str]:
+    """The `error` object of a provider's JSON error body and its message ({} and "" when none)."""
+    try:
+        err = orjson.loads(body).get("error") or {}
+        return err, str(err.get("message") or "")
+    except (orjson.JSONDecodeError, AttributeError):
+        return {}, ""
+
+
 def upstream_status(status: int, message: str) -> tuple[int, str | None]:
     """Our status (and a code) for a provider's error status and message."""
     lowered = message.lower()

@@ -16,7 +16,8 @@ from typing import Any, AsyncIterator
 import orjson
 
 from plugins.providers.base import (
-    EFFORT_RATIO, Chunks, StreamTranslation, UpstreamRequest, error_body, reasoning_of, upstream_status, wants_usage,
+    EFFORT_RATIO, Chunks, StreamTranslation, UpstreamRequest, error_body, error_of, reasoning_of, upstream_status,
+    wants_usage,
 )
 from proxy.context import Context
 from proxy.errors import invalid_request
@@ -263,12 +264,8 @@ class Gemini:
         return _Stream(ctx).run(chunks)
 
     def translate_error(self, status: int, body: bytes) -> tuple[int, bytes]:
-        try:
-            err = orjson.loads(body).get("error") or {}
-            message = str(err.get("message") or "")
-            reasons = {d.get("reason") for d in err.get("details") or [] if isinstance(d, dict)}
-        except (orjson.JSONDecodeError, AttributeError):
-            message, reasons = "", set()
+        err, message = error_of(body)
+        reasons = {d.get("reason") for d in err.get("details") or [] if isinstance(d, dict)}
         if "API_KEY_INVALID" in reasons:  # our key, not the caller's: the forwarder's rule for 401s
             return error_body(503, "The service is temporarily unavailable. Please try again later.",
                               error_type="temporarily_unavailable")
