@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import AsyncIterator
-
 import orjson
 
 DONE = b"data: [DONE]\n\n"
@@ -49,16 +47,6 @@ class Events:
         """The complete lines of a last event that came without its blank line."""
         buffer, self._buffer = self._buffer, b""
         return _block(buffer[: buffer.rfind(b"\n") + 1]) if buffer else []
-
-
-async def events(chunks: AsyncIterator[bytes]) -> AsyncIterator[tuple[str, bytes]]:
-    """`Events` over an iterator of reads, one event at a time."""
-    reader = Events()
-    async for chunk in chunks:
-        for event in reader.feed(chunk):
-            yield event
-    for event in reader.end():
-        yield event
 
 
 def _crlf(buffer: bytes) -> bytes:

@@ -8,7 +8,7 @@ import asyncio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.sse import events
+from proxy.sse import Events
 
 
 async def _lines_reference(chunks: list[bytes]) -> list[tuple[str, bytes]]:
@@ -37,10 +37,9 @@ async def _lines_reference(chunks: list[bytes]) -> list[tuple[str, bytes]]:
 
 
 async def _read(chunks: list[bytes]) -> list[tuple[str, bytes]]:
-    async def gen():
-        for chunk in chunks:
-            yield chunk
-    return [event async for event in events(gen())]
+    """What the translators' reader makes of these reads, fed one at a time."""
+    reader = Events()
+    return [event for chunk in chunks for event in reader.feed(chunk)] + reader.end()
 
 
 LINES = st.sampled_from([
