@@ -28,6 +28,7 @@ async def test_every_format_of_the_mock_goes_through(aiohttp_server, gateway, mo
     body = await resp.json()
     assert body["choices"][0]["message"]["content"] == "word " * 5
     assert body["usage"]["prompt_tokens"] == 12
+    assert body["usage"]["completion_tokens"] == 5  # a token per chunk, in every format
 
     resp = await client.post("/v1/chat/completions", json={**chat, "stream": True})
     assert resp.status == 200

@@ -9,22 +9,20 @@ import json
 
 from aiohttp import web
 
-USAGE = {"prompt_tokens": 12, "completion_tokens": 50, "total_tokens": 62}
-
-
 def _json(obj: object) -> str:
     """Compact, as OpenAI, OpenRouter, Anthropic and Gemini send it (no spaces after `:` and `,`)."""
     return json.dumps(obj, separators=(",", ":"))
 
 
 def openai_bodies(chunks: int) -> tuple[bytes, list[bytes]]:
+    usage = {"prompt_tokens": 12, "completion_tokens": chunks, "total_tokens": 12 + chunks}  # a token per chunk
     base = {"id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": 1770000000, "model": "mock"}
     full = {**base, "object": "chat.completion", "choices": [{"index": 0, "message": {"role": "assistant",
-            "content": "word " * chunks}, "finish_reason": "stop"}], "usage": USAGE}
+            "content": "word " * chunks}, "finish_reason": "stop"}], "usage": usage}
     events = [b"data: " + _json({**base, "choices": [{"index": 0, "delta": {"content": "word "}, "finish_reason": None}]}).encode() + b"\n\n"
               for _ in range(chunks)]
     events.append(b"data: " + _json({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}).encode() + b"\n\n")
-    events.append(b"data: " + _json({**base, "choices": [], "usage": USAGE}).encode() + b"\n\ndata: [DONE]\n\n")
+    events.append(b"data: " + _json({**base, "choices": [], "usage": usage}).encode() + b"\n\ndata: [DONE]\n\n")
     return _json(full).encode(), events
 
 
@@ -110,8 +108,8 @@ def make_app(chunks: int, delay: float) -> web.Application:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--port", type=int, default=9100)
-    p.add_argument("--chunks", type=int, default=50)
+    p.add_argument("--port", type=int, default=9100, help="port on 127.0.0.1")
+    p.add_argument("--chunks", type=int, default=50, help="stream events (and completion tokens) per answer")
     p.add_argument("--delay", type=float, default=0.0, help="seconds between stream events")
     args = p.parse_args()
     try:
