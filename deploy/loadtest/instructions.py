@@ -1,5 +1,7 @@
-"""CPU instructions per request, counted by valgrind's callgrind: the same build gives the same count
-(within about 1%) however busy the machine is, where CPU time moves by ±20% on a shared one.
+"""CPU instructions per request, counted by valgrind's callgrind, for the bare relay and Turnstile.
+
+The same build gives the same count (within about 1%) however busy the machine is, where CPU time
+moves by ±20% on a shared one.
 
     python deploy/loadtest/instructions.py                       # chat, 1,000 requests, 30 s to 2 min
     python deploy/loadtest/instructions.py --scenario stream --requests 500   # or anonymous, anthropic, gemini
