@@ -29,7 +29,9 @@ def parse_body(raw: bytes) -> dict[str, Any]:
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
-        raise GatewayError(400, "invalid_request", f"Request body is not valid JSON: {exc}", code="invalid_json") from None
+        # orjson's words for bytes that are not UTF-8 speak of a `str` and surrogates: say what it is.
+        why = "it is not valid UTF-8" if str(exc).startswith("str is not valid UTF-8") else exc
+        raise GatewayError(400, "invalid_request", f"Request body is not valid JSON: {why}", code="invalid_json") from None
     if not isinstance(body, dict):
         raise invalid_request("Request body must be a JSON object.")
     messages = body.get("messages")

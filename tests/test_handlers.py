@@ -57,6 +57,13 @@ async def test_malformed_json_message_names_the_parser_error(gateway):
     assert body["message"].startswith("Request body is not valid JSON: ")
 
 
+async def test_body_that_is_not_utf8_is_named_so(gateway):
+    client = await gateway()
+    resp = await client.post("/v1/chat/completions", data=b'{"model":"\xff"}')
+    assert resp.status == 400
+    assert (await resp.json())["message"] == "Request body is not valid JSON: it is not valid UTF-8"
+
+
 async def test_body_over_the_limit_is_413(gateway, upstream):
     client = await gateway(server={"max_body_bytes": 64 * 1024})
     big = {**OK, "messages": [{"role": "user", "content": "x" * (65 * 1024)}]}
