@@ -15,6 +15,7 @@ from typing import Any
 
 import orjson
 
+# Each searched for in its compact form (as OpenAI, OpenRouter and most providers send it) and spaced.
 _MARKERS = (b'"usage":{', b'"usage": {')
 _FINISHES = (b'"finish_reason":"', b'"finish_reason": "')
 _FINISH = re.compile(rb'"finish_reason"\s*:\s*"([a-z_]+)"')
@@ -103,16 +104,14 @@ class Prices:
 
 def _last(data: bytes, forms: tuple[bytes, bytes]) -> int:
     """Where the last of either form (compact, spaced) starts in `data`, or -1. Searched from the end,
-    the spaced form only after the last compact one: no scan of the whole of `data` when it is found."""
+    the spaced form only after the last compact one: no scan of the whole of `data` when it is found.
+    (`Meter.feed` does the same inline.)"""
     at = data.rfind(forms[0])
-    return max(at, data.rfind(forms[1], at + 1 if at >= 0 else 0))
+    return max(at, data.rfind(forms[1], at + 1))
 
 
-def _usage(buf: bytes) -> tuple[int, int, Any] | None:
-    """(start, end, parsed object) of the last `"usage":{…}` in `buf`, by the C JSON scanner."""
-    at = _last(buf, _MARKERS)
-    if at < 0:
-        return None
+def _usage(buf: bytes, at: int) -> tuple[int, int, Any] | None:
+    """(start, end, parsed object) of the `"usage":{…}` whose key starts at `at`, by the C JSON scanner."""
     start = buf.index(b"{", at)
     text = buf[start:].decode("utf-8", "replace")
     try:
@@ -152,14 +151,24 @@ class Meter:
         """The part of what has arrived that can be written now."""
         data = self._pending + chunk if self._pending else chunk
         if self.stream:
-            cut = _sse_boundary(data)
-            self._pending = data[cut:]
-            data = data[:cut]
-            if data:
-                self.events += data.count(b"data: ")
-                self._note_finish(data)
-                data = self._patch(data)
-            return data
+            if data.endswith(b"\n\n"):  # the usual read: whole events
+                self._pending = b""
+            else:
+                cut = _sse_boundary(data)
+                self._pending = data[cut:]
+                data = data[:cut]
+                if not data:
+                    return data
+            # This runs for every read of every stream, and most reads hold neither a finish reason
+            # nor usage: `_last`'s two searches each, inline, with no Python call until one is found.
+            self.events += data.count(b"data: ")
+            at = data.rfind(_FINISHES[0])
+            at = max(at, data.rfind(_FINISHES[1], at + 1))
+            if at >= 0:
+                self._finish_at(data, at)
+            at = data.rfind(_MARKERS[0])
+            at = max(at, data.rfind(_MARKERS[1], at + 1))
+            return data if at < 0 else self._patch(data, at)
         if len(data) <= HOLD:
             self._pending = data
             return b""
@@ -176,19 +185,21 @@ class Meter:
     def whole(self, body: bytes) -> bytes:
         """A whole JSON answer, patched with the cost if it carries usage."""
         self.stream = False
-        self._note_finish(body)
-        return self._patch(body)
-
-    def _note_finish(self, data: bytes) -> None:
-        """The last finish reason in `data`, found from the end: no scan of every chunk."""
-        at = _last(data, _FINISHES)
+        at = _last(body, _FINISHES)
         if at >= 0:
-            found = _FINISH.match(data, at)
-            if found:
-                self.finish_reason = found.group(1).decode()
+            self._finish_at(body, at)
+        at = _last(body, _MARKERS)
+        return body if at < 0 else self._patch(body, at)
 
-    def _patch(self, data: bytes) -> bytes:
-        found = _usage(data)
+    def _finish_at(self, data: bytes, at: int) -> None:
+        """The finish reason whose key starts at `at` (the last one in `data`)."""
+        found = _FINISH.match(data, at)
+        if found:
+            self.finish_reason = found.group(1).decode()
+
+    def _patch(self, data: bytes, at: int) -> bytes:
+        """`data` with the usage object whose key starts at `at` priced, and its cost written in."""
+        found = _usage(data, at)
         if found is None:
             return data
         start, end, raw = found
