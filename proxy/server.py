@@ -26,6 +26,15 @@ from proxy.protocol import Runner
 log = structlog.get_logger("turnstile")
 
 FULL_COLLECTION_AFTER = 1000  # collections of the middle generation before a full one (Python: 10)
+_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# Set by a SIGTERM or SIGINT that comes while the process is still starting, before its event loop
+# takes the signals: it then stops as soon as it has started, cleanly, instead of dying by the signal.
+_stop_asked = False
+
+
+def _ask_stop(signum: int, frame: object) -> None:
+    global _stop_asked
+    _stop_asked = True
 
 
 def _use_uvloop() -> bool:
@@ -38,6 +47,12 @@ def _use_uvloop() -> bool:
 
 
 async def serve(cfg: Config, app: web.Application, uvloop: bool) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in _SIGNALS:
+        loop.add_signal_handler(sig, stop.set)
+    if _stop_asked:
+        stop.set()
     runner = Runner(app, access_log=None, handle_signals=False, handler_cancellation=True,
                            shutdown_timeout=cfg.server.shutdown_timeout)
     await runner.setup()
@@ -57,10 +72,6 @@ async def serve(cfg: Config, app: web.Application, uvloop: bool) -> int:
         await runner.cleanup()
         print(f"turnstile: cannot listen on {host}:{port}: {exc.strerror or exc}", file=sys.stderr)
         return 1
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     # Everything built so far lives as long as the process: the cycle collector need not walk it
     # again. (Its full passes took ~25 ms each under load; frozen, ~2 ms.)
     gc.collect()
@@ -88,6 +99,8 @@ def run(cfg: Config) -> int:
 
 
 def _worker(cfg: Config) -> int:
+    for sig in _SIGNALS:
+        signal.signal(sig, _ask_stop)
     uvloop = _use_uvloop()
     app = create_app(cfg)
     try:
@@ -96,13 +109,15 @@ def _worker(cfg: Config) -> int:
         logs.flush()
 
 
-def _spawn(cfg: Config, index: int) -> int:
+def _fork(cfg: Config, index: int, mask: set[signal.Signals]) -> int:
+    """Called with SIGTERM and SIGINT blocked; `mask` is the mask to restore in the child."""
     pid = os.fork()
     if pid == 0:  # the worker: its own event loop, app, connection pool and key cache
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
         code = 1
         try:
+            for sig in _SIGNALS:  # not the supervisor's handler; a signal that waited arrives here
+                signal.signal(sig, _ask_stop)
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             structlog.contextvars.bind_contextvars(worker=index)
             code = _worker(cfg)
         except Exception:
@@ -117,6 +132,8 @@ def supervise(cfg: Config) -> int:
     """N worker processes share the port (SO_REUSEPORT). A worker that dies is started again;
     SIGTERM is passed to every worker, each drains its requests, then the supervisor exits 0."""
     stopping = False
+    workers: dict[int, int] = {}  # pid -> index
+    born: dict[int, float] = {}
 
     def stop(signum: int, frame: object) -> None:
         nonlocal stopping
@@ -125,10 +142,21 @@ def supervise(cfg: Config) -> int:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
 
+    def spawn(index: int) -> None:
+        """The signals wait while a worker is forked: by the time `stop` runs, the new worker is in
+        `workers` and has its own handlers, or was not started at all. Either way none is missed."""
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+        try:
+            if not stopping:
+                pid = _fork(cfg, index, mask)
+                workers[pid], born[pid] = index, time.monotonic()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    workers = {_spawn(cfg, i): i for i in range(cfg.server.workers)}
-    born = {pid: time.monotonic() for pid in workers}
+    for i in range(cfg.server.workers):
+        spawn(i)
     log.info("supervising", workers=cfg.server.workers, pids=sorted(workers))
     failed = False
     while workers:
@@ -150,7 +178,6 @@ def supervise(cfg: Config) -> int:
             stop(signal.SIGTERM, None)
             failed = True
             continue
-        new = _spawn(cfg, index)
-        workers[new], born[new] = index, time.monotonic()
+        spawn(index)
     log.info("stopped")
     return 1 if failed else 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 import signal
 import socket
@@ -138,7 +139,6 @@ async def test_sigterm_lets_20_streams_finish_and_refuses_new_connections(upstre
 
 
 async def test_two_workers_share_one_exact_limit_and_a_dead_worker_comes_back(upstream: Upstream, redis_url, tmp_path):
-    import os
     import uuid
 
     port = free_port()
@@ -185,6 +185,33 @@ async def test_two_workers_share_one_exact_limit_and_a_dead_worker_comes_back(up
     assert proc.returncode == 0
     served_by = {json.loads(line).get("worker") for line in output.splitlines() if b'"event":"request"' in line}
     assert served_by == {0, 1}  # the kernel spread connections over both processes
+
+
+async def test_sigterm_while_the_workers_start_is_a_clean_stop(upstream: Upstream, redis_url, tmp_path):
+    """A SIGTERM that comes before a worker's event loop takes the signals (here: as soon as the
+    supervisor has forked them) stops it cleanly once it has started; it does not die by the signal."""
+    port = free_port()
+    config = tmp_path / "turnstile.toml"
+    config.write_text(f'[server]\nport = {port}\nworkers = 2\n[limits]\nstorage = "{redis_url}"\n'
+                      f'[keys]\ndb = "{tmp_path / "keys.db"}"\n[logging]\nformat = "json"\n')
+    proc = await start(config, {"OPENROUTER_API_KEY": "sk-or-test", "OPENROUTER_BASE_URL": upstream.url})
+    assert proc.stdout is not None
+    try:
+        seen = b""
+        while b'"event":"supervising"' not in seen:
+            line = await asyncio.wait_for(proc.stdout.readline(), 30)
+            assert line, seen.decode()
+            seen += line
+        proc.send_signal(signal.SIGTERM)
+        output, _ = await asyncio.wait_for(proc.communicate(), 60)
+    finally:
+        if proc.returncode is None:  # it hung: take the workers down with it
+            for pid in os.popen(f"pgrep -P {proc.pid}").read().split():
+                os.kill(int(pid), signal.SIGKILL)
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 0, (seen + output).decode()[-2000:]
+    assert b"worker_died" not in output
 
 
 async def test_tls_with_a_self_signed_certificate(upstream: Upstream, tmp_path):
