@@ -37,6 +37,22 @@ _OURS = {401, 402, 403}
 USER_AGENT = "turnstile"
 
 
+async def _error_body(upstream: aiohttp.ClientResponse) -> bytes | None:
+    """An upstream's error body, read to its end (it may come in several reads); None when it is over
+    MAX_ERROR_BODY or breaks off."""
+    parts: list[bytes] = []
+    size = 0
+    try:
+        while piece := await upstream.content.read(MAX_ERROR_BODY + 1 - size):
+            parts.append(piece)
+            size += len(piece)
+            if size > MAX_ERROR_BODY:
+                return None
+    except (aiohttp.ClientError, asyncio.TimeoutError):
+        return None
+    return b"".join(parts)
+
+
 class Forwarder:
     def __init__(self, router: Router, settings: Upstream, ledger: Ledger, secrets: tuple[str, ...] = ()) -> None:
         self.router = router
@@ -201,11 +217,16 @@ class Forwarder:
 
     async def _error(self, ctx: Context, provider: Provider, upstream: aiohttp.ClientResponse,
                      response: web.StreamResponse | None) -> web.StreamResponse:
-        body = await upstream.content.read(MAX_ERROR_BODY)
-        for secret in self.secrets:
-            body = body.replace(secret, b"[redacted]")
         status = upstream.status
         content_type = upstream.headers.get("Content-Type", "application/json")
+        body = await _error_body(upstream)
+        if body is None:  # only a whole body can be redacted with certainty (and parsed): ours instead
+            body = b"" if not provider.passthrough else upstream_error(  # type: ignore[assignment]
+                status, f"The {provider.name} provider answered {status}, with an error body too large to "
+                "relay or that broke off.").response().body
+            content_type = "application/json"
+        for secret in self.secrets:
+            body = body.replace(secret, b"[redacted]")
         if status in _OURS:
             log.error("upstream_refused_gateway_key", request_id=ctx.request_id, provider=provider.name,
                       status=status, body=body[:500].decode("utf-8", "replace"))

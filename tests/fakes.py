@@ -178,9 +178,21 @@ class Upstream:
             except asyncio.CancelledError:
                 self.closed_at = time.monotonic()
                 raise
-        if fault == "echo":  # a careless upstream that quotes the key it was given
+        if fault in ("echo", "echo-split", "echo-big"):  # a careless upstream that quotes the key it was given
             key = request.headers.get("Authorization", "") + request.headers.get("x-api-key", "")
-            return web.json_response({"error": {"message": f"Incorrect API key provided: {key}", "code": 400}}, status=400)
+            text = f"Incorrect API key provided: {key}" + ("." * 70_000 if fault == "echo-big" else "")
+            error = json.dumps({"error": {"message": text, "code": 400}}).encode()
+            if fault == "echo":
+                return web.Response(body=error, status=400, content_type="application/json")
+            # in two writes, cut four characters before the key's end: two reads for the gateway
+            resp = web.StreamResponse(status=400, headers={"Content-Type": "application/json"})
+            await resp.prepare(request)
+            cut = error.index(key.encode()) + len(key) - 4
+            await resp.write(error[:cut])
+            await asyncio.sleep(0.05)
+            await resp.write(error[cut:])
+            await resp.write_eof()
+            return resp
         if isinstance(fault, int):
             headers = {"Retry-After": self.retry_after} if self.retry_after else {}
             return web.Response(status=fault, body=b'{"error": {"message": "busy", "code": %d}}' % fault,

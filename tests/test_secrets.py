@@ -51,3 +51,27 @@ async def test_no_key_anywhere(kilo, upstream, account, caplog, unused_tcp_port)
         assert secret not in everything, secret
         assert secret[4:24] not in everything, secret
     assert "[redacted]" in everything  # the echoed key was found and removed
+
+
+async def test_an_echoed_key_that_arrives_in_two_reads_is_redacted_whole(gateway, upstream):
+    """The error body is read to its end before the key is looked for: read as it first came, the
+    body would hold the key but its last four characters, which no redaction could recognise."""
+    secret = PROVIDER_KEYS["OPENROUTER_API_KEY"]
+    client = await gateway(env={"OPENROUTER_API_KEY": secret})
+    resp = await client.post("/v1/chat/completions", json={"model": "openai/gpt-5.4", "fault": "echo-split",
+                                                           "messages": [{"role": "user", "content": "hi"}]})
+    raw = await resp.read()
+    assert resp.status == 400
+    assert secret[4:24].encode() not in raw
+    assert json.loads(raw)["error"]["message"] == "Incorrect API key provided: Bearer [redacted]"
+
+
+async def test_an_error_body_too_large_to_redact_is_replaced(gateway, upstream):
+    secret = PROVIDER_KEYS["OPENROUTER_API_KEY"]
+    client = await gateway(env={"OPENROUTER_API_KEY": secret})
+    resp = await client.post("/v1/chat/completions", json={"model": "openai/gpt-5.4", "fault": "echo-big",
+                                                           "messages": [{"role": "user", "content": "hi"}]})
+    raw = await resp.read()
+    assert resp.status == 400
+    assert secret[4:24].encode() not in raw
+    assert "error body too large to relay" in json.loads(raw)["error"]["message"]
