@@ -145,7 +145,7 @@ def _access(access: Access, request: web.Request, start: float, status: int,
         if ctx.bytes_out:  # streamed by the forwarder; otherwise the gateway's own answer
             fields["status"] = ctx.status or status
             fields["bytes_out"] = ctx.bytes_out
-            fields["ttfb_ms"] = round((ctx.first_byte_at - start) * 1000, 2)
+            fields["ttfb_ms"] = round((ctx.first_byte_at - start) * 1000, 2) if ctx.first_byte_at else None
         elif ctx.status == 499:
             fields["status"] = 499
         fields["model"] = ctx.model.id

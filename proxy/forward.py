@@ -167,12 +167,14 @@ class Forwarder:
             assert opened is not None
             opened.set()
             response = await early
-            await write(ctx, response, error_chunk(exc.message, exc.status))
+            await write(ctx, response, error_chunk(exc.message, exc.status), answer=False)
             ctx.status = exc.status
             return response
-        except BaseException:  # the client left while we waited: nothing more to write
+        except BaseException as exc:  # the client left while we waited: nothing more to write
             if early is not None:
                 early.cancel()
+            if isinstance(exc, (asyncio.CancelledError, ConnectionResetError)):
+                ctx.status = 499
             raise
         finally:
             timer.cancel()
@@ -185,7 +187,7 @@ class Forwarder:
         await response.prepare(ctx.request)
         ctx.status = 200
         while not opened.is_set():
-            await write(ctx, response, KEEPALIVE)
+            await write(ctx, response, KEEPALIVE, answer=False)
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(opened.wait(), self.settings.keepalive_interval)
         return response
@@ -238,7 +240,7 @@ class Forwarder:
             content_type = "application/json"
         ctx.status = status
         if response is not None:  # the stream already started: the error travels in it
-            await write(ctx, response, error_chunk(body.decode("utf-8", "replace")[:1000], status))
+            await write(ctx, response, error_chunk(body.decode("utf-8", "replace")[:1000], status), answer=False)
             return response
         return web.Response(status=status, body=body, content_type=content_type.split(";")[0],
                             headers=ctx.response_headers)
@@ -248,7 +250,7 @@ class Forwarder:
         any output cost nothing."""
         meter = ctx.meter
         assert meter is not None
-        if meter.usage is None and ctx.bytes_out and (ctx.status < 400 or ctx.status in (499, 502)):
+        if meter.usage is None and ctx.first_byte_at and (ctx.status < 400 or ctx.status in (499, 502)):
             meter.estimate(ctx.request_bytes, ctx.bytes_out)
         usage = meter.usage
         account = ctx.account

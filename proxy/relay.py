@@ -44,9 +44,11 @@ def error_chunk(message: str, code: int = 502) -> bytes:
     return b"data: " + orjson.dumps(chunk) + b"\n\ndata: [DONE]\n\n"
 
 
-async def write(ctx: Context, response: web.StreamResponse, data: bytes) -> None:
+async def write(ctx: Context, response: web.StreamResponse, data: bytes, answer: bool = True) -> None:
+    """`answer=False` for what the gateway sends on its own (keep-alive comments, an error before
+    any of the answer): it is not the answer's first byte, and nothing in it is billed."""
     now = time.monotonic()
-    if not ctx.bytes_out:
+    if answer and not ctx.first_byte_at:
         ctx.first_byte_at = now
     ctx.last_write = now
     await response.write(data)
@@ -101,7 +103,7 @@ class _Ticker:
 
     async def _send(self) -> None:
         with contextlib.suppress(Exception):
-            await write(self.ctx, self.response, KEEPALIVE)
+            await write(self.ctx, self.response, KEEPALIVE, answer=False)
 
     def cancel(self) -> None:
         if self.handle is not None:
@@ -198,7 +200,9 @@ async def relay(ctx: Context, provider: Provider, upstream: aiohttp.ClientRespon
         ctx.status = 502
         if sse:
             with contextlib.suppress(ConnectionResetError):  # what was translated before the break goes first
-                await write(ctx, response, take() + error_chunk(f"The {ctx.provider} provider stopped mid-stream."))
+                data = take()
+                await write(ctx, response, data + error_chunk(f"The {ctx.provider} provider stopped mid-stream."),
+                            answer=bool(data))
         elif ctx.request.transport is not None:
             ctx.request.transport.abort()  # a cut JSON body must not look complete
         return response, False

@@ -244,3 +244,40 @@ async def test_usage_command(kilo, upstream, account, keys_db, capsys):
     assert "TOTAL" in table and f"{2 * by_hand(0) / 1e6:.6f}" in table
     assert main(["usage", "--db", keys_db, "--by", "day", "--since", "2999-01-01", "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == []
+
+
+def _long_chat() -> dict:
+    return {"model": SONNET, "messages": [{"role": "user", "content": "hi " * 2000}], "stream": True}
+
+
+@pytest.mark.parametrize("keepalive", [False, True], ids=["answered-at-once", "after-keep-alives"])
+async def test_an_upstream_that_fails_before_answering_costs_nothing(kilo, upstream, account, keys_db, keepalive):
+    """Keep-alive comments (sent while a slow provider has not answered) and the error chunk that
+    ends such a stream are the gateway's, not the answer: the row is the same as without them."""
+    upstream.faults, upstream.hang, upstream.status = ["hang"], 0.3 if keepalive else 0, 502
+    key = account("alice", "10")
+    before = balance(keys_db)
+    client = await kilo(upstream={"retries": 0, "keepalive_interval": 0.1})
+    resp = await client.post("/v1/chat/completions", headers={"Authorization": f"Bearer {key}"}, json=_long_chat())
+    raw = await resp.read()
+    assert (resp.status, b": keep-alive" in raw) == ((200, True) if keepalive else (502, False))
+    await client.app[LEDGER].flush()
+    [row] = ledger_rows(keys_db)
+    assert (row["status"], row["cost_micros"], row["estimated"], row["ttfb_ms"]) == (502, 0, 0, None)
+    assert balance(keys_db) == before
+
+
+async def test_a_client_that_leaves_during_keep_alives_is_a_499_that_costs_nothing(kilo, upstream, account, keys_db):
+    upstream.faults, upstream.hang = ["hang"], 30
+    key = account("alice", "10")
+    client = await kilo(upstream={"keepalive_interval": 0.1})
+    reader, writer = await open_raw(client, _long_chat(), headers={"Authorization": f"Bearer {key}"})
+    await reader.readuntil(b": keep-alive\n\n")
+    writer.transport.abort()
+    for _ in range(50):
+        await asyncio.sleep(0.05)
+        if client.app[LEDGER].rows:
+            break
+    await client.app[LEDGER].flush()
+    [row] = ledger_rows(keys_db)
+    assert (row["status"], row["cost_micros"], row["estimated"]) == (499, 0, 0)
