@@ -11,6 +11,7 @@ import contextlib
 import gc
 import os
 import signal
+import socket
 import ssl
 import sys
 import time
@@ -46,6 +47,40 @@ def _use_uvloop() -> bool:
     return True
 
 
+def _tls(cfg: Config) -> ssl.SSLContext | None:
+    """The TLS context, or None for plain HTTP. OSError or ssl.SSLError when it cannot be loaded."""
+    if not cfg.server.tls_cert:
+        return None
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls.load_cert_chain(cfg.server.tls_cert, cfg.server.tls_key)
+    return tls
+
+
+def _port_taken(host: str, port: int) -> str | None:
+    """Why (host, port) cannot be listened on by a new gateway, or None. Workers listen with
+    SO_REUSEPORT, which would let a second gateway share the port of a running one and take half of
+    its connections: this bind, without it, fails as a single process's would."""
+    try:
+        addresses = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        return str(exc)
+    for family, kind, proto, _, address in addresses:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as aiohttp's own bind
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                return exc.strerror or str(exc)
+    return None
+
+
+def _ignore_signals() -> None:
+    """Once stopped, a second SIGTERM or SIGINT must not turn the exit into a death by signal (the
+    interpreter restores the default handlers while it shuts down)."""
+    for sig in _SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
 async def serve(cfg: Config, app: web.Application, uvloop: bool) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -57,15 +92,12 @@ async def serve(cfg: Config, app: web.Application, uvloop: bool) -> int:
                            shutdown_timeout=cfg.server.shutdown_timeout)
     await runner.setup()
     host, port = cfg.server.host, cfg.server.port
-    tls = None
-    if cfg.server.tls_cert:
-        tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        try:
-            tls.load_cert_chain(cfg.server.tls_cert, cfg.server.tls_key)
-        except (OSError, ssl.SSLError) as exc:
-            await runner.cleanup()
-            print(f"turnstile: cannot load the TLS certificate or key: {exc}", file=sys.stderr)
-            return 2
+    try:
+        tls = _tls(cfg)
+    except (OSError, ssl.SSLError) as exc:
+        await runner.cleanup()
+        print(f"turnstile: cannot load the TLS certificate or key: {exc}", file=sys.stderr)
+        return 2
     try:
         await web.TCPSite(runner, host, port, backlog=1024, reuse_port=cfg.server.workers > 1, ssl_context=tls).start()
     except OSError as exc:
@@ -93,8 +125,21 @@ async def serve(cfg: Config, app: web.Application, uvloop: bool) -> int:
 def run(cfg: Config) -> int:
     logs.setup(cfg.logging, cache=True, workers=cfg.server.workers > 1)
     if cfg.server.workers > 1:
-        create_app(cfg)  # every configuration error shows here, once, before any worker starts
-        return supervise(cfg)
+        # Every configuration error shows here, once, before any worker starts.
+        create_app(cfg)
+        try:
+            _tls(cfg)
+        except (OSError, ssl.SSLError) as exc:
+            print(f"turnstile: cannot load the TLS certificate or key: {exc}", file=sys.stderr)
+            return 2
+        taken = _port_taken(cfg.server.host, cfg.server.port)
+        if taken:
+            print(f"turnstile: cannot listen on {cfg.server.host}:{cfg.server.port}: {taken}", file=sys.stderr)
+            return 1
+        try:
+            return supervise(cfg)
+        finally:
+            _ignore_signals()
     return _worker(cfg)
 
 
@@ -106,6 +151,7 @@ def _worker(cfg: Config) -> int:
     try:
         return asyncio.run(serve(cfg, app, uvloop))
     finally:
+        _ignore_signals()
         logs.flush()
 
 
@@ -174,7 +220,7 @@ def supervise(cfg: Config) -> int:
             failed = failed or code != 0
             continue
         log.error("worker_died", worker=index, pid=pid, exit_code=code)
-        if code == 1 and time.monotonic() - born.pop(pid, 0.0) < 2.0:  # it could not start (port taken?): give up
+        if code > 0 and time.monotonic() - born.pop(pid, 0.0) < 2.0:  # it could not start (port taken?): give up
             stop(signal.SIGTERM, None)
             failed = True
             continue

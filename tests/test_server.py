@@ -4,6 +4,7 @@ admitted request's ledger row, and exits 0."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -13,6 +14,7 @@ import sqlite3
 import sys
 
 import aiohttp
+import pytest
 
 from tests.fakes import Upstream
 
@@ -248,3 +250,65 @@ async def test_tls_with_a_self_signed_certificate(upstream: Upstream, tmp_path):
         output, _ = await proc.communicate()
     assert proc.returncode == 0, output.decode()[-1500:]
     assert b'"url": "https://127.0.0.1' in output or b"https://127.0.0.1" in output
+
+
+def _workers_config(tmp_path, port: int, redis_url: str, extra: str = "") -> object:
+    config = tmp_path / "turnstile.toml"
+    config.write_text(f'[server]\nport = {port}\nworkers = 2\n{extra}[limits]\nstorage = "{redis_url}"\n'
+                      f'[keys]\ndb = "{tmp_path / "keys.db"}"\n[logging]\nformat = "json"\n')
+    return config
+
+
+async def _exit_of(proc: asyncio.subprocess.Process, seconds: float = 30) -> tuple[int, str]:
+    try:
+        output, _ = await asyncio.wait_for(proc.communicate(), seconds)
+    except asyncio.TimeoutError:
+        for pid in os.popen(f"pgrep -P {proc.pid}").read().split():
+            os.kill(int(pid), signal.SIGKILL)
+        proc.kill()
+        output, _ = await proc.communicate()
+        raise AssertionError("still running: " + output.decode()[-2000:]) from None
+    assert proc.returncode is not None
+    return proc.returncode, output.decode()
+
+
+async def test_workers_refuse_a_port_another_process_listens_on(upstream: Upstream, redis_url, tmp_path):
+    """Workers listen with SO_REUSEPORT; a second gateway must still not share the port of a running
+    one (here a socket that also allows sharing, as a running gateway's workers do)."""
+    port = free_port()
+    with socket.socket() as holder:
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        holder.bind(("127.0.0.1", port))
+        holder.listen()
+        proc = await start(_workers_config(tmp_path, port, redis_url), {"OPENROUTER_API_KEY": "sk-or-test",
+                                                                       "OPENROUTER_BASE_URL": upstream.url})
+        code, output = await _exit_of(proc)
+    assert code == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in output
+
+
+async def test_workers_with_a_certificate_that_cannot_load_stop_at_once(upstream: Upstream, redis_url, tmp_path):
+    extra = f'tls_cert = "{tmp_path / "missing.pem"}"\ntls_key = "{tmp_path / "missing.key"}"\n'
+    proc = await start(_workers_config(tmp_path, free_port(), redis_url, extra), {"OPENROUTER_API_KEY": "sk-or-test"})
+    code, output = await _exit_of(proc)
+    assert code == 2
+    assert "cannot load the TLS certificate or key" in output
+    assert "worker_died" not in output  # no worker was started, let alone restarted
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_a_second_sigterm_after_the_stop_does_not_change_the_exit(upstream: Upstream, redis_url, tmp_path, workers):
+    port = free_port()
+    config = _workers_config(tmp_path, port, redis_url).read_text().replace("workers = 2", f"workers = {workers}")
+    (tmp_path / "turnstile.toml").write_text(config)
+    proc = await start(tmp_path / "turnstile.toml", {"OPENROUTER_API_KEY": "sk-or-test", "OPENROUTER_BASE_URL": upstream.url})
+    async with aiohttp.ClientSession() as session:
+        await wait_up(session, f"http://127.0.0.1:{port}")
+    await asyncio.sleep(0.3)  # every worker listening
+    proc.send_signal(signal.SIGTERM)
+    while proc.returncode is None:  # SIGTERMs until it has exited, through the whole of its stop
+        await asyncio.sleep(0.005)
+        with contextlib.suppress(ProcessLookupError):  # (`send_signal` would reap it, behind asyncio's back)
+            os.kill(proc.pid, signal.SIGTERM)
+    code, output = await _exit_of(proc)
+    assert code == 0, output[-2000:]
