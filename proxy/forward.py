@@ -180,16 +180,27 @@ class Forwarder:
             timer.cancel()
             if opened is not None:
                 opened.set()
-        return await self._finish(ctx, provider, upstream, await early if early is not None else None)
+        response = None
+        if early is not None:
+            try:
+                response = await early
+            except BaseException:  # cancelled as the provider answered: its answer is not read
+                upstream.close()
+                ctx.status = 499
+                raise
+        return await self._finish(ctx, provider, upstream, response)
 
     async def _keep_waiting(self, ctx: Context, opened: asyncio.Event) -> web.StreamResponse:
         response = web.StreamResponse(status=200, headers={**SSE_HEADERS, **ctx.response_headers})
         await response.prepare(ctx.request)
         ctx.status = 200
-        while not opened.is_set():
-            await write(ctx, response, KEEPALIVE, answer=False)
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(opened.wait(), self.settings.keepalive_interval)
+        try:
+            while not opened.is_set():
+                await write(ctx, response, KEEPALIVE, answer=False)
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(opened.wait(), self.settings.keepalive_interval)
+        except ConnectionResetError:  # the client left: what comes next finds the connection closed
+            ctx.status = 499
         return response
 
     async def _finish(self, ctx: Context, provider: Provider, upstream: aiohttp.ClientResponse,
