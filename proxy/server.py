@@ -34,7 +34,12 @@ _stop_asked = False
 
 
 def _ask_stop(signum: int, frame: object) -> None:
+    """The first signal stops the process once it has started; a second one, while start-up is
+    still slow (a catalog sync waiting on its provider), stops it at once, as the default would."""
     global _stop_asked
+    if _stop_asked:
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
     _stop_asked = True
 
 
@@ -65,8 +70,14 @@ def _port_taken(host: str, port: int) -> str | None:
     except socket.gaierror as exc:
         return str(exc)
     for family, kind, proto, _, address in addresses:
-        with socket.socket(family, kind, proto) as probe:
+        try:
+            probe = socket.socket(family, kind, proto)
+        except OSError:  # a family this kernel lacks: asyncio skips it too
+            continue
+        with probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as aiohttp's own bind
+            if family == socket.AF_INET6:  # as asyncio's: IPv6 only, not also every IPv4 address
+                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             try:
                 probe.bind(address)
             except OSError as exc:
