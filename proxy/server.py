@@ -231,7 +231,8 @@ def supervise(cfg: Config) -> int:
             failed = failed or code != 0
             continue
         log.error("worker_died", worker=index, pid=pid, exit_code=code)
-        if code > 0 and time.monotonic() - born.pop(pid, 0.0) < 2.0:  # it could not start (port taken?): give up
+        age = time.monotonic() - born.pop(pid, 0.0)
+        if code > 0 and age < 2.0:  # it could not start (port taken?): give up
             stop(signal.SIGTERM, None)
             failed = True
             continue
