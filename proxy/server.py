@@ -99,9 +99,21 @@ async def serve(cfg: Config, app: web.Application, uvloop: bool) -> int:
         loop.add_signal_handler(sig, stop.set)
     if _stop_asked:
         stop.set()
+    stopped = asyncio.ensure_future(stop.wait())
     runner = Runner(app, access_log=None, handle_signals=False, handler_cancellation=True,
                            shutdown_timeout=cfg.server.shutdown_timeout)
-    await runner.setup()
+    # Start-up can be slow (a catalog sync waits up to 30 s on its provider): a stop asked meanwhile
+    # cancels it, and what had started is cleaned up.
+    setup = asyncio.ensure_future(runner.setup())
+    await asyncio.wait((setup, stopped), return_when=asyncio.FIRST_COMPLETED)
+    if not setup.done():
+        setup.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await setup
+        await runner.cleanup()
+        log.info("stopped", during="start-up")
+        return 0
+    setup.result()
     host, port = cfg.server.host, cfg.server.port
     try:
         tls = _tls(cfg)
@@ -126,7 +138,7 @@ async def serve(cfg: Config, app: web.Application, uvloop: bool) -> int:
     # ignores this third value.)
     gc.set_threshold(*gc.get_threshold()[:2], FULL_COLLECTION_AFTER)
     log.info("listening", url=f"{'https' if tls else 'http'}://{host}:{port}", uvloop=uvloop, stages=[r.use for r in cfg.pipeline])
-    await stop.wait()
+    await stopped
     log.info("stopping", grace_seconds=cfg.server.shutdown_timeout)
     await runner.cleanup()
     log.info("stopped")

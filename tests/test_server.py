@@ -14,6 +14,7 @@ import sqlite3
 import sys
 
 import aiohttp
+from aiohttp import web
 import pytest
 
 from tests.fakes import Upstream
@@ -312,3 +313,31 @@ async def test_a_second_sigterm_after_the_stop_does_not_change_the_exit(upstream
             os.kill(proc.pid, signal.SIGTERM)
     code, output = await _exit_of(proc)
     assert code == 0, output[-2000:]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_sigterm_during_a_slow_start_up_stops_at_once(aiohttp_server, redis_url, tmp_path, workers):
+    """A catalog sync that waits on its provider (up to 30 s) is cancelled by the stop: the gateway
+    exits 0 without listening, well before that wait would have ended."""
+    asked = asyncio.Event()
+
+    async def models(request: web.Request) -> web.Response:
+        asked.set()
+        await asyncio.sleep(120)
+        return web.json_response({"data": []})
+
+    app = web.Application()
+    app.router.add_get("/models", models)
+    provider = await aiohttp_server(app)
+    port = free_port()
+    config = _workers_config(tmp_path, port, redis_url).read_text()
+    config = config.replace("workers = 2", f"workers = {workers}") + "[catalog]\nsync = true\n"
+    (tmp_path / "turnstile.toml").write_text(config)
+    proc = await start(tmp_path / "turnstile.toml", {"OPENROUTER_API_KEY": "sk-or-test",
+                                                    "OPENROUTER_BASE_URL": str(provider.make_url(""))})
+    await asyncio.wait_for(asked.wait(), 30)
+    os.kill(proc.pid, signal.SIGTERM)
+    code, output = await _exit_of(proc, 20)
+    assert code == 0, output[-2000:]
+    assert '"during":"start-up"' in output.replace(" ", "")
+    assert "listening" not in output
