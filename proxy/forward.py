@@ -31,6 +31,9 @@ from proxy.usage import Meter
 log = structlog.get_logger("turnstile.forward")
 
 MAX_ERROR_BODY = 64 * 1024
+# An error body comes with its status line, not at a model's pace: one that has not ended by then
+# is not waited for (`read_timeout`, made for slow answers, would hold the caller for minutes).
+ERROR_BODY_SECONDS = 10.0
 # An upstream refusing *our* key or credit is the operator's problem, not the caller's (whose
 # client would ask them to sign in or pay): they get a 503, the operator gets the log line.
 _OURS = {401, 402, 403}
@@ -39,15 +42,16 @@ USER_AGENT = "turnstile"
 
 async def _error_body(upstream: aiohttp.ClientResponse) -> bytes | None:
     """An upstream's error body, read to its end (it may come in several reads); None when it is over
-    MAX_ERROR_BODY or breaks off."""
+    MAX_ERROR_BODY, breaks off or has not ended within ERROR_BODY_SECONDS."""
     parts: list[bytes] = []
     size = 0
     try:
-        while piece := await upstream.content.read(MAX_ERROR_BODY + 1 - size):
-            parts.append(piece)
-            size += len(piece)
-            if size > MAX_ERROR_BODY:
-                return None
+        async with asyncio.timeout(ERROR_BODY_SECONDS):
+            while piece := await upstream.content.read(MAX_ERROR_BODY + 1 - size):
+                parts.append(piece)
+                size += len(piece)
+                if size > MAX_ERROR_BODY:
+                    return None
     except (aiohttp.ClientError, asyncio.TimeoutError):
         return None
     return b"".join(parts)
@@ -236,7 +240,7 @@ class Forwarder:
         if body is None:  # only a whole body can be redacted with certainty (and parsed): ours instead
             body = b"" if not provider.passthrough else upstream_error(  # type: ignore[assignment]
                 status, f"The {provider.name} provider answered {status}, with an error body too large to "
-                "relay or that broke off.").response().body
+                "relay, or that broke off or did not end.").response().body
             content_type = "application/json"
         for secret in self.secrets:
             body = body.replace(secret, b"[redacted]")

@@ -178,7 +178,7 @@ class Upstream:
             except asyncio.CancelledError:
                 self.closed_at = time.monotonic()
                 raise
-        if fault in ("echo", "echo-split", "echo-big"):  # a careless upstream that quotes the key it was given
+        if fault in ("echo", "echo-split", "echo-big", "echo-stall"):  # a careless upstream that quotes the key it was given
             key = request.headers.get("Authorization", "") + request.headers.get("x-api-key", "")
             text = f"Incorrect API key provided: {key}" + ("." * 70_000 if fault == "echo-big" else "")
             error = json.dumps({"error": {"message": text, "code": 400}}).encode()
@@ -189,7 +189,7 @@ class Upstream:
             await resp.prepare(request)
             cut = error.index(key.encode()) + len(key) - 4
             await resp.write(error[:cut])
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(self.hang if fault == "echo-stall" else 0.05)
             await resp.write(error[cut:])
             await resp.write_eof()
             return resp

@@ -9,6 +9,7 @@ import logging
 import pytest
 from structlog.testing import capture_logs
 
+from proxy import forward
 from tests.fakes import fixture_lines
 
 PROVIDER_KEYS = {"OPENROUTER_API_KEY": "sk-or-v1-provider-secret-0001", "ANTHROPIC_API_KEY": "sk-ant-provider-secret-0002",
@@ -54,14 +55,19 @@ async def test_no_key_anywhere(kilo, upstream, account, caplog, unused_tcp_port)
     assert "[redacted]" in everything  # the echoed key was found and removed
 
 
+UNREADABLE = "The openrouter provider answered 400, with an error body too large to relay, or that broke off or did not end."
+
+
 @pytest.mark.parametrize("fault, message", [
     ("echo-split", "Incorrect API key provided: Bearer [redacted]"),
-    ("echo-big", "The openrouter provider answered 400, with an error body too large to relay or that broke off."),
+    ("echo-big", UNREADABLE),
+    ("echo-stall", UNREADABLE),
 ])
-async def test_an_echoed_key_is_redacted_whole_or_not_relayed(gateway, upstream, fault, message):
+async def test_an_echoed_key_is_redacted_whole_or_not_relayed(gateway, upstream, monkeypatch, fault, message):
     """The error body is read to its end before the key is looked for: read as it first came (two
     reads here), the body would hold the key but its last four characters, which no redaction could
-    recognise. A body too large to hold is not relayed at all."""
+    recognise. A body too large to hold, or that stops short of its end, is not relayed at all."""
+    monkeypatch.setattr(forward, "ERROR_BODY_SECONDS", 0.5)  # the stalled body's second read is 30 s away
     secret = PROVIDER_KEYS["OPENROUTER_API_KEY"]
     client = await gateway(env={"OPENROUTER_API_KEY": secret})
     resp = await client.post("/v1/chat/completions", json={"model": "openai/gpt-5.4", "fault": fault,
