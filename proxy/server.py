@@ -26,6 +26,7 @@ from proxy.protocol import Runner
 
 log = structlog.get_logger("turnstile")
 
+BACKLOG = 1024
 FULL_COLLECTION_AFTER = 1000  # collections of the middle generation before a full one (Python: 10)
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 # Set by a SIGTERM or SIGINT that comes while the process is still starting, before its event loop
@@ -61,28 +62,53 @@ def _tls(cfg: Config) -> ssl.SSLContext | None:
     return tls
 
 
-def _port_taken(host: str, port: int) -> str | None:
-    """Why (host, port) cannot be listened on by a new gateway, or None. Workers listen with
-    SO_REUSEPORT, which would let a second gateway share the port of a running one and take half of
-    its connections: this bind, without it, fails as a single process's would."""
+def _bind(host: str, port: int, reuse_port: bool) -> list[socket.socket]:
+    """Sockets bound (not yet listening) to every address of `host`, as asyncio's `create_server`
+    binds them. OSError (socket.gaierror for a bad host) when one cannot be."""
+    sockets: list[socket.socket] = []
     try:
-        addresses = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except socket.gaierror as exc:
-        return str(exc)
-    for family, kind, proto, _, address in addresses:
-        try:
-            probe = socket.socket(family, kind, proto)
-        except OSError:  # a family this kernel lacks: asyncio skips it too
-            continue
-        with probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as aiohttp's own bind
-            if family == socket.AF_INET6:  # as asyncio's: IPv6 only, not also every IPv4 address
-                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        for family, kind, proto, _, address in socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                                                  flags=socket.AI_PASSIVE):
             try:
-                probe.bind(address)
-            except OSError as exc:
-                return exc.strerror or str(exc)
-    return None
+                sock = socket.socket(family, kind, proto)
+            except OSError:  # a family this kernel lacks: asyncio skips it too
+                continue
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_INET6:  # IPv6 only, not also every IPv4 address
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+    except OSError:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
+def _reserve(host: str, port: int, workers: int) -> list[list[socket.socket]]:
+    """One set of SO_REUSEPORT sockets per worker, listening from before any worker starts and kept
+    by the supervisor for its whole life: the port is the gateway's from here on (a socket that only
+    binds does not keep it), connections made while the workers start wait for them, and a worker
+    started again takes over the socket of the one that died, with the connections that wait on it.
+
+    Sharing would also let a second gateway on a running one's port take half of its connections:
+    the first bind, without SO_REUSEPORT, fails wherever a socket already listens on the port, as a
+    single process's would."""
+    for sock in _bind(host, port, reuse_port=False):
+        sock.close()
+    reserved: list[list[socket.socket]] = []
+    try:
+        for _ in range(workers):
+            reserved.append(_bind(host, port, reuse_port=True))
+            for sock in reserved[-1]:
+                sock.listen(BACKLOG)
+    except OSError:
+        for sock in (s for sockets in reserved for s in sockets):
+            sock.close()
+        raise
+    return reserved
 
 
 def _ignore_signals() -> None:
@@ -92,7 +118,8 @@ def _ignore_signals() -> None:
         signal.signal(sig, signal.SIG_IGN)
 
 
-async def serve(cfg: Config, app: web.Application, uvloop: bool) -> int:
+async def serve(cfg: Config, app: web.Application, uvloop: bool, sockets: list[socket.socket] | None = None) -> int:
+    """Serves on `sockets` (a worker's, bound by its supervisor), or on a port of its own."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in _SIGNALS:
@@ -121,8 +148,11 @@ async def serve(cfg: Config, app: web.Application, uvloop: bool) -> int:
         await runner.cleanup()
         print(f"turnstile: cannot load the TLS certificate or key: {exc}", file=sys.stderr)
         return 2
+    sites = [web.SockSite(runner, sock, backlog=BACKLOG, ssl_context=tls) for sock in sockets] if sockets else \
+        [web.TCPSite(runner, host, port, backlog=BACKLOG, ssl_context=tls)]
     try:
-        await web.TCPSite(runner, host, port, backlog=1024, reuse_port=cfg.server.workers > 1, ssl_context=tls).start()
+        for site in sites:
+            await site.start()
     except OSError as exc:
         await runner.cleanup()
         print(f"turnstile: cannot listen on {host}:{port}: {exc.strerror or exc}", file=sys.stderr)
@@ -155,30 +185,31 @@ def run(cfg: Config) -> int:
         except (OSError, ssl.SSLError) as exc:
             print(f"turnstile: cannot load the TLS certificate or key: {exc}", file=sys.stderr)
             return 2
-        taken = _port_taken(cfg.server.host, cfg.server.port)
-        if taken:
-            print(f"turnstile: cannot listen on {cfg.server.host}:{cfg.server.port}: {taken}", file=sys.stderr)
+        try:
+            reserved = _reserve(cfg.server.host, cfg.server.port, cfg.server.workers)
+        except OSError as exc:
+            print(f"turnstile: cannot listen on {cfg.server.host}:{cfg.server.port}: {exc.strerror or exc}", file=sys.stderr)
             return 1
         try:
-            return supervise(cfg)
+            return supervise(cfg, reserved)
         finally:
             _ignore_signals()
     return _worker(cfg)
 
 
-def _worker(cfg: Config) -> int:
+def _worker(cfg: Config, sockets: list[socket.socket] | None = None) -> int:
     for sig in _SIGNALS:
         signal.signal(sig, _ask_stop)
     uvloop = _use_uvloop()
     app = create_app(cfg)
     try:
-        return asyncio.run(serve(cfg, app, uvloop))
+        return asyncio.run(serve(cfg, app, uvloop, sockets))
     finally:
         _ignore_signals()
         logs.flush()
 
 
-def _fork(cfg: Config, index: int, mask: set[signal.Signals]) -> int:
+def _fork(cfg: Config, index: int, mask: set[signal.Signals], reserved: list[list[socket.socket]]) -> int:
     """Called with SIGTERM and SIGINT blocked; `mask` is the mask to restore in the child."""
     pid = os.fork()
     if pid == 0:  # the worker: its own event loop, app, connection pool and key cache
@@ -187,8 +218,11 @@ def _fork(cfg: Config, index: int, mask: set[signal.Signals]) -> int:
             for sig in _SIGNALS:  # not the supervisor's handler; a signal that waited arrives here
                 signal.signal(sig, _ask_stop)
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+            for other in reserved[:index] + reserved[index + 1:]:  # its stop must close the port to it
+                for sock in other:
+                    sock.close()
             structlog.contextvars.bind_contextvars(worker=index)
-            code = _worker(cfg)
+            code = _worker(cfg, reserved[index])
         except Exception:
             log.exception("worker_failed")  # the supervisor only sees the exit code
         finally:
@@ -197,15 +231,19 @@ def _fork(cfg: Config, index: int, mask: set[signal.Signals]) -> int:
     return pid
 
 
-def supervise(cfg: Config) -> int:
-    """N worker processes share the port (SO_REUSEPORT). A worker that dies is started again;
-    SIGTERM is passed to every worker, each drains its requests, then the supervisor exits 0."""
+def supervise(cfg: Config, reserved: list[list[socket.socket]]) -> int:
+    """N worker processes share the port (SO_REUSEPORT), each on its own sockets from `reserved`.
+    A worker that dies is started again; SIGTERM is passed to every worker, each drains its
+    requests, then the supervisor exits 0."""
     stopping = False
     workers: dict[int, int] = {}  # pid -> index
     born: dict[int, float] = {}
 
     def stop(signum: int, frame: object) -> None:
         nonlocal stopping
+        if not stopping:  # from now on a socket closes with its worker: new connections are refused
+            for sock in (s for sockets in reserved for s in sockets):
+                sock.close()
         stopping = True
         for pid in list(workers):
             with contextlib.suppress(ProcessLookupError):
@@ -217,7 +255,7 @@ def supervise(cfg: Config) -> int:
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
         try:
             if not stopping:
-                pid = _fork(cfg, index, mask)
+                pid = _fork(cfg, index, mask, reserved)
                 workers[pid], born[pid] = index, time.monotonic()
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)

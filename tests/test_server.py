@@ -341,3 +341,35 @@ async def test_sigterm_during_a_slow_start_up_stops_at_once(aiohttp_server, redi
     assert code == 0, output[-2000:]
     assert '"during":"start-up"' in output.replace(" ", "")
     assert "listening" not in output
+
+
+async def test_the_port_is_reserved_while_the_workers_start(aiohttp_server, redis_url, tmp_path):
+    """The supervisor holds the port from its first moment: a second gateway started while the first
+    one's workers are still starting (their catalog sync waits) is refused, and does not share it."""
+    asked = asyncio.Event()
+
+    async def models(request: web.Request) -> web.Response:
+        asked.set()
+        await asyncio.sleep(120)
+        return web.json_response({"data": []})
+
+    app = web.Application()
+    app.router.add_get("/models", models)
+    provider = await aiohttp_server(app)
+    env = {"OPENROUTER_API_KEY": "sk-or-test", "OPENROUTER_BASE_URL": str(provider.make_url(""))}
+    port = free_port()
+    (tmp_path / "first").mkdir()
+    (tmp_path / "second").mkdir()
+    config = _workers_config(tmp_path / "first", port, redis_url)
+    config.write_text(config.read_text() + "[catalog]\nsync = true\n")
+    first = await start(config, env)
+    try:
+        await asyncio.wait_for(asked.wait(), 30)
+        second = await start(_workers_config(tmp_path / "second", port, redis_url), env)
+        code, output = await _exit_of(second)
+        assert code == 1
+        assert f"cannot listen on 127.0.0.1:{port}" in output
+    finally:
+        os.kill(first.pid, signal.SIGTERM)
+        code, output = await _exit_of(first)
+    assert code == 0, output[-2000:]
