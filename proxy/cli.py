@@ -12,6 +12,9 @@ from proxy.config import ConfigError
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from proxy import stopping
+
+    stopping.catch()  # before the server's imports: a Ctrl-C during them is a clean stop
     from proxy import server
 
     cfg = configuration.load(args.config)

@@ -19,7 +19,7 @@ import time
 import structlog
 from aiohttp import web
 
-from proxy import logs
+from proxy import logs, stopping
 from proxy.app import create_app
 from proxy.config import Config
 from proxy.protocol import Runner
@@ -28,20 +28,7 @@ log = structlog.get_logger("turnstile")
 
 BACKLOG = 1024
 FULL_COLLECTION_AFTER = 1000  # collections of the middle generation before a full one (Python: 10)
-_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-# Set by a SIGTERM or SIGINT that comes while the process is still starting, before its event loop
-# takes the signals: it then stops as soon as it has started, cleanly, instead of dying by the signal.
-_stop_asked = False
-
-
-def _ask_stop(signum: int, frame: object) -> None:
-    """The first signal stops the process once it has started; a second one, while start-up is
-    still slow (a catalog sync waiting on its provider), stops it at once, as the default would."""
-    global _stop_asked
-    if _stop_asked:
-        signal.signal(signum, signal.SIG_DFL)
-        os.kill(os.getpid(), signum)
-    _stop_asked = True
+PARENT_CHECK_SECONDS = 1.0
 
 
 def _use_uvloop() -> bool:
@@ -88,20 +75,23 @@ def _bind(host: str, port: int, reuse_port: bool) -> list[socket.socket]:
 
 
 def _reserve(host: str, port: int, workers: int) -> list[list[socket.socket]]:
-    """One set of SO_REUSEPORT sockets per worker, listening from before any worker starts and kept
-    by the supervisor for its whole life: the port is the gateway's from here on (a socket that only
-    binds does not keep it), connections made while the workers start wait for them, and a worker
-    started again takes over the socket of the one that died, with the connections that wait on it.
+    """The sockets of each worker, listening from before the app is built: a port in use is refused
+    at once, and the port is the gateway's from here on (a socket that only binds does not keep it).
 
-    Sharing would also let a second gateway on a running one's port take half of its connections:
-    the first bind, without SO_REUSEPORT, fails wherever a socket already listens on the port, as a
-    single process's would."""
-    for sock in _bind(host, port, reuse_port=False):
-        sock.close()
+    Several workers get one set of SO_REUSEPORT sockets each, kept by the supervisor for its whole
+    life: connections made while the workers start wait for them, and a worker started again takes
+    over the socket of the one that died, with the connections that wait on it. Sharing would also
+    let a second gateway on a running one's port take half of its connections: the first bind,
+    without SO_REUSEPORT, fails wherever a socket already listens on the port, as a single
+    process's would."""
+    sharing = workers > 1
+    if sharing:
+        for sock in _bind(host, port, reuse_port=False):
+            sock.close()
     reserved: list[list[socket.socket]] = []
     try:
         for _ in range(workers):
-            reserved.append(_bind(host, port, reuse_port=True))
+            reserved.append(_bind(host, port, reuse_port=sharing))
             for sock in reserved[-1]:
                 sock.listen(BACKLOG)
     except OSError:
@@ -111,21 +101,32 @@ def _reserve(host: str, port: int, workers: int) -> list[list[socket.socket]]:
     return reserved
 
 
-def _ignore_signals() -> None:
-    """Once stopped, a second SIGTERM or SIGINT must not turn the exit into a death by signal (the
-    interpreter restores the default handlers while it shuts down)."""
-    for sig in _SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
+def _url(tls: bool, sockets: list[socket.socket]) -> str:
+    host, port = sockets[0].getsockname()[:2]
+    return f"{'https' if tls else 'http'}://{f'[{host}]' if ':' in host else host}:{port}"
 
 
-async def serve(cfg: Config, app: web.Application, uvloop: bool, sockets: list[socket.socket] | None = None) -> int:
-    """Serves on `sockets` (a worker's, bound by its supervisor), or on a port of its own."""
+async def serve(cfg: Config, app: web.Application, uvloop: bool, sockets: list[socket.socket],
+                signals: tuple[signal.Signals, ...] = stopping.SIGNALS, parent: int | None = None) -> int:
+    """Serves on `sockets`, listening already. `signals` stop it; so does the end of the process
+    `parent` (a worker's supervisor), if given."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in _SIGNALS:
+    for sig in signals:
         loop.add_signal_handler(sig, stop.set)
-    if _stop_asked:
+    if stopping.asked:
         stop.set()
+    if parent is not None:
+        def watch() -> None:
+            """A supervisor killed outright (SIGKILL, OOM killer) cannot stop its workers: each one
+            sees it gone and stops, freeing the port for the next gateway."""
+            if os.getppid() != parent:
+                log.warning("supervisor_gone", pid=parent)
+                stop.set()
+            else:
+                loop.call_later(PARENT_CHECK_SECONDS, watch)
+
+        loop.call_later(PARENT_CHECK_SECONDS, watch)
     stopped = asyncio.ensure_future(stop.wait())
     runner = Runner(app, access_log=None, handle_signals=False, handler_cancellation=True,
                            shutdown_timeout=cfg.server.shutdown_timeout)
@@ -133,7 +134,7 @@ async def serve(cfg: Config, app: web.Application, uvloop: bool, sockets: list[s
     # cancels it, and what had started is cleaned up.
     setup = asyncio.ensure_future(runner.setup())
     await asyncio.wait((setup, stopped), return_when=asyncio.FIRST_COMPLETED)
-    if not setup.done():
+    if stop.is_set():  # (the set-up may have ended in the same turn: no listening then)
         setup.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await setup
@@ -141,22 +142,14 @@ async def serve(cfg: Config, app: web.Application, uvloop: bool, sockets: list[s
         log.info("stopped", during="start-up")
         return 0
     setup.result()
-    host, port = cfg.server.host, cfg.server.port
     try:
         tls = _tls(cfg)
     except (OSError, ssl.SSLError) as exc:
         await runner.cleanup()
         print(f"turnstile: cannot load the TLS certificate or key: {exc}", file=sys.stderr)
         return 2
-    sites = [web.SockSite(runner, sock, backlog=BACKLOG, ssl_context=tls) for sock in sockets] if sockets else \
-        [web.TCPSite(runner, host, port, backlog=BACKLOG, ssl_context=tls)]
-    try:
-        for site in sites:
-            await site.start()
-    except OSError as exc:
-        await runner.cleanup()
-        print(f"turnstile: cannot listen on {host}:{port}: {exc.strerror or exc}", file=sys.stderr)
-        return 1
+    for sock in sockets:
+        await web.SockSite(runner, sock, backlog=BACKLOG, ssl_context=tls).start()
     # Everything built so far lives as long as the process: the cycle collector need not walk it
     # again. (Its full passes took ~25 ms each under load; frozen, ~2 ms.)
     gc.collect()
@@ -167,7 +160,7 @@ async def serve(cfg: Config, app: web.Application, uvloop: bool, sockets: list[s
     # generation (about 10,000 of the youngest), not 10. (Python 3.14's incremental collector
     # ignores this third value.)
     gc.set_threshold(*gc.get_threshold()[:2], FULL_COLLECTION_AFTER)
-    log.info("listening", url=f"{'https' if tls else 'http'}://{host}:{port}", uvloop=uvloop, stages=[r.use for r in cfg.pipeline])
+    log.info("listening", url=_url(tls is not None, sockets), uvloop=uvloop, stages=[r.use for r in cfg.pipeline])
     await stopped
     log.info("stopping", grace_seconds=cfg.server.shutdown_timeout)
     await runner.cleanup()
@@ -176,8 +169,16 @@ async def serve(cfg: Config, app: web.Application, uvloop: bool, sockets: list[s
 
 
 def run(cfg: Config) -> int:
+    stopping.catch()  # already, when started by the command
     logs.setup(cfg.logging, cache=True, workers=cfg.server.workers > 1)
-    if cfg.server.workers > 1:
+    try:
+        reserved = _reserve(cfg.server.host, cfg.server.port, cfg.server.workers)
+    except OSError as exc:
+        print(f"turnstile: cannot listen on {cfg.server.host}:{cfg.server.port}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    if cfg.server.workers == 1:
+        return _worker(cfg, reserved[0])
+    try:
         # Every configuration error shows here, once, before any worker starts.
         create_app(cfg)
         try:
@@ -185,44 +186,42 @@ def run(cfg: Config) -> int:
         except (OSError, ssl.SSLError) as exc:
             print(f"turnstile: cannot load the TLS certificate or key: {exc}", file=sys.stderr)
             return 2
-        try:
-            reserved = _reserve(cfg.server.host, cfg.server.port, cfg.server.workers)
-        except OSError as exc:
-            print(f"turnstile: cannot listen on {cfg.server.host}:{cfg.server.port}: {exc.strerror or exc}", file=sys.stderr)
-            return 1
-        try:
-            return supervise(cfg, reserved)
-        finally:
-            _ignore_signals()
-    return _worker(cfg)
+        return supervise(cfg, reserved)
+    finally:
+        stopping.ignore()
+        for sock in (s for sockets in reserved for s in sockets):
+            sock.close()
 
 
-def _worker(cfg: Config, sockets: list[socket.socket] | None = None) -> int:
-    for sig in _SIGNALS:
-        signal.signal(sig, _ask_stop)
+def _worker(cfg: Config, sockets: list[socket.socket], signals: tuple[signal.Signals, ...] = stopping.SIGNALS,
+            parent: int | None = None) -> int:
     uvloop = _use_uvloop()
     app = create_app(cfg)
     try:
-        return asyncio.run(serve(cfg, app, uvloop, sockets))
+        return asyncio.run(serve(cfg, app, uvloop, sockets, signals, parent))
     finally:
-        _ignore_signals()
+        stopping.ignore()
         logs.flush()
 
 
 def _fork(cfg: Config, index: int, mask: set[signal.Signals], reserved: list[list[socket.socket]]) -> int:
     """Called with SIGTERM and SIGINT blocked; `mask` is the mask to restore in the child."""
+    parent = os.getpid()
     pid = os.fork()
     if pid == 0:  # the worker: its own event loop, app, connection pool and key cache
         code = 1
         try:
-            for sig in _SIGNALS:  # not the supervisor's handler; a signal that waited arrives here
-                signal.signal(sig, _ask_stop)
+            # Not the supervisor's handlers; a signal that waited arrives here. A worker stops on
+            # its supervisor's SIGTERM only: a Ctrl-C in a terminal reaches the whole process group,
+            # and the supervisor's SIGTERM that follows would count as a second signal.
+            stopping.catch((signal.SIGTERM,))
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             for other in reserved[:index] + reserved[index + 1:]:  # its stop must close the port to it
                 for sock in other:
                     sock.close()
             structlog.contextvars.bind_contextvars(worker=index)
-            code = _worker(cfg, reserved[index])
+            code = _worker(cfg, reserved[index], (signal.SIGTERM,), parent)
         except Exception:
             log.exception("worker_failed")  # the supervisor only sees the exit code
         finally:
@@ -235,16 +234,16 @@ def supervise(cfg: Config, reserved: list[list[socket.socket]]) -> int:
     """N worker processes share the port (SO_REUSEPORT), each on its own sockets from `reserved`.
     A worker that dies is started again; SIGTERM is passed to every worker, each drains its
     requests, then the supervisor exits 0."""
-    stopping = False
+    draining = False
     workers: dict[int, int] = {}  # pid -> index
     born: dict[int, float] = {}
 
     def stop(signum: int, frame: object) -> None:
-        nonlocal stopping
-        if not stopping:  # from now on a socket closes with its worker: new connections are refused
+        nonlocal draining
+        if not draining:  # from now on a socket closes with its worker: new connections are refused
             for sock in (s for sockets in reserved for s in sockets):
                 sock.close()
-        stopping = True
+        draining = True
         for pid in list(workers):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
@@ -252,9 +251,9 @@ def supervise(cfg: Config, reserved: list[list[socket.socket]]) -> int:
     def spawn(index: int) -> None:
         """The signals wait while a worker is forked: by the time `stop` runs, the new worker is in
         `workers` and has its own handlers, or was not started at all. Either way none is missed."""
-        mask = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, stopping.SIGNALS)
         try:
-            if not stopping:
+            if not draining:
                 pid = _fork(cfg, index, mask, reserved)
                 workers[pid], born[pid] = index, time.monotonic()
         finally:
@@ -262,6 +261,10 @@ def supervise(cfg: Config, reserved: list[list[socket.socket]]) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    if stopping.asked:  # while the supervisor was starting
+        stop(signal.SIGTERM, None)
+        log.info("stopped", during="start-up")
+        return 0
     for i in range(cfg.server.workers):
         spawn(i)
     log.info("supervising", workers=cfg.server.workers, pids=sorted(workers))
@@ -277,12 +280,12 @@ def supervise(cfg: Config, reserved: list[list[socket.socket]]) -> int:
         if index is None:
             continue
         code = os.waitstatus_to_exitcode(status)
-        if stopping:
+        if draining:
             failed = failed or code != 0
             continue
         log.error("worker_died", worker=index, pid=pid, exit_code=code)
         age = time.monotonic() - born.pop(pid, 0.0)
-        if code > 0 and age < 2.0:  # it could not start (port taken?): give up
+        if code > 0 and age < 2.0:  # it could not start (a plugin that fails in a new process, say): give up
             stop(signal.SIGTERM, None)
             failed = True
             continue

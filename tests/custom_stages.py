@@ -35,3 +35,18 @@ class OtherNames:
         response = await nxt(context)
         ORDER.append(f"out:{self.name}")
         return response
+
+
+class SlowStart:
+    """Slow to build (a plugin loading a model, say): writes its process id to `marks`, then sleeps."""
+
+    def __init__(self, marks: str, seconds: float) -> None:
+        import os
+        import time
+        from pathlib import Path
+
+        Path(marks, str(os.getpid())).touch()
+        time.sleep(seconds)
+
+    async def __call__(self, ctx: Context, call_next: Next) -> web.StreamResponse:
+        return await call_next(ctx)

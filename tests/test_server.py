@@ -273,19 +273,38 @@ async def _exit_of(proc: asyncio.subprocess.Process, seconds: float = 30) -> tup
     return proc.returncode, output.decode()
 
 
-async def test_workers_refuse_a_port_another_process_listens_on(upstream: Upstream, redis_url, tmp_path):
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_a_port_another_process_listens_on_is_refused_at_once(upstream: Upstream, redis_url, tmp_path, workers):
     """Workers listen with SO_REUSEPORT; a second gateway must still not share the port of a running
-    one (here a socket that also allows sharing, as a running gateway's workers do)."""
+    one (here a socket that also allows sharing, as a running gateway's workers do). One process or
+    several, the port is tried first, before anything is built, and the message is the same."""
     port = free_port()
+    config = _workers_config(tmp_path, port, redis_url)
+    config.write_text(config.read_text().replace("workers = 2", f"workers = {workers}"))
     with socket.socket() as holder:
         holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         holder.bind(("127.0.0.1", port))
         holder.listen()
-        proc = await start(_workers_config(tmp_path, port, redis_url), {"OPENROUTER_API_KEY": "sk-or-test",
-                                                                       "OPENROUTER_BASE_URL": upstream.url})
+        proc = await start(config, {"OPENROUTER_API_KEY": "sk-or-test", "OPENROUTER_BASE_URL": upstream.url})
         code, output = await _exit_of(proc)
     assert code == 1
-    assert f"cannot listen on 127.0.0.1:{port}" in output
+    assert output == f"turnstile: cannot listen on 127.0.0.1:{port}: Address already in use\n"
+
+
+async def test_an_ipv6_address_is_bracketed_in_the_url_it_listens_on(upstream: Upstream, tmp_path):
+    port = free_port()
+    config = tmp_path / "turnstile.toml"
+    config.write_text(f'[server]\nhost = "::1"\nport = {port}\n[keys]\ndb = "{tmp_path / "keys.db"}"\n'
+                      '[logging]\nformat = "json"\n')
+    proc = await start(config, {"OPENROUTER_API_KEY": "sk-or-test", "OPENROUTER_BASE_URL": upstream.url})
+    try:
+        async with aiohttp.ClientSession() as session:
+            await wait_up(session, f"http://[::1]:{port}")
+    finally:
+        os.kill(proc.pid, signal.SIGTERM)
+        code, output = await _exit_of(proc)
+    assert code == 0
+    assert f'"url":"http://[::1]:{port}"' in output.replace(" ", "")
 
 
 async def test_workers_with_a_certificate_that_cannot_load_stop_at_once(upstream: Upstream, redis_url, tmp_path):
@@ -373,3 +392,51 @@ async def test_the_port_is_reserved_while_the_workers_start(aiohttp_server, redi
         os.kill(first.pid, signal.SIGTERM)
         code, output = await _exit_of(first)
     assert code == 0, output[-2000:]
+
+
+async def test_ctrl_c_while_the_workers_start_stops_them_cleanly(aiohttp_server, redis_url, tmp_path):
+    """A terminal's Ctrl-C reaches the supervisor and every worker at once; a worker then also gets
+    the supervisor's SIGTERM, which must not count as a second signal ("stop at once") while it is
+    still building its app: every worker stops cleanly and the gateway exits 0."""
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    port = free_port()
+    config = _workers_config(tmp_path, port, redis_url,
+                             f'[[pipeline]]\nuse = "tests.custom_stages:SlowStart"\nmarks = "{marks}"\nseconds = 3.0\n')
+    gateway = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "proxy", "serve", "--config", str(config), env={"PATH": "/usr/bin:/bin"},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, start_new_session=True)
+    try:
+        for _ in range(300):  # the supervisor's build of the app, then each worker's
+            if len(list(marks.iterdir())) == 3:
+                break
+            await asyncio.sleep(0.05)
+        assert len(list(marks.iterdir())) == 3
+        os.killpg(gateway.pid, signal.SIGINT)
+    finally:
+        code, output = await _exit_of(gateway)
+    assert code == 0, output[-2000:]
+    assert "worker_died" not in output
+    assert output.count('"during":"start-up"') == 2, output[-2000:]
+
+
+async def test_workers_stop_when_their_supervisor_is_killed(upstream: Upstream, redis_url, tmp_path):
+    """A supervisor killed outright cannot pass SIGTERM on: its workers see it gone, stop, and free
+    the port for the next gateway."""
+    port = free_port()
+    gateway = await start(_workers_config(tmp_path, port, redis_url), {
+        "OPENROUTER_API_KEY": "sk-or-test", "OPENROUTER_BASE_URL": upstream.url})
+    try:
+        async with aiohttp.ClientSession() as session:
+            await wait_up(session, f"http://127.0.0.1:{port}")
+        workers = [int(pid) for pid in os.popen(f"pgrep -P {gateway.pid}").read().split()]
+        assert len(workers) == 2
+        os.kill(gateway.pid, signal.SIGKILL)
+        output = (await asyncio.wait_for(gateway.stdout.read(), 30)).decode()  # every copy of the pipe closed
+        assert output.count("supervisor_gone") == 2, output[-2000:]
+    finally:
+        for pid in os.popen(f"pgrep -f 'proxy serve --config {tmp_path}'").read().split():
+            os.kill(int(pid), signal.SIGKILL)
+        await gateway.wait()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", port))
