@@ -253,11 +253,26 @@ async def test_tls_with_a_self_signed_certificate(upstream: Upstream, tmp_path):
     assert b'"url": "https://127.0.0.1' in output or b"https://127.0.0.1" in output
 
 
-def _workers_config(tmp_path, port: int, redis_url: str, extra: str = "") -> object:
+def _workers_config(tmp_path, port: int, redis_url: str, extra: str = "", workers: int = 2) -> object:
     config = tmp_path / "turnstile.toml"
-    config.write_text(f'[server]\nport = {port}\nworkers = 2\n{extra}[limits]\nstorage = "{redis_url}"\n'
+    config.write_text(f'[server]\nport = {port}\nworkers = {workers}\n{extra}[limits]\nstorage = "{redis_url}"\n'
                       f'[keys]\ndb = "{tmp_path / "keys.db"}"\n[logging]\nformat = "json"\n')
     return config
+
+
+async def _hanging_catalog(aiohttp_server) -> tuple[asyncio.Event, str]:
+    """A provider whose model list never comes (a catalog sync waits on it): the event is set when
+    it is asked; and its URL."""
+    asked = asyncio.Event()
+
+    async def models(request: web.Request) -> web.Response:
+        asked.set()
+        await asyncio.sleep(120)
+        return web.json_response({"data": []})
+
+    app = web.Application()
+    app.router.add_get("/models", models)
+    return asked, str((await aiohttp_server(app)).make_url(""))
 
 
 async def _exit_of(proc: asyncio.subprocess.Process, seconds: float = 30) -> tuple[int, str]:
@@ -279,8 +294,7 @@ async def test_a_port_another_process_listens_on_is_refused_at_once(upstream: Up
     one (here a socket that also allows sharing, as a running gateway's workers do). One process or
     several, the port is tried first, before anything is built, and the message is the same."""
     port = free_port()
-    config = _workers_config(tmp_path, port, redis_url)
-    config.write_text(config.read_text().replace("workers = 2", f"workers = {workers}"))
+    config = _workers_config(tmp_path, port, redis_url, workers=workers)
     with socket.socket() as holder:
         holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         holder.bind(("127.0.0.1", port))
@@ -319,9 +333,7 @@ async def test_workers_with_a_certificate_that_cannot_load_stop_at_once(upstream
 @pytest.mark.parametrize("workers", [1, 2])
 async def test_a_second_sigterm_after_the_stop_does_not_change_the_exit(upstream: Upstream, redis_url, tmp_path, workers):
     port = free_port()
-    config = _workers_config(tmp_path, port, redis_url).read_text().replace("workers = 2", f"workers = {workers}")
-    (tmp_path / "turnstile.toml").write_text(config)
-    proc = await start(tmp_path / "turnstile.toml", {"OPENROUTER_API_KEY": "sk-or-test", "OPENROUTER_BASE_URL": upstream.url})
+    proc = await start(_workers_config(tmp_path, port, redis_url, workers=workers), {"OPENROUTER_API_KEY": "sk-or-test", "OPENROUTER_BASE_URL": upstream.url})
     async with aiohttp.ClientSession() as session:
         await wait_up(session, f"http://127.0.0.1:{port}")
     await asyncio.sleep(0.3)  # every worker listening
@@ -338,22 +350,12 @@ async def test_a_second_sigterm_after_the_stop_does_not_change_the_exit(upstream
 async def test_sigterm_during_a_slow_start_up_stops_at_once(aiohttp_server, redis_url, tmp_path, workers):
     """A catalog sync that waits on its provider (up to 30 s) is cancelled by the stop: the gateway
     exits 0 without listening, well before that wait would have ended."""
-    asked = asyncio.Event()
-
-    async def models(request: web.Request) -> web.Response:
-        asked.set()
-        await asyncio.sleep(120)
-        return web.json_response({"data": []})
-
-    app = web.Application()
-    app.router.add_get("/models", models)
-    provider = await aiohttp_server(app)
+    asked, provider = await _hanging_catalog(aiohttp_server)
     port = free_port()
-    config = _workers_config(tmp_path, port, redis_url).read_text()
-    config = config.replace("workers = 2", f"workers = {workers}") + "[catalog]\nsync = true\n"
-    (tmp_path / "turnstile.toml").write_text(config)
-    proc = await start(tmp_path / "turnstile.toml", {"OPENROUTER_API_KEY": "sk-or-test",
-                                                    "OPENROUTER_BASE_URL": str(provider.make_url(""))})
+    config = _workers_config(tmp_path, port, redis_url, workers=workers)
+    config.write_text(config.read_text() + "[catalog]\nsync = true\n")
+    proc = await start(config, {"OPENROUTER_API_KEY": "sk-or-test",
+                                                    "OPENROUTER_BASE_URL": provider})
     await asyncio.wait_for(asked.wait(), 30)
     os.kill(proc.pid, signal.SIGTERM)
     code, output = await _exit_of(proc, 20)
@@ -365,17 +367,8 @@ async def test_sigterm_during_a_slow_start_up_stops_at_once(aiohttp_server, redi
 async def test_the_port_is_reserved_while_the_workers_start(aiohttp_server, redis_url, tmp_path):
     """The supervisor holds the port from its first moment: a second gateway started while the first
     one's workers are still starting (their catalog sync waits) is refused, and does not share it."""
-    asked = asyncio.Event()
-
-    async def models(request: web.Request) -> web.Response:
-        asked.set()
-        await asyncio.sleep(120)
-        return web.json_response({"data": []})
-
-    app = web.Application()
-    app.router.add_get("/models", models)
-    provider = await aiohttp_server(app)
-    env = {"OPENROUTER_API_KEY": "sk-or-test", "OPENROUTER_BASE_URL": str(provider.make_url(""))}
+    asked, provider = await _hanging_catalog(aiohttp_server)
+    env = {"OPENROUTER_API_KEY": "sk-or-test", "OPENROUTER_BASE_URL": provider}
     port = free_port()
     (tmp_path / "first").mkdir()
     (tmp_path / "second").mkdir()
