@@ -12,11 +12,6 @@ from proxy.config import ConfigError
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from proxy import stopping
-
-    stopping.catch()  # before the server's imports: a Ctrl-C during them is a clean stop
-    from proxy import server
-
     cfg = configuration.load(args.config)
     if args.host:
         cfg.server.host = args.host
@@ -24,6 +19,12 @@ def _serve(args: argparse.Namespace) -> int:
         cfg.server.port = args.port
     if args.workers is not None:
         cfg.server.workers = args.workers
+    configuration.check_server(cfg.server)
+    from proxy import stopping
+
+    stopping.catch()  # before the server's imports: a Ctrl-C during them is a clean stop
+    from proxy import server
+
     return server.run(cfg)
 
 

@@ -213,8 +213,7 @@ def parse(data: dict[str, Any]) -> Config:
         if not isinstance(row.get("id"), str) or not row["id"]:
             raise ConfigError(f"models[{i}].id: every model needs a string id")
         cfg.models.append(row)
-    if cfg.server.workers < 1:
-        raise ConfigError("server.workers: must be at least 1")
+    check_server(cfg.server)
     if bool(cfg.server.tls_cert) != bool(cfg.server.tls_key):
         raise ConfigError("server.tls_cert: give both tls_cert and tls_key, or neither")
     if cfg.server.max_body_bytes < 1024:
@@ -222,6 +221,14 @@ def parse(data: dict[str, Any]) -> Config:
     if not cfg.server.body_timeout > 0:
         raise ConfigError("server.body_timeout: must be more than 0 seconds")
     return cfg
+
+
+def check_server(server: Server) -> None:
+    """What the command line can also set, checked again after it has."""
+    if server.workers < 1:
+        raise ConfigError("server.workers: must be at least 1")
+    if not 0 <= server.port <= 65535:
+        raise ConfigError("server.port: must be between 0 and 65535 (0: any free port)")
 
 
 def defaults_table() -> dict[str, Any]:

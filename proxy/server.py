@@ -54,8 +54,10 @@ def _bind(host: str, port: int, reuse_port: bool) -> list[socket.socket]:
     binds them. OSError (socket.gaierror for a bad host) when one cannot be."""
     sockets: list[socket.socket] = []
     try:
-        for family, kind, proto, _, address in socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
-                                                                  flags=socket.AI_PASSIVE):
+        found = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        for family, kind, proto, _, address in dict.fromkeys(found):  # (a name may list an address twice)
+            if port == 0 and sockets:  # port 0: the port the first one got, on every address
+                address = (address[0], sockets[0].getsockname()[1], *address[2:])
             try:
                 sock = socket.socket(family, kind, proto)
             except OSError:  # a family this kernel lacks: asyncio skips it too
@@ -85,7 +87,7 @@ def _reserve(host: str, port: int, workers: int) -> list[list[socket.socket]]:
     without SO_REUSEPORT, fails wherever a socket already listens on the port, as a single
     process's would."""
     sharing = workers > 1
-    if sharing:
+    if sharing and port:
         for sock in _bind(host, port, reuse_port=False):
             sock.close()
     reserved: list[list[socket.socket]] = []
@@ -94,6 +96,7 @@ def _reserve(host: str, port: int, workers: int) -> list[list[socket.socket]]:
             reserved.append(_bind(host, port, reuse_port=sharing))
             for sock in reserved[-1]:
                 sock.listen(BACKLOG)
+            port = reserved[0][0].getsockname()[1] if reserved[0] else port  # port 0: the one the first set got
     except OSError:
         for sock in (s for sockets in reserved for s in sockets):
             sock.close()
@@ -101,9 +104,12 @@ def _reserve(host: str, port: int, workers: int) -> list[list[socket.socket]]:
     return reserved
 
 
+def _address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def _url(tls: bool, sockets: list[socket.socket]) -> str:
-    host, port = sockets[0].getsockname()[:2]
-    return f"{'https' if tls else 'http'}://{f'[{host}]' if ':' in host else host}:{port}"
+    return f"{'https' if tls else 'http'}://{_address(*sockets[0].getsockname()[:2])}"
 
 
 async def serve(cfg: Config, app: web.Application, uvloop: bool, sockets: list[socket.socket],
@@ -174,7 +180,8 @@ def run(cfg: Config) -> int:
     try:
         reserved = _reserve(cfg.server.host, cfg.server.port, cfg.server.workers)
     except OSError as exc:
-        print(f"turnstile: cannot listen on {cfg.server.host}:{cfg.server.port}: {exc.strerror or exc}", file=sys.stderr)
+        print(f"turnstile: cannot listen on {_address(cfg.server.host, cfg.server.port)}: {exc.strerror or exc}",
+              file=sys.stderr)
         return 1
     if cfg.server.workers == 1:
         return _worker(cfg, reserved[0])
@@ -212,9 +219,9 @@ def _fork(cfg: Config, index: int, mask: set[signal.Signals], reserved: list[lis
         code = 1
         try:
             # Not the supervisor's handlers; a signal that waited arrives here. A worker stops on
-            # its supervisor's SIGTERM only: a Ctrl-C in a terminal reaches the whole process group,
-            # and the supervisor's SIGTERM that follows would count as a second signal.
-            stopping.catch((signal.SIGTERM,))
+            # its supervisor's SIGTERM only, and a second one does not hurry it: a Ctrl-C in a
+            # terminal, or a SIGTERM to the process group, reaches it too, before the supervisor's.
+            stopping.catch((signal.SIGTERM,), escalate=False)
             signal.signal(signal.SIGINT, signal.SIG_IGN)
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             for other in reserved[:index] + reserved[index + 1:]:  # its stop must close the port to it
@@ -281,7 +288,9 @@ def supervise(cfg: Config, reserved: list[list[socket.socket]]) -> int:
             continue
         code = os.waitstatus_to_exitcode(status)
         if draining:
-            failed = failed or code != 0
+            if code != 0:
+                log.error("worker_died", worker=index, pid=pid, exit_code=code, during="stop")
+                failed = True
             continue
         log.error("worker_died", worker=index, pid=pid, exit_code=code)
         age = time.monotonic() - born.pop(pid, 0.0)

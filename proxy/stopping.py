@@ -22,9 +22,17 @@ def _ask(signum: int, frame: object) -> None:
     asked = True
 
 
-def catch(signals: tuple[signal.Signals, ...] = SIGNALS) -> None:
+def _note(signum: int, frame: object) -> None:
+    global asked
+    asked = True
+
+
+def catch(signals: tuple[signal.Signals, ...] = SIGNALS, escalate: bool = True) -> None:
+    """`escalate`: a second signal stops at once. Not for a worker: a SIGTERM sent to the whole
+    process group (systemd, `timeout`, `kill -- -PGID`) reaches it twice, once more through its
+    supervisor."""
     for sig in signals:
-        signal.signal(sig, _ask)
+        signal.signal(sig, _ask if escalate else _note)
 
 
 def ignore() -> None:

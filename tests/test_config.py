@@ -65,3 +65,10 @@ def test_check_config_cli(tmp_path, capsys):
 
 def test_annotated_example_is_valid(capsys):
     assert main(["check-config", str(EXAMPLE)]) == 0
+
+
+def test_serve_checks_the_port_and_workers_given_on_the_command_line(capsys):
+    assert main(["serve", "--port", "70000"]) == 2
+    assert "server.port: must be between 0 and 65535" in capsys.readouterr().err
+    assert main(["serve", "--workers", "0"]) == 2
+    assert "server.workers: must be at least 1" in capsys.readouterr().err

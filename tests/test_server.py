@@ -387,10 +387,12 @@ async def test_the_port_is_reserved_while_the_workers_start(aiohttp_server, redi
     assert code == 0, output[-2000:]
 
 
-async def test_ctrl_c_while_the_workers_start_stops_them_cleanly(aiohttp_server, redis_url, tmp_path):
-    """A terminal's Ctrl-C reaches the supervisor and every worker at once; a worker then also gets
-    the supervisor's SIGTERM, which must not count as a second signal ("stop at once") while it is
-    still building its app: every worker stops cleanly and the gateway exits 0."""
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+async def test_a_signal_to_the_group_while_the_workers_start_stops_them_cleanly(redis_url, tmp_path, sig):
+    """A terminal's Ctrl-C, or a SIGTERM to the process group (systemd, `timeout`), reaches the
+    supervisor and every worker at once; a worker then also gets the supervisor's SIGTERM, which must
+    not count as a second signal ("stop at once") while it is still building its app: every worker
+    stops cleanly and the gateway exits 0."""
     marks = tmp_path / "marks"
     marks.mkdir()
     port = free_port()
@@ -405,12 +407,29 @@ async def test_ctrl_c_while_the_workers_start_stops_them_cleanly(aiohttp_server,
                 break
             await asyncio.sleep(0.05)
         assert len(list(marks.iterdir())) == 3
-        os.killpg(gateway.pid, signal.SIGINT)
+        os.killpg(gateway.pid, sig)
     finally:
         code, output = await _exit_of(gateway)
     assert code == 0, output[-2000:]
     assert "worker_died" not in output
     assert output.count('"during":"start-up"') == 2, output[-2000:]
+
+
+async def test_port_0_is_one_free_port_for_every_worker(upstream: Upstream, redis_url, tmp_path):
+    gateway = await start(_workers_config(tmp_path, 0, redis_url), {
+        "OPENROUTER_API_KEY": "sk-or-test", "OPENROUTER_BASE_URL": upstream.url})
+    try:
+        urls: list[str] = []
+        while len(urls) < 2 and (line := await asyncio.wait_for(gateway.stdout.readline(), 30)):
+            if b'"listening"' in line:
+                urls.append(json.loads(line)["url"])
+        assert urls[0] == urls[1] != "http://127.0.0.1:0", urls  # both workers on one port, the one given
+        async with aiohttp.ClientSession() as session:
+            await wait_up(session, urls[0])
+    finally:
+        os.kill(gateway.pid, signal.SIGTERM)
+        code, output = await _exit_of(gateway)
+    assert code == 0, output[-2000:]
 
 
 async def test_workers_stop_when_their_supervisor_is_killed(upstream: Upstream, redis_url, tmp_path):
