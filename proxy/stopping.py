@@ -19,6 +19,7 @@ def _ask(signum: int, frame: object) -> None:
     if asked:
         signal.signal(signum, signal.SIG_DFL)
         os.kill(os.getpid(), signum)
+        os._exit(128 + signum)  # still here: PID 1 of a container, whom the kernel spares the default
     asked = True
 
 

@@ -11,6 +11,7 @@ import random
 import signal
 import socket
 import sqlite3
+import subprocess
 import sys
 
 import aiohttp
@@ -452,3 +453,28 @@ async def test_workers_stop_when_their_supervisor_is_killed(upstream: Upstream, 
         await gateway.wait()
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", port))
+
+
+async def test_a_second_signal_stops_a_slow_start_up_at_once_even_as_pid_1(tmp_path):
+    """In a container without an init, the gateway is PID 1, whom the kernel spares a signal's default
+    action: the second signal ("stop at once") must still stop it."""
+    if subprocess.run(["unshare", "--pid", "--fork", "true"], capture_output=True).returncode != 0:
+        pytest.skip("no PID namespaces here (unshare needs root)")
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    config = tmp_path / "turnstile.toml"
+    config.write_text(f'[[pipeline]]\nuse = "tests.custom_stages:SlowStart"\nmarks = "{marks}"\nseconds = 120.0\n'
+                      f'[server]\nport = {free_port()}\n[keys]\ndb = "{tmp_path / "keys.db"}"\n')
+    proc = await asyncio.create_subprocess_exec(
+        "unshare", "--pid", "--fork", sys.executable, "-m", "proxy", "serve", "--config", str(config),
+        env={"PATH": "/usr/bin:/bin"}, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    for _ in range(300):
+        if (marks / "1").exists():  # PID 1 in its namespace, building its app
+            break
+        await asyncio.sleep(0.05)
+    assert (marks / "1").exists()
+    inner = int(os.popen(f"pgrep -P {proc.pid}").read().split()[0])
+    os.kill(inner, signal.SIGTERM)
+    await asyncio.sleep(0.2)
+    os.kill(inner, signal.SIGTERM)
+    await _exit_of(proc, 20)
