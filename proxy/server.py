@@ -96,7 +96,8 @@ def _reserve(host: str, port: int, workers: int) -> list[list[socket.socket]]:
             reserved.append(_bind(host, port, reuse_port=sharing))
             for sock in reserved[-1]:
                 sock.listen(BACKLOG)
-            port = reserved[0][0].getsockname()[1] if reserved[0] else port  # port 0: the one the first set got
+            if not port and reserved[0]:  # port 0: the one the first set got, for every other set
+                port = reserved[0][0].getsockname()[1]
     except OSError:
         for sock in (s for sockets in reserved for s in sockets):
             sock.close()
@@ -175,7 +176,7 @@ async def serve(cfg: Config, app: web.Application, uvloop: bool, sockets: list[s
 
 
 def run(cfg: Config) -> int:
-    stopping.catch()  # already, when started by the command
+    """Serves until stopped; the command has already installed `stopping`'s handlers."""
     logs.setup(cfg.logging, cache=True, workers=cfg.server.workers > 1)
     try:
         reserved = _reserve(cfg.server.host, cfg.server.port, cfg.server.workers)

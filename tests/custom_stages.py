@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import time
+from pathlib import Path
+
 from aiohttp import web
 
 from proxy.context import Context
@@ -41,10 +45,6 @@ class SlowStart:
     """Slow to build (a plugin loading a model, say): writes its process id to `marks`, then sleeps."""
 
     def __init__(self, marks: str, seconds: float) -> None:
-        import os
-        import time
-        from pathlib import Path
-
         Path(marks, str(os.getpid())).touch()
         time.sleep(seconds)
 
