@@ -20,7 +20,7 @@ from proxy.forward import Forwarder
 from proxy.account import AccountHandlers
 from proxy.handlers import CONTEXT, REQUEST_ID, ChatHandler, ModelsHandler, healthz
 from proxy.health import Readiness
-from proxy.keys import KeyStore
+from proxy.keys import KeyStore, db_path
 from proxy.ledger import Ledger
 from proxy.metrics import Metrics
 from proxy.pipeline import compose
@@ -164,7 +164,7 @@ def create_app(config: Config, env: Mapping[str, str] = os.environ) -> web.Appli
     catalog = Catalog(seed_rows())
     catalog.update(config.models)
     router = Router(build_providers(config.providers, env), catalog)
-    keys = KeyStore(env.get("TURNSTILE_KEYS_DB") or config.keys.db, config.keys.refresh_interval)
+    keys = KeyStore(db_path(config.keys.db, env), config.keys.refresh_interval)
     ledger = Ledger(keys, config.ledger.flush_interval)
     secrets = tuple(env.get(row.api_key_env, "") for row in config.providers if row.api_key_env)
     forwarder = Forwarder(router, config.upstream, ledger, secrets)

@@ -20,6 +20,9 @@ def _serve(args: argparse.Namespace) -> int:
     if args.workers is not None:
         cfg.server.workers = args.workers
     configuration.check_server(cfg.server)
+    from proxy import keys
+
+    keys.check(keys.db_path(cfg.keys.db))
     from proxy import stopping
 
     stopping.catch()  # before the server's imports: a Ctrl-C during them is a clean stop
@@ -29,10 +32,12 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
+    from proxy import keys
     from proxy.app import create_app
 
     cfg = configuration.load(args.file)
     create_app(cfg)  # builds every stage and provider: unknown options fail here
+    keys.check(keys.db_path(cfg.keys.db))
     print(f"{args.file}: OK ({len(cfg.pipeline)} stages, {len(cfg.providers)} providers)")
     return 0
 
@@ -42,7 +47,7 @@ def _keys(args: argparse.Namespace) -> int:
 
     from proxy import keys
 
-    path = args.db or os.environ.get("TURNSTILE_KEYS_DB") or configuration.load(args.config).keys.db
+    path = args.db or keys.db_path(configuration.load(args.config).keys.db)
     db = keys.connect(path)
     try:
         print(f"(key database: {os.path.abspath(path)})", file=sys.stderr)
@@ -77,7 +82,7 @@ def _usage(args: argparse.Namespace) -> int:
 
     from proxy import keys, report
 
-    path = args.db or os.environ.get("TURNSTILE_KEYS_DB") or configuration.load(args.config).keys.db
+    path = args.db or keys.db_path(configuration.load(args.config).keys.db)
     try:
         since = report.parse_since(args.since) if args.since else None
     except ValueError as exc:

@@ -9,16 +9,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import os
 import secrets
 import sqlite3
 import threading
 import time
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import AsyncIterator
+from typing import AsyncIterator, Mapping
 
 import structlog
 from aiohttp import web
+
+from proxy.config import ConfigError
 
 log = structlog.get_logger("turnstile.keys")
 
@@ -86,7 +89,57 @@ class Account:
         return self.balance_micros / 1_000_000
 
 
+def _private(path: str) -> None:
+    """The database holds key hashes, the ledger and the secret behind the ledger's IP hashes: only
+    its owner may read it. SQLite gives the -wal and -shm files the database's own mode."""
+    if path == ":memory:" or path.startswith("file:"):
+        return
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    for name in (path, path + "-wal", path + "-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(name).st_mode & 0o077:
+                os.chmod(name, 0o600)
+
+
+class DatabaseError(ConfigError):
+    """The key database cannot be opened; the message names it and says why."""
+
+
 def connect(path: str) -> sqlite3.Connection:
+    """Opens (and creates, 0600) the key database. DatabaseError, naming the path, when it cannot."""
+    try:
+        _private(path)
+        db = _open(path)
+    except (OSError, sqlite3.Error) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise DatabaseError(f"cannot open the key database {os.path.abspath(path)}: {why}") from None
+    return db
+
+
+def check(path: str) -> None:
+    """DatabaseError, naming the path, unless the database can be opened (or created) there. Creates
+    nothing: `turnstile check-config` uses it."""
+    where = os.path.abspath(path)
+    if os.path.exists(path):
+        try:
+            sqlite3.connect(f"file:{path}?mode=rw", uri=True).execute("PRAGMA schema_version").fetchone()
+        except sqlite3.Error as exc:
+            raise DatabaseError(f"cannot open the key database {where}: {exc}") from None
+        return
+    folder = os.path.dirname(where)
+    if not os.path.isdir(folder):
+        raise DatabaseError(f"cannot create the key database {where}: the directory {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise DatabaseError(f"cannot create the key database {where}: the directory {folder} is not writable")
+
+
+def db_path(configured: str, env: Mapping[str, str] = os.environ) -> str:
+    """The key database's path: TURNSTILE_KEYS_DB, else the config's `[keys] db`."""
+    return env.get("TURNSTILE_KEYS_DB") or configured
+
+
+def _open(path: str) -> sqlite3.Connection:
     db = sqlite3.connect(path, timeout=10, isolation_level=None, check_same_thread=False)
     # Turning WAL on takes a lock that SQLite does not wait for: a process opening a new database
     # while another does the same (workers starting together) is told "locked" at once. It retries

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -49,6 +50,37 @@ def test_errors_name_the_key(tmp_path, text, named):
     f.write_text(text)
     with pytest.raises(ConfigError, match=named.replace("[", r"\[").replace("]", r"\]")):
         config.load(f)
+
+
+def test_check_config_refuses_a_key_database_that_cannot_be_opened(tmp_path, capsys, monkeypatch):
+    """Before: "OK", then `serve` and `keys` died with a sqlite3 traceback that did not name the path."""
+    monkeypatch.chdir(tmp_path)
+    missing = tmp_path / "no-such-dir" / "keys.db"
+    conf = tmp_path / "t.toml"
+    conf.write_text(f'[keys]\ndb = "{missing}"\n')
+    assert main(["check-config", str(conf)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(missing) in err and "does not exist" in err
+    assert main(["keys", "--config", str(conf), "list"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(missing) in err and "Traceback" not in err
+    assert main(["serve", "--config", str(conf), "--port", "0"]) == 2
+    assert str(missing) in capsys.readouterr().err
+    assert not missing.parent.exists()
+
+
+def test_key_database_and_its_wal_files_are_private(tmp_path):
+    from proxy import keys
+
+    path = str(tmp_path / "keys.db")
+    db = keys.connect(path)
+    keys.create(db, "alice", "1")
+    for name in (path, path + "-wal", path + "-shm"):
+        assert os.stat(name).st_mode & 0o777 == 0o600, name
+    db.close()
+    os.chmod(path, 0o644)  # made before this change: tightened when next opened
+    keys.connect(path).close()
+    assert os.stat(path).st_mode & 0o777 == 0o600
 
 
 def test_check_config_cli(tmp_path, capsys):
