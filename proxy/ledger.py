@@ -24,6 +24,8 @@ from proxy.keys import KeyStore, connect, ip_secret
 
 log = structlog.get_logger("turnstile.ledger")
 
+STOP_TRIES = 5  # writes tried at shutdown before rows are given up (and logged as unwritten)
+
 # A bool is stored as the integer it is either way; without an adapter, sqlite3 first asks it for
 # `__adapt__` and `__conform__`, two AttributeErrors per bool column (about 9,000 instructions a row).
 sqlite3.register_adapter(bool, int)
@@ -154,6 +156,7 @@ class Ledger:
         return next((r for r in self.rows if r.request_id == request_id), None)
 
     async def flush(self) -> int:
+        """Writes the pending rows; on any error they stay pending for the next try."""
         async with self.keys.lock:
             if not self.rows:
                 return 0
@@ -168,13 +171,20 @@ class Ledger:
                 for account, micros in debits.items():
                     self.keys.unflushed[account] = self.keys.unflushed.get(account, 0) + micros
                 return 0
-            await self.keys.refresh()  # balances now include what was just written
+            try:
+                await self.keys.refresh()  # balances now include what was just written
+            except Exception as exc:  # noqa: BLE001 (written already: the next reload catches up)
+                log.warning("keys_reload_failed", error=f"{type(exc).__name__}: {exc}")
             return len(rows)
 
     async def _loop(self) -> None:
+        """Never ends but by cancelling: an error of one flush is logged and the next one tries again."""
         while True:
             await asyncio.sleep(self.flush_interval)
-            await self.flush()
+            try:
+                await self.flush()
+            except Exception:  # noqa: BLE001 (flush logs its own; this is for what it did not foresee)
+                log.exception("ledger_flush_failed", pending=len(self.rows))
 
     async def cleanup_ctx(self, app: web.Application) -> AsyncIterator[None]:
         self._db = connect(self.keys.path)
@@ -186,10 +196,17 @@ class Ledger:
         # half-way when the loop stops and the connections close.
         async with self.keys.lock:
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            with contextlib.suppress(BaseException):  # cancelled, as it should be
                 await task
-        written = await self.flush()
-        log.info("ledger_flushed_on_stop", rows=written)
+        for attempt in range(STOP_TRIES):  # a passing error (a locked database) gets a few more tries
+            written = await self.flush()
+            if not self.rows:
+                break
+            await asyncio.sleep(0.2 * (attempt + 1))
+        if self.rows:
+            log.error("ledger_rows_lost_on_stop", rows=len(self.rows))
+        else:
+            log.info("ledger_flushed_on_stop", rows=written)
         with self._db_lock:  # after any thread still using a connection
             self._db.close()
             self._reader.close()
