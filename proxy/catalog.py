@@ -13,7 +13,7 @@ from typing import Any, Iterable
 import orjson
 
 from proxy.errors import model_not_found
-from proxy.usage import Prices
+from proxy.usage import Bounds, Prices
 
 _PRIVATE = ("routes", "free")
 
@@ -29,6 +29,7 @@ class Model:
     routes: dict[str, str]  # provider name -> that provider's name for the model
     entry: dict[str, Any]  # the public `/models` entry
     prices: Prices
+    bounds: Bounds  # the most tokens an answer can count: upstream usage beyond them is not believed
 
 
 def _model(row: dict[str, Any]) -> Model:
@@ -40,7 +41,7 @@ def _model(row: dict[str, Any]) -> Model:
     entry["isFree"] = free
     entry.setdefault("mayTrainOnYourPrompts", free)
     routes = dict(row.get("routes", {}))
-    return Model(model_id, free, routes, entry, Prices.from_pricing(entry.get("pricing"), free))
+    return Model(model_id, free, routes, entry, Prices.from_pricing(entry.get("pricing"), free), Bounds.of(entry))
 
 
 def seed_rows() -> list[dict[str, Any]]:

@@ -85,7 +85,7 @@ class Forwarder:
         await self.session.close()
 
     async def __call__(self, ctx: Context) -> web.StreamResponse:
-        ctx.meter = Meter(ctx.model.prices, ctx.stream)
+        ctx.meter = Meter(ctx.model.prices, ctx.stream, ctx.model.bounds)
         try:
             if ctx.stream and self.settings.keepalive_interval > 0:
                 return await self._stream(ctx)
@@ -106,7 +106,7 @@ class Forwarder:
                 ctx.use_model(model_id)
                 ctx.fallbacks.append(model_id)
                 assert ctx.meter is not None
-                ctx.meter.prices = ctx.model.prices
+                ctx.meter.prices, ctx.meter.bounds = ctx.model.prices, ctx.model.bounds
             try:
                 route = self.router.route(ctx.model)
             except GatewayError as exc:
@@ -265,7 +265,11 @@ class Forwarder:
         any output cost nothing."""
         meter = ctx.meter
         assert meter is not None
-        if meter.usage is None and ctx.first_byte_at and (ctx.status < 400 or ctx.status in (499, 502)):
+        if meter.doubted is not None:
+            log.warning("usage_not_believed", request_id=ctx.request_id, provider=ctx.provider, model=ctx.model.id,
+                        usage=repr(meter.doubted)[:300], billed="by estimate")
+        if meter.usage is None and (ctx.first_byte_at or meter.doubted is not None) and (
+                ctx.status < 400 or ctx.status in (499, 502)):
             meter.estimate(ctx.request_bytes, ctx.bytes_out)
         usage = meter.usage
         account = ctx.account

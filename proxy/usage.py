@@ -23,6 +23,31 @@ HOLD = 16 * 1024
 _DECODER = json.JSONDecoder()
 
 
+@dataclass(slots=True, frozen=True)
+class Bounds:
+    """The most tokens one answer of a model can count: its context for the prompt, its output limit
+    (else its context) for the completion, each with room for tokenizers that count differently.
+    Unknown limits fall back to `UNKNOWN`."""
+
+    prompt: int = 0
+    completion: int = 0
+
+    @classmethod
+    def of(cls, entry: dict[str, Any]) -> Bounds:
+        top = entry.get("top_provider")
+        top = top if isinstance(top, dict) else {}
+        context = _positive(entry.get("context_length")) or _positive(top.get("context_length")) or UNKNOWN
+        output = _positive(top.get("max_completion_tokens")) or context
+        return cls(context + context // 4, output + output // 4)
+
+
+UNKNOWN = 10_000_000  # tokens, for a model whose catalog entry gives no limit
+
+
+def _positive(v: Any) -> int:
+    return v if type(v) is int and v > 0 else 0
+
+
 @dataclass(slots=True)
 class Usage:
     prompt: int = 0
@@ -33,26 +58,29 @@ class Usage:
     estimated: bool = False
 
     @classmethod
-    def parse(cls, u: dict[str, Any]) -> Usage:
+    def parse(cls, u: dict[str, Any], bounds: Bounds) -> Usage | None:
+        """The usage an upstream sent, or None when it cannot be believed: a count that is not a
+        whole number from 0 to what the model can count, or parts larger than their whole."""
+        prompt, completion = u.get("prompt_tokens"), u.get("completion_tokens")
+        if type(prompt) is not int or type(completion) is not int:
+            return None
         pd = u.get("prompt_tokens_details")
         cd = u.get("completion_tokens_details")
-        if type(pd) is not dict:
-            pd = {}
-        return cls(
-            prompt=_count(u.get("prompt_tokens")),
-            completion=_count(u.get("completion_tokens")),
-            reasoning=_count(cd.get("reasoning_tokens")) if type(cd) is dict else 0,
-            cached=_count(pd.get("cached_tokens")),
-            cache_write=_count(pd.get("cache_write_tokens")),
-        )
+        pd = pd if type(pd) is dict else {}
+        cd = cd if type(cd) is dict else {}
+        usage = cls(prompt, completion, _part(cd.get("reasoning_tokens")), _part(pd.get("cached_tokens")),
+                    _part(pd.get("cache_write_tokens")))
+        if (0 <= prompt <= bounds.prompt and 0 <= completion <= bounds.completion and 0 <= usage.reasoning <= completion
+                and 0 <= usage.cached and 0 <= usage.cache_write and usage.cached + usage.cache_write <= prompt):
+            return usage
+        return None
 
 
-MAX_TOKENS = 10**12  # no answer counts a trillion tokens; priced, a larger count could overflow the ledger
-
-
-def _count(v: Any) -> int:
-    """A token count as sent, or 0 for anything that is not a positive whole number up to MAX_TOKENS."""
-    return v if type(v) is int and 0 < v <= MAX_TOKENS else 0
+def _part(v: Any) -> int:
+    """An optional count (absent or null: 0); -1, which no bound admits, for anything but a whole number."""
+    if v is None:
+        return 0
+    return v if type(v) is int else -1
 
 
 # Prices are kept as whole numbers of 10^-24 USD: every catalog price is exact at that scale, and
@@ -136,12 +164,14 @@ def _sse_boundary(data: bytes) -> int:
 class Meter:
     """Watches one response on its way out; `usage` and `cost_micros` are set once seen."""
 
-    __slots__ = ("prices", "stream", "usage", "cost_micros", "finish_reason", "events", "_pending")
+    __slots__ = ("prices", "bounds", "stream", "usage", "doubted", "cost_micros", "finish_reason", "events", "_pending")
 
-    def __init__(self, prices: Prices, stream: bool) -> None:
+    def __init__(self, prices: Prices, stream: bool, bounds: Bounds = Bounds(UNKNOWN, UNKNOWN)) -> None:
         self.prices = prices
+        self.bounds = bounds
         self.stream = stream
         self.usage: Usage | None = None
+        self.doubted: Any = None  # usage the upstream sent that could not be believed
         self.cost_micros = 0
         self.finish_reason: str | None = None
         self.events = 0
@@ -203,10 +233,8 @@ class Meter:
         if found is None:
             return data
         start, end, raw = found
-        if not isinstance(raw, dict):
+        if not isinstance(raw, dict) or not self._believe(raw):
             return data
-        self.usage = Usage.parse(raw)
-        self.cost_micros = self.prices.cost_micros(self.usage)
         raw["cost"] = self.cost_micros / 1_000_000
         try:
             encoded = orjson.dumps(raw)
@@ -219,8 +247,17 @@ class Meter:
 
     def observe(self, usage: dict[str, Any]) -> None:
         """Usage a translator saw but the client did not ask to be sent."""
-        self.usage = Usage.parse(usage)
-        self.cost_micros = self.prices.cost_micros(self.usage)
+        self._believe(usage)
+
+    def _believe(self, raw: dict[str, Any]) -> bool:
+        """Prices `raw` if it can be believed; else the request will be billed by estimate."""
+        usage = Usage.parse(raw, self.bounds)
+        if usage is None:
+            self.doubted, self.usage, self.cost_micros = raw, None, 0
+            return False
+        self.usage, self.doubted = usage, None
+        self.cost_micros = self.prices.cost_micros(usage)
+        return True
 
     def estimate(self, request_bytes: int, bytes_out: int) -> None:
         """No usage arrived (the client left, or the upstream broke): bill an estimate, marked so."""

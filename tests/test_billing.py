@@ -9,6 +9,7 @@ import sqlite3
 from decimal import Decimal
 
 import pytest
+from structlog.testing import capture_logs
 
 from proxy.app import LEDGER
 from proxy.cli import main
@@ -120,26 +121,32 @@ async def test_failed_upstream_costs_nothing(kilo, upstream, account, keys_db):
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
-async def test_an_unbelievable_token_count_is_not_billed_and_the_ledger_goes_on(kilo, upstream, account, keys_db, stream):
-    """A count no answer has (10^30 tokens, beyond SQLite's integers) is not believed: the client gets
-    its answer, the row is written with what can be believed, and later rows are written too."""
+@pytest.mark.parametrize("count", [-5, "12", None, 10**12, 10**30])
+async def test_usage_that_cannot_be_believed_is_billed_by_estimate(kilo, upstream, account, keys_db, stream, count,
+                                                                    caplog):
+    """Before: -5, "12", null or 10^30 tokens cost nothing, silently, and 10^12 tokens were believed
+    (a $17,500,000 debit). Now the row is billed by the gateway's own estimate, flagged `estimated`,
+    a warning names the provider and request, and later rows are written as usual."""
     upstream.mode = "usage"
-    upstream.usage = {**usage(0), "prompt_tokens": 10**30, "total_tokens": 10**30 + 200}
+    upstream.usage = {**usage(0), "prompt_tokens": count}
     key = account("odd", "10")
     client = await kilo()
-    chat = {"model": SONNET, "messages": [{"role": "user", "content": "x"}], "stream": stream}
-    resp = await client.post("/v1/chat/completions", json=chat, headers={"Authorization": f"Bearer {key}"})
-    assert resp.status == 200
-    await resp.read()
+    chat = {"model": SONNET, "messages": [{"role": "user", "content": "x" * 4000}], "stream": stream}
+    with capture_logs() as logged:
+        resp = await client.post("/v1/chat/completions", json=chat, headers={"Authorization": f"Bearer {key}"})
+        assert resp.status == 200
+        await resp.read()
+    rid = resp.headers["X-Request-Id"]
     assert await client.app[LEDGER].flush() == 1
     upstream.usage = usage(0)
     await (await client.post("/v1/chat/completions", json=chat, headers={"Authorization": f"Bearer {key}"})).read()
     assert await client.app[LEDGER].flush() == 1
     first, second = ledger_rows(keys_db)
-    assert (first["prompt_tokens"], first["completion_tokens"]) == (0, 200)
-    assert first["cost_micros"] == int(200 * Decimal("0.000015") * 1_000_000)
-    assert second["cost_micros"] == by_hand(0)
+    assert first["estimated"] == 1 and first["prompt_tokens"] >= 1000 and 0 < first["cost_micros"] < 100_000
+    assert second["estimated"] == 0 and second["cost_micros"] == by_hand(0)
     assert balance(keys_db) == 10_000_000 - first["cost_micros"] - second["cost_micros"]
+    warning = next(e for e in logged if e["event"] == "usage_not_believed")
+    assert warning["request_id"] == rid and warning["provider"] == "openrouter"
 
 
 async def test_two_gateways_one_store_no_lost_debit(kilo, upstream, account, keys_db):

@@ -6,8 +6,9 @@ import json
 from decimal import Decimal
 
 import orjson
+import pytest
 
-from proxy.usage import HOLD, Meter, Prices, Usage
+from proxy.usage import HOLD, Bounds, Meter, Prices, Usage
 from tests.fakes import completion, fixture_bytes, stream_events
 
 SONNET = Prices.from_pricing({"prompt": "0.000003", "completion": "0.000015", "input_cache_read": "0.0000003",
@@ -138,6 +139,28 @@ def test_usage_found_wherever_it_sits_in_its_object():
     assert meter.whole(body) == body and meter.usage == Usage(prompt=10, completion=5) and meter.cost_micros > 0
 
 
-def test_unbelievable_counts_count_nothing():
-    assert Usage.parse({"prompt_tokens": 10**30, "completion_tokens": 10**12, "prompt_tokens_details": {"cached_tokens": -1}}) \
-        == Usage(prompt=0, completion=10**12)
+SMALL = Bounds.of({"context_length": 200_000, "top_provider": {"max_completion_tokens": 64_000}})
+
+
+@pytest.mark.parametrize("count", [-5, 1.5, "12", None, 2**63, 10**30, 10**12, 250_001 + 200_000 // 4, True])
+def test_a_count_that_cannot_be_believed_is_not_priced(count):
+    """Before: each of these gave a cost of 0, silently, and 10^12 was believed ($17.5M for a
+    Sonnet answer). Now the usage is doubted; the forwarder bills the request by estimate."""
+    for usage in ({"prompt_tokens": count, "completion_tokens": 5}, {"prompt_tokens": 5, "completion_tokens": count}):
+        meter = Meter(SONNET, stream=False, bounds=SMALL)
+        body = json.dumps({"id": "a", "usage": usage}).encode()
+        assert meter.whole(body) == body  # relayed as sent, without a cost
+        assert meter.usage is None and meter.cost_micros == 0 and meter.doubted == usage
+
+
+def test_parts_larger_than_their_whole_are_not_believed():
+    for usage in ({"prompt_tokens": 10, "completion_tokens": 5, "prompt_tokens_details": {"cached_tokens": 11}},
+                  {"prompt_tokens": 10, "completion_tokens": 5, "completion_tokens_details": {"reasoning_tokens": 6}},
+                  {"prompt_tokens": 10, "completion_tokens": 5, "prompt_tokens_details": {"cached_tokens": -1}},
+                  {"prompt_tokens": 10, "completion_tokens": 70_000 + 64_000 // 4 + 1}):
+        assert Usage.parse(usage, SMALL) is None, usage
+    # Within the model's limits (with a quarter more for tokenizers), null details count as 0.
+    assert Usage.parse({"prompt_tokens": 250_000, "completion_tokens": 80_000, "prompt_tokens_details": None,
+                        "completion_tokens_details": {"reasoning_tokens": None}}, SMALL) == Usage(250_000, 80_000)
+    # A model whose entry gives no limits still has one.
+    assert Bounds.of({}) == Bounds(12_500_000, 12_500_000)
