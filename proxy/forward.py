@@ -26,7 +26,7 @@ from proxy.ledger import Ledger, Row, ip_hash
 from proxy.metrics import Metrics
 from proxy.relay import KEEPALIVE, SSE_HEADERS, error_chunk, relay, write
 from proxy.routing import Router
-from proxy.usage import Meter
+from proxy.usage import REDACTED, Meter
 
 log = structlog.get_logger("turnstile.forward")
 
@@ -85,7 +85,7 @@ class Forwarder:
         await self.session.close()
 
     async def __call__(self, ctx: Context) -> web.StreamResponse:
-        ctx.meter = Meter(ctx.model.prices, ctx.stream, ctx.model.bounds)
+        ctx.meter = Meter(ctx.model.prices, ctx.stream, ctx.model.bounds, self.secrets)
         try:
             if ctx.stream and self.settings.keepalive_interval > 0:
                 return await self._stream(ctx)
@@ -243,7 +243,7 @@ class Forwarder:
                 "relay, or that broke off or did not end.").response().body
             content_type = "application/json"
         for secret in self.secrets:
-            body = body.replace(secret, b"[redacted]")
+            body = body.replace(secret, REDACTED)
         if status in _OURS:
             log.error("upstream_refused_gateway_key", request_id=ctx.request_id, provider=provider.name,
                       status=status, body=body[:500].decode("utf-8", "replace"))

@@ -193,6 +193,22 @@ class Upstream:
             await resp.write(error[cut:])
             await resp.write_eof()
             return resp
+        if fault == "echo-200":  # the key quoted in an answer, cut in two writes four characters before its end
+            key = (request.headers.get("Authorization", "").removeprefix("Bearer ") + request.headers.get("x-api-key", ""))
+            text = f"Your key is {key}." + "." * int(body.get("padding", 0))
+            if body.get("stream"):
+                answer = b"".join(stream_events(body["model"], None, words=0)).replace(
+                    b'"content": ""', json.dumps({"content": text})[1:-1].encode())
+            else:
+                answer = json.dumps(completion(body["model"], None)).replace("Hello there.", text).encode()
+            resp = web.StreamResponse(headers={"Content-Type": "text/event-stream" if body.get("stream") else "application/json"})
+            await resp.prepare(request)
+            cut = answer.index(key.encode()) + len(key) - 4
+            await resp.write(answer[:cut])
+            await asyncio.sleep(0.05)
+            await resp.write(answer[cut:])
+            await resp.write_eof()
+            return resp
         if isinstance(fault, int):
             headers = {"Retry-After": self.retry_after} if self.retry_after else {}
             return web.Response(status=fault, body=b'{"error": {"message": "busy", "code": %d}}' % fault,

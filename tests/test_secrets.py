@@ -76,3 +76,19 @@ async def test_an_echoed_key_is_redacted_whole_or_not_relayed(gateway, upstream,
     assert resp.status == 400
     assert secret[4:24].encode() not in raw
     assert json.loads(raw)["error"]["message"] == message
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+@pytest.mark.parametrize("padding", [0, 40_000], ids=["small", "large"])
+async def test_a_key_quoted_in_an_answer_does_not_reach_the_caller(gateway, stream, padding):
+    """Before: redaction covered error bodies only, and a 200 answer quoting the provider key was
+    relayed verbatim. Here the key comes split across two upstream reads; a large JSON answer is
+    relayed as it arrives, its tail held back."""
+    secret = PROVIDER_KEYS["OPENROUTER_API_KEY"]
+    client = await gateway(env={"OPENROUTER_API_KEY": secret})
+    resp = await client.post("/v1/chat/completions", json={"model": "openai/gpt-5.4", "fault": "echo-200", "stream": stream,
+                                                           "padding": padding, "messages": [{"role": "user", "content": "hi"}]})
+    raw = await resp.read()
+    assert resp.status == 200
+    assert secret[4:24].encode() not in raw and secret[-8:].encode() not in raw
+    assert b"Your key is [redacted]." in raw
