@@ -15,7 +15,7 @@ from aiohttp.web_urldispatcher import _default_expect_handler
 from proxy.catalog import Catalog, seed_rows
 from proxy.clientip import ClientIP
 from proxy.config import Config
-from proxy.errors import GatewayError, too_large
+from proxy.errors import GatewayError, http_error
 from proxy.forward import Forwarder
 from proxy.account import AccountHandlers
 from proxy.handlers import CONTEXT, REQUEST_ID, ChatHandler, ModelsHandler, healthz
@@ -37,18 +37,6 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 Access = Callable[[dict[str, Any]], None]
 
 
-def _http_error(exc: web.HTTPException, max_body: int) -> GatewayError:
-    if exc.status == 404:
-        return GatewayError(404, "not_found", "No such endpoint. Chat completions are at /v1/chat/completions "
-                            "(also under /api/gateway, /api/openrouter and /api/v1).", code="not_found")
-    if exc.status == 405:
-        return GatewayError(405, "method_not_allowed", "Method not allowed.", code="method_not_allowed",
-                            headers={"Allow": exc.headers.get("Allow", "")})
-    if exc.status == 413:
-        return too_large(max_body)
-    return GatewayError(exc.status, "invalid_request", exc.reason or "Bad request.")
-
-
 def wrap(handler: Handler, route: str, max_body: int, metrics: Metrics | None, ids: Iterator[str],
          access: Access) -> Handler:
     """Each endpoint, wrapped once at start-up (no per-request middleware chain): it gets a request
@@ -68,7 +56,7 @@ def wrap(handler: Handler, route: str, max_body: int, metrics: Metrics | None, i
                 for name, value in ctx.response_headers.items():
                     response.headers.setdefault(name, value)
         except web.HTTPException as exc:
-            error = _http_error(exc, max_body)
+            error = http_error(exc, max_body)
             response = error.response()
         except asyncio.CancelledError:
             _access(access, request, start, 499)
@@ -124,7 +112,7 @@ class Fallback:
         if allowed:
             raise GatewayError(405, "method_not_allowed", "Method not allowed.", code="method_not_allowed",
                                headers={"Allow": ", ".join(allowed)})
-        raise _http_error(web.HTTPNotFound(), 0)
+        raise http_error(web.HTTPNotFound())
 
 
 def _access(access: Access, request: web.Request, start: float, status: int,

@@ -25,6 +25,9 @@ class Server:
     workers: int = 1
     shutdown_timeout: float = 30.0
     body_timeout: float = 30.0
+    header_timeout: float = 10.0  # from a request's first byte to the end of its headers
+    keepalive_timeout: float = 75.0  # an idle connection between two requests
+    max_connections: int = 10_000  # open client connections per process
     tls_cert: str = ""
     tls_key: str = ""
 
@@ -218,8 +221,11 @@ def parse(data: dict[str, Any]) -> Config:
         raise ConfigError("server.tls_cert: give both tls_cert and tls_key, or neither")
     if cfg.server.max_body_bytes < 1024:
         raise ConfigError("server.max_body_bytes: must be at least 1024")
-    if not cfg.server.body_timeout > 0:
-        raise ConfigError("server.body_timeout: must be more than 0 seconds")
+    for name in ("body_timeout", "header_timeout", "keepalive_timeout"):
+        if not getattr(cfg.server, name) > 0:
+            raise ConfigError(f"server.{name}: must be more than 0 seconds")
+    if cfg.server.max_connections < 1:
+        raise ConfigError("server.max_connections: must be at least 1")
     return cfg
 
 

@@ -16,6 +16,7 @@ _OPENAI_TYPES = {
     404: "not_found_error",
     405: "invalid_request_error",
     413: "invalid_request_error",
+    417: "invalid_request_error",
     429: "rate_limit_error",
 }
 
@@ -64,6 +65,23 @@ class GatewayError(Exception):
             content_type="application/json",
             headers=self.headers,
         )
+
+
+def http_error(exc: web.HTTPException, max_body: int = 0) -> GatewayError:
+    """What aiohttp itself refuses (no route, wrong method, a failed expectation, a body over the
+    limit), in the gateway's error shape."""
+    if exc.status == 404:
+        return GatewayError(404, "not_found", "No such endpoint. Chat completions are at /v1/chat/completions "
+                            "(also under /api/gateway, /api/openrouter and /api/v1).", code="not_found")
+    if exc.status == 405:
+        return GatewayError(405, "method_not_allowed", "Method not allowed.", code="method_not_allowed",
+                            headers={"Allow": exc.headers.get("Allow", "")})
+    if exc.status == 413 and max_body:
+        return too_large(max_body)
+    if exc.status == 417:
+        return GatewayError(417, "expectation_failed", "Only `Expect: 100-continue` is understood.",
+                            code="expectation_failed")
+    return GatewayError(exc.status, "invalid_request", exc.reason or "Bad request.")
 
 
 def too_large(limit: int) -> GatewayError:

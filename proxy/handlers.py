@@ -13,6 +13,7 @@ from aiohttp import web
 from proxy.catalog import Catalog
 from proxy.clientip import ClientIP
 from proxy.context import Context
+from proxy.inflate import inflate
 from proxy.errors import GatewayError, invalid_request, model_not_found, too_large
 from proxy.pipeline import Next
 
@@ -58,13 +59,16 @@ class ChatHandler:
         if (request.content_length or 0) > self.max_body:
             raise too_large(self.max_body)
         if request.content.is_eof():
-            return await request.read()
-        try:
-            async with asyncio.timeout(self.body_timeout):
-                return await request.read()
-        except TimeoutError:
-            raise GatewayError(408, "request_timeout", "The request body did not arrive in time.",
-                               code="request_timeout") from None
+            raw = await request.read()
+        else:
+            try:
+                async with asyncio.timeout(self.body_timeout):
+                    raw = await request.read()
+            except TimeoutError:
+                raise GatewayError(408, "request_timeout", "The request body did not arrive in time.",
+                                   code="request_timeout") from None
+        encoding = request.headers.get("Content-Encoding")
+        return raw if encoding is None else await inflate(raw, encoding, self.max_body)
 
     async def __call__(self, request: web.Request) -> web.StreamResponse:
         started = time.monotonic()

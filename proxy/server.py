@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import gc
 import os
 import signal
@@ -21,7 +22,7 @@ from aiohttp import web
 
 from proxy import logs, stopping
 from proxy.app import create_app
-from proxy.config import Config
+from proxy.config import Config, Server
 from proxy.protocol import Runner
 
 log = structlog.get_logger("turnstile")
@@ -105,6 +106,29 @@ def _reserve(host: str, port: int, workers: int) -> list[list[socket.socket]]:
     return reserved
 
 
+def _fitted(server: Server, pool_size: int) -> Server:
+    """`server` with `max_connections` lowered, if need be, to what the open-file limit allows: the
+    soft limit is first raised to the hard one. Past the limit, accept() fails and asyncio stops
+    accepting for a second at a time: every new client would be refused, silently. Room is kept for
+    the upstream pool (at most a quarter of the limit) and 64 other files."""
+    try:
+        import resource
+    except ImportError:  # not on this platform
+        return server
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+    if soft == resource.RLIM_INFINITY:
+        return server
+    room = max(64, soft - 64 - min(pool_size, soft // 4))
+    if server.max_connections <= room:
+        return server
+    log.warning("max_connections_lowered", configured=server.max_connections, to=room, open_file_limit=soft)
+    return dataclasses.replace(server, max_connections=room)
+
+
 def _address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
@@ -135,8 +159,8 @@ async def serve(cfg: Config, app: web.Application, uvloop: bool, sockets: list[s
 
         loop.call_later(PARENT_CHECK_SECONDS, watch)
     stopped = asyncio.ensure_future(stop.wait())
-    runner = Runner(app, access_log=None, handle_signals=False, handler_cancellation=True,
-                           shutdown_timeout=cfg.server.shutdown_timeout)
+    runner = Runner(app, _fitted(cfg.server, cfg.upstream.pool_size), access_log=None, handle_signals=False,
+                    handler_cancellation=True, shutdown_timeout=cfg.server.shutdown_timeout)
     # Start-up can be slow (a catalog sync waits up to 30 s on its provider): a stop asked meanwhile
     # cancels it, and what had started is cleaned up.
     setup = asyncio.ensure_future(runner.setup())

@@ -3,14 +3,28 @@ from __future__ import annotations
 from typing import Any, Awaitable, Callable
 
 import pytest
-from aiohttp.test_utils import TestClient
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.web_runner import BaseRunner
 
 from proxy.app import create_app
-from proxy.config import _merge, defaults_table, parse
+from proxy.config import Server, _merge, defaults_table, parse
+from proxy.protocol import Runner
 from tests.fakes import Upstream
 from tests.redis_server import redis_url  # noqa: F401  (a fixture)
 
 GatewayFactory = Callable[..., Awaitable[TestClient]]
+
+
+class GatewayServer(TestServer):
+    """The app under the server `turnstile serve` runs it with (`proxy.protocol.Runner`)."""
+
+    def __init__(self, app: web.Application, settings: Server, **kwargs: Any) -> None:
+        super().__init__(app, **kwargs)
+        self.settings = settings
+
+    async def _make_runner(self, **kwargs: Any) -> BaseRunner:
+        return Runner(self.app, self.settings, **kwargs)
 
 
 def make_config(**overrides: Any) -> Any:
@@ -39,7 +53,8 @@ def gateway(aiohttp_client: Any, upstream: Upstream, keys_db: str) -> GatewayFac
         environment.update(env or {})
         overrides.setdefault("pipeline", [])
         overrides.setdefault("keys", {"db": keys_db})
-        return await aiohttp_client(create_app(make_config(**overrides), environment))
+        cfg = make_config(**overrides)
+        return await aiohttp_client(GatewayServer(create_app(cfg, environment), cfg.server))
 
     return make
 
