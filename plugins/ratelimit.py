@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import time
+from typing import Callable
 from ipaddress import ip_network
 
 from aiohttp import web
@@ -24,7 +25,7 @@ from proxy.config import Config, ConfigError
 from proxy.context import Context
 from proxy.errors import GatewayError
 from proxy.pipeline import Next
-from proxy.ratelimits import is_shared
+from proxy.ratelimits import SharedStorage, is_shared
 
 RATE_LIMITED = "Free model usage limit reached. Please try again later or upgrade to a paid model."
 PROMOTION = (
@@ -49,6 +50,8 @@ class RateLimit:
         self,
         storage: Storage,
         config: Config,
+        shared: SharedStorage | None = None,
+        servable: Callable[[Context], bool] | None = None,
         limit: str = "200/hour",
         daily_limit: str = "10000/day",
         who: str = "anonymous",
@@ -76,6 +79,10 @@ class RateLimit:
         # limits' moving-window storage, asked directly with keys made of precomputed parts: what
         # MovingWindowRateLimiter does, without building the same key twice per request.
         self.storage = storage
+        self.shared = shared
+        # A request no provider can serve is refused after this stage (503 provider_not_configured):
+        # it must not use up one of the caller's requests.
+        self.servable = servable
         self._hourly = _Window(self.hourly, "free")
         self._daily = _Window(self.daily, "promo") if self.daily else None
         self.everyone = who == "free"
@@ -92,13 +99,34 @@ class RateLimit:
     async def __call__(self, ctx: Context, call_next: Next) -> web.StreamResponse:
         if not ctx.model.free or not (ctx.account is None or self.everyone):
             return await call_next(ctx)
+        if self.servable is not None and not self.servable(ctx):
+            return await call_next(ctx)
         ip = ctx.client_ip
         if ":" in ip:  # one IPv6 client holds a whole /64: count it as one
             ip = self._bucket(ip)
+        shared = self.shared
+        if shared is None:  # in this process: nothing can fail, and nothing runs between two awaits
+            headers = await self._count(ctx, ip)
+        elif shared.down:
+            return await self._unchecked(ctx, call_next)
+        else:
+            try:
+                headers = await self._count(ctx, ip)
+            except shared.errors as exc:
+                shared.failed(exc)
+                return await self._unchecked(ctx, call_next)
+        ctx.response_headers.update(headers)
+        return await call_next(ctx)
+
+    async def _count(self, ctx: Context, ip: str) -> dict[str, str]:
+        """The X-RateLimit-* headers of an admitted request; GatewayError when it is over a limit."""
         hourly = self._hourly
         key = hourly.key(ip)
-        admitted = await self.storage.acquire_entry(key, hourly.amount, hourly.expiry)
-        start, count = await self.storage.get_moving_window(key, hourly.amount, hourly.expiry)
+        if self.shared is None:
+            admitted = await self.storage.acquire_entry(key, hourly.amount, hourly.expiry)
+            start, count = await self.storage.get_moving_window(key, hourly.amount, hourly.expiry)
+        else:
+            admitted, start, count = await self.shared.acquire_and_count(key, hourly.amount, hourly.expiry)
         reset, remaining = start + hourly.expiry, hourly.amount - count
         headers = {
             "X-RateLimit-Limit": self.limit_header,
@@ -115,5 +143,14 @@ class RateLimit:
             raise GatewayError(
                 401, "promotion_limit_reached", self.promotion_message, code="PROMOTION_MODEL_LIMIT_REACHED"
             )
-        ctx.response_headers.update(headers)
+        return headers
+
+    async def _unchecked(self, ctx: Context, call_next: Next) -> web.StreamResponse:
+        """The shared storage is down: the request passes unchecked if the operator chose so."""
+        assert self.shared is not None
+        if not self.shared.fail_open:
+            raise GatewayError(503, "rate_limit_storage_unavailable",
+                               "Rate limits cannot be checked right now; please try again shortly.",
+                               headers={"Retry-After": "1"})
+        self.shared.unchecked += 1
         return await call_next(ctx)

@@ -24,7 +24,7 @@ from proxy.keys import KeyStore, db_path
 from proxy.ledger import Ledger
 from proxy.metrics import Metrics
 from proxy.pipeline import compose
-from proxy.ratelimits import open_storage
+from proxy.ratelimits import SharedStorage, is_shared, open_storage
 from proxy.registry import STAGES, build, load
 from proxy.routing import Router, build_providers
 from proxy import logs, sync
@@ -157,9 +157,11 @@ def create_app(config: Config, env: Mapping[str, str] = os.environ) -> web.Appli
     secrets = tuple(env.get(row.api_key_env, "") for row in config.providers if row.api_key_env)
     forwarder = Forwarder(router, config.upstream, ledger, secrets)
     client_ip = ClientIP(config.server.trusted_proxies)
-    storage = open_storage(config.limits.storage)
+    storage = open_storage(config.limits)
+    shared = SharedStorage(storage, config.limits.fail_open) if is_shared(config.limits.storage) else None
     # What a stage may ask for by naming a constructor parameter after it.
-    resources: dict[str, Any] = {"catalog": catalog, "config": config, "keys": keys, "storage": storage}
+    resources: dict[str, Any] = {"catalog": catalog, "config": config, "keys": keys, "storage": storage,
+                                 "shared": shared, "servable": forwarder.servable}
     stages = []
     for i, row in enumerate(config.pipeline):
         where = f"pipeline[{i}] ({row.use})"
@@ -170,6 +172,8 @@ def create_app(config: Config, env: Mapping[str, str] = os.environ) -> web.Appli
     account = AccountHandlers(keys, ledger, config)
     metrics = Metrics(env.get(config.metrics.token_env, "") if config.metrics.token_env else "") if config.metrics.enabled else None
     forwarder.metrics = metrics
+    if metrics is not None:
+        metrics.limits = shared
     ready = Readiness(storage, keys)
 
     app = web.Application(client_max_size=config.server.max_body_bytes)
@@ -182,6 +186,8 @@ def create_app(config: Config, env: Mapping[str, str] = os.environ) -> web.Appli
     app.cleanup_ctx.append(keys.cleanup_ctx)  # opens (and first creates) the database
     app.cleanup_ctx.append(ledger.cleanup_ctx)  # closed after the session: its last flush sees every request
     app.cleanup_ctx.append(forwarder.session_ctx)
+    if shared is not None:
+        app.on_cleanup.append(lambda _: shared.close())
     if metrics is not None:
         app.cleanup_ctx.append(metrics.sync_ctx)
     if config.catalog.sync:

@@ -78,6 +78,9 @@ class MetricsSettings:
 @dataclass(slots=True)
 class Limits:
     storage: str = "memory://"
+    pool_size: int = 128  # connections to a shared storage, per process; more requests wait for one
+    timeout: float = 0.5  # seconds for a shared storage to answer, or for a free pooled connection
+    fail_open: bool = False  # storage unreachable: pass limited requests unchecked (counted) instead of 503
 
 
 @dataclass(slots=True)
@@ -224,6 +227,10 @@ def parse(data: dict[str, Any]) -> Config:
     for name in ("body_timeout", "header_timeout", "keepalive_timeout"):
         if not getattr(cfg.server, name) > 0:
             raise ConfigError(f"server.{name}: must be more than 0 seconds")
+    if cfg.limits.pool_size < 1:
+        raise ConfigError("limits.pool_size: must be at least 1")
+    if not cfg.limits.timeout > 0:
+        raise ConfigError("limits.timeout: must be more than 0 seconds")
     if cfg.server.max_connections < 1:
         raise ConfigError("server.max_connections: must be at least 1")
     return cfg

@@ -84,6 +84,11 @@ class Forwarder:
         yield
         await self.session.close()
 
+    def servable(self, ctx: Context) -> bool:
+        """Whether some provider is configured for the request's model or one of its fallbacks."""
+        fallbacks = retry.fallback_models(ctx, self.settings, ctx.body.get("models"))
+        return any(self.router.serves(model_id) for model_id in (ctx.model.id, *fallbacks))
+
     async def __call__(self, ctx: Context) -> web.StreamResponse:
         ctx.meter = Meter(ctx.model.prices, ctx.stream, ctx.model.bounds, self.secrets)
         try:

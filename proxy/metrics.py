@@ -1,8 +1,8 @@
 """Prometheus metrics (prometheus-client): requests, latency, upstream trouble, limits, streams, tokens.
 
 Labels stay bounded: route (the endpoint, not the path), model (a catalog id), provider, status; never
-a client IP or a key. With several workers, set PROMETHEUS_MULTIPROC_DIR and every worker's samples
-are merged at scrape time.
+a client IP or a key. With several workers, every worker's samples are merged at scrape time, through
+files in PROMETHEUS_MULTIPROC_DIR (`shared_samples` makes one when it is not set).
 
 A request only adds to plain counters (a prometheus-client update takes locks and a dozen calls);
 they are moved into the metrics at each scrape, and every second when workers share the samples.
@@ -15,17 +15,30 @@ import bisect
 import contextlib
 import hmac
 import os
+import tempfile
 import collections
 from typing import Any, AsyncIterator
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client import multiprocess
+from prometheus_client import multiprocess, values
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from proxy.errors import GatewayError
 
 _BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+def shared_samples() -> str | None:
+    """Makes every worker's samples land in files that any worker's scrape merges: prometheus-client's
+    multi-process mode, in PROMETHEUS_MULTIPROC_DIR or a new private directory. Called by the
+    supervisor before any metric exists; returns the directory it made, for it to remove at exit."""
+    made = None
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        made = tempfile.mkdtemp(prefix="turnstile-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = made
+    values.ValueClass = values.get_value_class()  # chosen when prometheus-client was imported
+    return made
 
 
 class Metrics:
@@ -45,6 +58,15 @@ class Metrics:
         self.rejections = Counter("turnstile_rate_limit_rejections_total", "Requests refused by a limit", ["limit"], registry=r)
         self.streams = Gauge("turnstile_streams_in_flight", "Streams being relayed", registry=r, multiprocess_mode="livesum")
         self.tokens = Counter("turnstile_tokens_total", "Tokens from upstream usage", ["model", "direction"], registry=r)
+        self.storage_up = Gauge("turnstile_rate_limit_storage_up", "1 while the shared rate-limit storage answers",
+                                registry=r, multiprocess_mode="liveall")
+        self.storage_outages = Counter("turnstile_rate_limit_storage_outages_total",
+                                       "Times the shared rate-limit storage stopped answering", registry=r)
+        self.unchecked = Counter("turnstile_rate_limit_unchecked_total",
+                                 "Requests let through unchecked while the rate-limit storage was down (fail_open)",
+                                 registry=r)
+        self.limits: Any = None  # the shared rate-limit storage (proxy.ratelimits.SharedStorage), if any
+        self._limits_seen = (0, 0)
         self.multiproc = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
         # Children by label values, looked up once: `labels()` validates and locks on every call.
         self._children: dict[tuple[Any, ...], Any] = {}
@@ -107,6 +129,12 @@ class Metrics:
                     bucket.inc(n)
             child._sum.inc(counts[-1])
         self.streams.set(self.streams_in_flight)
+        if self.limits is not None:
+            outages, unchecked = self.limits.outages, self.limits.unchecked
+            self.storage_outages.inc(outages - self._limits_seen[0])
+            self.unchecked.inc(unchecked - self._limits_seen[1])
+            self._limits_seen = (outages, unchecked)
+            self.storage_up.set(0 if self.limits.down else 1)
 
     async def sync_ctx(self, app: web.Application) -> AsyncIterator[None]:
         """aiohttp cleanup_ctx: with samples shared between workers, every second."""

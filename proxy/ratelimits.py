@@ -7,12 +7,16 @@ import bisect
 import contextlib
 import inspect
 import time
+from typing import Any
 
+import structlog
 from limits.aio.storage import MemoryStorage, Storage
 from limits.errors import ConfigurationError
 from limits.storage import storage_from_string
 
-from proxy.config import ConfigError
+from proxy.config import ConfigError, Limits
+
+log = structlog.get_logger("turnstile.limits")
 
 
 SWEEP_EVERY = 10.0  # seconds between two sweeps of expired entries
@@ -88,18 +92,31 @@ for _name, _method in list(vars(SweptMemoryStorage).items()):
         setattr(SweptMemoryStorage, _name, inspect.unwrap(_method))
 
 
-def open_storage(uri: str) -> Storage:
-    """`memory://` or `redis://host:port[/db]` (also `rediss://`, `redis+sentinel://`)."""
-    scheme = uri.split("://", 1)[0]
-    options: dict[str, str] = {}
-    if scheme.startswith("redis") or scheme.startswith("async+redis"):
-        options["implementation"] = "redispy"
+def open_storage(settings: Limits) -> Storage:
+    """`memory://` or `redis://host:port[/db]` (also `rediss://`, `redis+sentinel://`).
+
+    A plain Redis gets a pool of `pool_size` connections that a request waits for (up to `timeout`)
+    when all are busy: redis-py's default pool raised "Too many connections" instead, a 500 past
+    100 requests at once. Every Redis answer is awaited for `timeout` at most."""
+    uri = settings.storage
+    scheme = uri.split("://", 1)[0].removeprefix("async+")
     async_uri = uri if uri.startswith("async+") else "async+" + uri
     if async_uri == "async+memory://":
         return SweptMemoryStorage()
+    options: dict[str, Any] = {}
+    if scheme.startswith("redis"):
+        options = {"implementation": "redispy", "socket_timeout": settings.timeout,
+                   "socket_connect_timeout": settings.timeout}
+        if scheme in ("redis", "rediss"):
+            import redis.asyncio
+
+            options["connection_pool"] = redis.asyncio.BlockingConnectionPool.from_url(
+                async_uri.removeprefix("async+"), max_connections=settings.pool_size, timeout=settings.timeout,
+                socket_timeout=settings.timeout, socket_connect_timeout=settings.timeout)
+            del options["socket_timeout"], options["socket_connect_timeout"]
     try:
         storage = storage_from_string(async_uri, **options)
-    except ConfigurationError as exc:
+    except (ConfigurationError, ValueError) as exc:
         raise ConfigError(f"limits.storage: {exc}") from None
     if not isinstance(storage, Storage):
         raise ConfigError(f"limits.storage: {uri!r} is not an async storage")
@@ -108,3 +125,86 @@ def open_storage(uri: str) -> Storage:
 
 def is_shared(uri: str) -> bool:
     return not uri.split("://", 1)[0].removeprefix("async+").startswith("memory")
+
+
+class StorageUnavailable(Exception):
+    """The shared storage did not answer; the stage decides what the request gets."""
+
+
+class SharedStorage:
+    """A shared storage (Redis) and whether it is reachable.
+
+    The first failure marks it down, with one log line; until a probe (every `PROBE_EVERY` seconds)
+    finds it back, with another, limited requests do not wait on it at all: each one would wait
+    `timeout` for an answer that will not come."""
+
+    PROBE_EVERY = 0.5
+
+    def __init__(self, storage: Storage, fail_open: bool = False) -> None:
+        self.storage = storage
+        self.fail_open = fail_open
+        self.errors: tuple[type[BaseException], ...] = (*_as_tuple(storage.base_exceptions), OSError,
+                                                        asyncio.TimeoutError)
+        self.down = False
+        self.outages = 0  # for /metrics
+        self.unchecked = 0  # requests let through unchecked while down (fail_open)
+        self._since = 0.0
+        self._probe: asyncio.Task[None] | None = None
+        self._script = _moving_window_scripts(storage)
+
+    def failed(self, exc: BaseException) -> None:
+        if self.down:
+            return
+        self.down, self.outages, self._since = True, self.outages + 1, time.monotonic()
+        log.error("rate_limit_storage_unavailable", error=f"{type(exc).__name__}: {exc}"[:300],
+                  then="letting limited requests through unchecked" if self.fail_open else "answering 503")
+        self._probe = asyncio.ensure_future(self._wait_for_it())
+
+    async def _wait_for_it(self) -> None:
+        while True:
+            await asyncio.sleep(self.PROBE_EVERY)
+            try:
+                if await self.storage.check():
+                    break
+            except Exception:  # noqa: BLE001 (any failure of the client is "not back yet")
+                pass
+        self.down = False
+        log.info("rate_limit_storage_recovered", after_seconds=round(time.monotonic() - self._since, 1))
+
+    async def acquire_and_count(self, key: str, limit: int, expiry: int) -> tuple[bool, float, int]:
+        """(admitted, start of the window, entries in it, this one included) in one round trip, one
+        transaction: the count is this request's own, not one that others raced to change."""
+        if self._script is None:
+            admitted = await self.storage.acquire_entry(key, limit, expiry)
+            start, count = await self.storage.get_moving_window(key, limit, expiry)
+            return admitted, start, count
+        bridge, client = self._script
+        pipe = client.pipeline(transaction=True)
+        redis_key, now = bridge.prefixed_key(key), time.time()
+        await bridge.lua_acquire_moving_window([redis_key], [now, limit, expiry, 1], client=pipe)
+        await bridge.lua_moving_window([redis_key], [now - expiry, limit], client=pipe)
+        admitted, window = await pipe.execute()
+        return bool(admitted), float(window[0]) if window else now, int(window[1]) if window else 0
+
+    async def close(self) -> None:
+        if self._probe is not None:
+            self._probe.cancel()
+
+
+def _as_tuple(errors: Any) -> tuple[type[BaseException], ...]:
+    return errors if isinstance(errors, tuple) else (errors,)
+
+
+def _moving_window_scripts(storage: Storage) -> tuple[Any, Any] | None:
+    """limits' own moving-window scripts and client, for a plain Redis through redis-py, which can
+    run both in one transaction; None elsewhere (two calls, the count then only near-exact)."""
+    bridge = getattr(storage, "bridge", None)
+    if type(storage).__name__ != "RedisStorage" or getattr(storage, "MODE", None) != "BASIC":
+        return None
+    if not all(hasattr(bridge, a) for a in ("lua_acquire_moving_window", "lua_moving_window", "prefixed_key")):
+        return None
+    try:
+        client = bridge.get_connection()
+    except Exception:  # noqa: BLE001 (an implementation this does not know)
+        return None
+    return (bridge, client) if hasattr(client, "pipeline") else None

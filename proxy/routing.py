@@ -84,6 +84,11 @@ class Router:
             f"No provider is configured for {model.id}: set {env} in the gateway's environment.",
         )
 
+    def serves(self, model_id: str) -> bool:
+        if self._version != self.catalog.version:
+            self.rebuild()
+        return isinstance(self.table.get(model_id), Route)
+
     def route(self, model: Model) -> Route:
         if self._version != self.catalog.version:
             self.rebuild()

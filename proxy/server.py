@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import gc
 import os
+import shutil
 import signal
 import socket
 import ssl
@@ -19,8 +20,9 @@ import time
 
 import structlog
 from aiohttp import web
+from prometheus_client import multiprocess
 
-from proxy import logs, stopping
+from proxy import logs, metrics, stopping
 from proxy.app import create_app
 from proxy.config import Config, Server
 from proxy.protocol import Runner
@@ -210,6 +212,7 @@ def run(cfg: Config) -> int:
         return 1
     if cfg.server.workers == 1:
         return _worker(cfg, reserved[0])
+    samples = metrics.shared_samples() if cfg.metrics.enabled else None
     try:
         # Every configuration error shows here, once, before any worker starts.
         create_app(cfg)
@@ -221,6 +224,8 @@ def run(cfg: Config) -> int:
         return supervise(cfg, reserved)
     finally:
         stopping.ignore()
+        if samples is not None:
+            shutil.rmtree(samples, ignore_errors=True)
         for sock in (s for sockets in reserved for s in sockets):
             sock.close()
 
@@ -318,6 +323,8 @@ def supervise(cfg: Config, reserved: list[list[socket.socket]]) -> int:
                 failed = True
             continue
         log.error("worker_died", worker=index, pid=pid, exit_code=code)
+        if cfg.metrics.enabled:  # its gauges no longer count; its counters do
+            multiprocess.mark_process_dead(pid)
         age = time.monotonic() - born.pop(pid, 0.0)
         if code > 0 and age < 2.0:  # it could not start (a plugin that fails in a new process, say): give up
             stop(signal.SIGTERM, None)

@@ -11,7 +11,7 @@ from proxy.app import create_app
 from proxy.config import Server, _merge, defaults_table, parse
 from proxy.protocol import Runner
 from tests.fakes import Upstream
-from tests.redis_server import redis_url  # noqa: F401  (a fixture)
+from tests.redis_server import own_redis, redis_url  # noqa: F401  (fixtures)
 
 GatewayFactory = Callable[..., Awaitable[TestClient]]
 

@@ -10,12 +10,13 @@ from limits.aio.storage import MemoryStorage
 from limits.aio.strategies import MovingWindowRateLimiter
 
 from proxy import ratelimits
+from proxy.config import Limits
 from proxy.ratelimits import SweptMemoryStorage, open_storage
 
 
 async def test_memory_uri_opens_the_swept_storage():
-    assert isinstance(open_storage("memory://"), SweptMemoryStorage)
-    assert not isinstance(open_storage("redis://127.0.0.1:1"), SweptMemoryStorage)
+    assert isinstance(open_storage(Limits("memory://")), SweptMemoryStorage)
+    assert not isinstance(open_storage(Limits("redis://127.0.0.1:1")), SweptMemoryStorage)
 
 
 async def test_counts_exactly_and_sweeps_only_what_expired():

@@ -106,13 +106,23 @@ def test_keys_are_the_ones_limits_builds():
         assert _Window(hourly, "free").key(ip) == hourly.key_for("free", ip)
 
 
-async def test_a_refusal_after_the_count_still_carries_the_limit_headers(kilo):
+async def test_a_refusal_after_the_count_still_carries_the_limit_headers(kilo, unused_tcp_port):
     """Counted when the request starts (as the real gateway does): what failed later says what is left."""
-    client = await kilo(env={"OPENROUTER_API_KEY": ""})  # the free model's provider has no key
+    client = await kilo(env={"OPENROUTER_BASE_URL": f"http://127.0.0.1:{unused_tcp_port}"}, upstream={"retries": 0})
     resp = await client.post("/v1/chat/completions", json=FREE, headers=from_ip("198.51.100.9"))
-    assert resp.status == 503
+    assert resp.status == 502
     assert (resp.headers["X-RateLimit-Limit"], resp.headers["X-RateLimit-Remaining"]) == ("200", "199")
     assert resp.headers["X-Request-Id"]
+
+
+async def test_a_request_no_provider_can_serve_is_not_counted(kilo):
+    """Before: a 503 provider_not_configured used up one of the anonymous caller's 200."""
+    pipeline = [{"use": "auth"}, {"use": "ratelimit", "limit": "2/hour"}]
+    client = await kilo(env={"OPENROUTER_API_KEY": ""}, pipeline=pipeline)  # the free model's provider has no key
+    for _ in range(3):
+        resp = await client.post("/v1/chat/completions", json=FREE, headers=from_ip("198.51.100.10"))
+        assert resp.status == 503 and (await resp.json())["error_type"] == "provider_not_configured"
+        assert "X-RateLimit-Remaining" not in resp.headers
 
 
 async def test_the_daily_cap_keeps_counters_not_an_entry_per_request():
