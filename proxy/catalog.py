@@ -80,7 +80,7 @@ class Catalog:
     def require(self, model_id: str) -> Model:
         model = self.models.get(model_id)
         if model is None:
-            raise model_not_found()
+            raise model_not_found(model_id)
         return model
 
 

@@ -93,8 +93,10 @@ def invalid_request(message: str, param: str | None = None) -> GatewayError:
     return GatewayError(400, "invalid_request", message, param=param)
 
 
-def model_not_found() -> GatewayError:
-    return GatewayError(404, "model_not_found", "The requested model could not be found.", param="model")
+def model_not_found(model_id: str = "") -> GatewayError:
+    """Kilo's words, with the model named when there is one to name."""
+    named = f": {model_id[:120]!r}" if model_id else ""
+    return GatewayError(404, "model_not_found", f"The requested model could not be found{named}.", param="model")
 
 
 def upstream_error(status: int, message: str) -> GatewayError:

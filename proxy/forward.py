@@ -121,7 +121,9 @@ class Forwarder:
             ctx.provider = provider.name
             try:
                 req = provider.request(ctx, route.upstream_model)
-            except (TypeError, AttributeError, ValueError, KeyError):
+            except (TypeError, AttributeError, ValueError, KeyError) as exc:
+                if str(exc) == "Recursion limit reached":  # orjson writes JSON at most 255 levels deep
+                    raise invalid_request("Invalid request: the body is nested more than 255 levels deep.") from None
                 raise invalid_request("Invalid request: a field has a type this model's provider cannot take.") from None
             for attempt in range(self.settings.retries + 1):
                 last_try = attempt == self.settings.retries

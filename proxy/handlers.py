@@ -80,7 +80,7 @@ class ChatHandler:
             raise model_not_found()
         model = self.catalog.get(model_id) or self.catalog.get(model_id.strip().lower())
         if model is None:
-            raise model_not_found()
+            raise model_not_found(model_id)
         ctx = Context(
             request=request,
             request_id=rid,

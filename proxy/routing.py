@@ -75,7 +75,7 @@ class Router:
                 return Route(up.adapter, name)
             wanted.append(up.row.api_key_env)
         if not wanted:
-            return model_not_found
+            return partial(model_not_found, model.id)
         env = " or ".join(dict.fromkeys(wanted))
         return partial(
             GatewayError,
@@ -94,7 +94,7 @@ class Router:
             self.rebuild()
         decided = self.table.get(model.id)
         if decided is None:
-            raise model_not_found()
+            raise model_not_found(model.id)
         if isinstance(decided, Route):
             return decided
         raise decided()

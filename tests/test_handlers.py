@@ -154,3 +154,15 @@ async def test_body_trickling_past_the_timeout_is_408(gateway, upstream):
     assert answer.startswith(b"HTTP/1.1 408 "), answer[:40]
     assert_error_shape(json.loads(answer.split(b"\r\n\r\n", 1)[1]), 408, "request_timeout")
     assert upstream.seen == []
+
+
+@pytest.mark.parametrize("depth", [300, 1000])
+async def test_a_body_nested_too_deep_says_so(gateway, depth):
+    """Before: "a field has a type this model's provider cannot take", for JSON nested 256 to 1,024
+    levels deep (deeper still is not JSON to the parser, and says so)."""
+    client = await gateway()
+    nested = "[" * depth + "]" * depth
+    raw = '{"model": "openai/gpt-5.4", "messages": [{"role": "user", "content": "hi", "x": ' + nested + "}]}"
+    resp = await client.post("/v1/chat/completions", data=raw, headers={"Content-Type": "application/json"})
+    assert resp.status == 400
+    assert "nested more than 255 levels deep" in (await resp.json())["error"]["message"]

@@ -40,6 +40,8 @@ async def test_invalid_request(kilo):
 async def test_model_not_found(kilo):
     client = await kilo()
     resp = await client.post("/api/openrouter/chat/completions", json=chat("nobody/nothing"))
+    await check(resp, 404, "model_not_found", message="The requested model could not be found: 'nobody/nothing'.")
+    resp = await client.post("/api/openrouter/chat/completions", json=chat(""))
     await check(resp, 404, "model_not_found", message="The requested model could not be found.")
 
 
