@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from typing import AsyncIterator
+from typing import AsyncIterator, Mapping
 
 import aiohttp
 import structlog
@@ -58,11 +58,14 @@ async def _error_body(upstream: aiohttp.ClientResponse) -> bytes | None:
 
 
 class Forwarder:
-    def __init__(self, router: Router, settings: Upstream, ledger: Ledger, secrets: tuple[str, ...] = ()) -> None:
+    def __init__(self, router: Router, settings: Upstream, ledger: Ledger, secrets: Mapping[str, str] = {}) -> None:
         self.router = router
         self.settings = settings
         self.ledger = ledger
-        self.secrets = tuple(s.encode() for s in secrets if len(s) >= 8)
+        # Each provider's key, for what its answers may quote back (only the key it was sent can be),
+        # and all of them for error bodies.
+        self.secret_of = {name: key.encode() for name, key in secrets.items() if len(key) >= 8}
+        self.secrets = tuple(set(self.secret_of.values()))
         self.session: aiohttp.ClientSession | None = None
         self.metrics: Metrics | None = None
         # The app's loop, taken once: `asyncio.get_running_loop()` makes a getpid system call each time.
@@ -86,11 +89,12 @@ class Forwarder:
 
     def servable(self, ctx: Context) -> bool:
         """Whether some provider is configured for the request's model or one of its fallbacks."""
-        fallbacks = retry.fallback_models(ctx, self.settings, ctx.body.get("models"))
-        return any(self.router.serves(model_id) for model_id in (ctx.model.id, *fallbacks))
+        if self.router.serves(ctx.model.id):
+            return True
+        return any(map(self.router.serves, retry.fallback_models(ctx, self.settings, ctx.body.get("models"))))
 
     async def __call__(self, ctx: Context) -> web.StreamResponse:
-        ctx.meter = Meter(ctx.model.prices, ctx.stream, ctx.model.bounds, self.secrets)
+        ctx.meter = Meter(ctx.model.prices, ctx.stream, ctx.model.bounds)
         try:
             if ctx.stream and self.settings.keepalive_interval > 0:
                 return await self._stream(ctx)
@@ -103,6 +107,8 @@ class Forwarder:
         """The first upstream answer worth relaying: 429 and 5xx (and refused connections) are retried
         with back-off, then the next fallback model is tried; the last failure is what the client gets."""
         assert self.session is not None, "the forwarder's session opens with the app"
+        meter = ctx.meter
+        assert meter is not None
         fallbacks = retry.fallback_models(ctx, self.settings, ctx.body.get("models"))
         failure: GatewayError | None = None
         for i, model_id in enumerate([ctx.model.id, *fallbacks]):
@@ -110,8 +116,7 @@ class Forwarder:
             if i:
                 ctx.use_model(model_id)
                 ctx.fallbacks.append(model_id)
-                assert ctx.meter is not None
-                ctx.meter.prices, ctx.meter.bounds = ctx.model.prices, ctx.model.bounds
+                meter.prices, meter.bounds = ctx.model.prices, ctx.model.bounds
             try:
                 route = self.router.route(ctx.model)
             except GatewayError as exc:
@@ -119,6 +124,7 @@ class Forwarder:
                 continue
             provider = route.provider
             ctx.provider = provider.name
+            meter.secret = self.secret_of.get(provider.name, b"")
             try:
                 req = provider.request(ctx, route.upstream_model)
             except (TypeError, AttributeError, ValueError, KeyError) as exc:

@@ -165,18 +165,18 @@ def _sse_boundary(data: bytes) -> int:
 class Meter:
     """Watches one response on its way out; `usage` and `cost_micros` are set once seen."""
 
-    __slots__ = ("prices", "bounds", "stream", "secrets", "usage", "doubted", "cost_micros", "finish_reason", "events",
+    __slots__ = ("prices", "bounds", "stream", "secret", "usage", "doubted", "cost_micros", "finish_reason", "events",
                  "_pending")
 
     def __init__(self, prices: Prices, stream: bool, bounds: Bounds = Bounds(UNKNOWN, UNKNOWN),
-                 secrets: tuple[bytes, ...] = ()) -> None:
+                 secret: bytes = b"") -> None:
         self.prices = prices
         self.bounds = bounds
         self.stream = stream
-        # The gateway's provider keys: an upstream that repeats one in its answer must not hand it to
-        # the caller. What `feed` releases is whole events, or (JSON) all but a held tail longer than
-        # any key: a key split across two reads is whole by the time any of it would be written.
-        self.secrets = secrets
+        # The key the upstream was sent: if it repeats it in its answer, the caller must not get it.
+        # What `feed` releases is whole events, or (JSON) all but a held tail longer than any key: a
+        # key split across two reads is whole by the time any of it would be written.
+        self.secret = secret
         self.usage: Usage | None = None
         self.doubted: Any = None  # usage the upstream sent that could not be believed
         self.cost_micros = 0
@@ -187,9 +187,8 @@ class Meter:
     def feed(self, chunk: bytes) -> bytes:
         """The part of what has arrived that can be written now."""
         data = self._pending + chunk if self._pending else chunk
-        for secret in self.secrets:
-            if secret in data:
-                data = data.replace(secret, REDACTED)
+        if self.secret and self.secret in data:
+            data = data.replace(self.secret, REDACTED)
         if self.stream:
             if data.endswith(b"\n\n"):  # the usual read: whole events
                 self._pending = b""
@@ -225,9 +224,8 @@ class Meter:
     def whole(self, body: bytes) -> bytes:
         """A whole JSON answer, patched with the cost if it carries usage."""
         self.stream = False
-        for secret in self.secrets:
-            if secret in body:
-                body = body.replace(secret, REDACTED)
+        if self.secret and self.secret in body:
+            body = body.replace(self.secret, REDACTED)
         at = _last(body, _FINISHES)
         if at >= 0:
             self._finish_at(body, at)
