@@ -25,7 +25,7 @@ from proxy.config import Config, ConfigError
 from proxy.context import Context
 from proxy.errors import GatewayError
 from proxy.pipeline import Next
-from proxy.ratelimits import SharedStorage, is_shared
+from proxy.limitstore import SharedStorage, is_shared
 
 RATE_LIMITED = "Free model usage limit reached. Please try again later or upgrade to a paid model."
 PROMOTION = (

@@ -24,7 +24,7 @@ from proxy.keys import KeyStore, db_path
 from proxy.ledger import Ledger
 from proxy.metrics import Metrics
 from proxy.pipeline import compose
-from proxy.ratelimits import SharedStorage, is_shared, open_storage
+from proxy.limitstore import SharedStorage, is_shared, open_storage
 from proxy.registry import STAGES, build, load
 from proxy.routing import Router, build_providers
 from proxy import logs, sync

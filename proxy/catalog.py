@@ -13,7 +13,7 @@ from typing import Any, Iterable
 import orjson
 
 from proxy.errors import model_not_found
-from proxy.usage import Bounds, Prices
+from proxy.meter import Bounds, Prices
 
 _PRIVATE = ("routes", "free")
 

@@ -33,7 +33,7 @@ class Server:
 
 
 @dataclass(slots=True)
-class Upstream:
+class UpstreamSettings:
     connect_timeout: float = 10.0
     read_timeout: float = 600.0
     pool_size: int = 1000
@@ -110,7 +110,7 @@ class ProviderRow:
 @dataclass(slots=True)
 class Config:
     server: Server = field(default_factory=Server)
-    upstream: Upstream = field(default_factory=Upstream)
+    upstream: UpstreamSettings = field(default_factory=UpstreamSettings)
     logging: Logging = field(default_factory=Logging)
     catalog: CatalogSettings = field(default_factory=CatalogSettings)
     keys: Keys = field(default_factory=Keys)
@@ -124,7 +124,7 @@ class Config:
 
 _SECTIONS = {
     "server": Server,
-    "upstream": Upstream,
+    "upstream": UpstreamSettings,
     "logging": Logging,
     "catalog": CatalogSettings,
     "keys": Keys,

@@ -10,7 +10,7 @@ from aiohttp import web
 if TYPE_CHECKING:
     from proxy.catalog import Catalog, Model
     from proxy.keys import Account
-    from proxy.usage import Meter
+    from proxy.meter import Meter
 
 
 @dataclass(slots=True)

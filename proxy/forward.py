@@ -19,14 +19,14 @@ from aiohttp import web
 
 from plugins.providers.base import Provider
 from proxy import retry
-from proxy.config import Upstream
+from proxy.config import UpstreamSettings
 from proxy.context import Context
 from proxy.errors import GatewayError, invalid_request, upstream_error
 from proxy.ledger import Ledger, Row, ip_hash
 from proxy.metrics import Metrics
 from proxy.relay import KEEPALIVE, SSE_HEADERS, error_chunk, relay, write
 from proxy.routing import Router
-from proxy.usage import REDACTED, Meter
+from proxy.meter import REDACTED, Meter
 
 log = structlog.get_logger("turnstile.forward")
 
@@ -58,7 +58,7 @@ async def _error_body(upstream: aiohttp.ClientResponse) -> bytes | None:
 
 
 class Forwarder:
-    def __init__(self, router: Router, settings: Upstream, ledger: Ledger, secrets: Mapping[str, str] = {}) -> None:
+    def __init__(self, router: Router, settings: UpstreamSettings, ledger: Ledger, secrets: Mapping[str, str] = {}) -> None:
         self.router = router
         self.settings = settings
         self.ledger = ledger

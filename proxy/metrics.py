@@ -65,7 +65,7 @@ class Metrics:
         self.unchecked = Counter("turnstile_rate_limit_unchecked_total",
                                  "Requests let through unchecked while the rate-limit storage was down (fail_open)",
                                  registry=r)
-        self.limits: Any = None  # the shared rate-limit storage (proxy.ratelimits.SharedStorage), if any
+        self.limits: Any = None  # the shared rate-limit storage (proxy.limitstore.SharedStorage), if any
         self._limits_seen = (0, 0)
         self.multiproc = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
         # Children by label values, looked up once: `labels()` validates and locks on every call.

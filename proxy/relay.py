@@ -22,7 +22,7 @@ from plugins.providers.base import Provider
 from proxy.context import Context
 from proxy.errors import upstream_error
 from proxy.sse import DONE
-from proxy.usage import HOLD
+from proxy.meter import HOLD
 
 log = structlog.get_logger("turnstile.relay")
 

@@ -7,7 +7,7 @@ import random
 import time
 from typing import Any
 
-from proxy.config import Upstream
+from proxy.config import UpstreamSettings
 from proxy.context import Context
 
 RETRYABLE = frozenset({429, 500, 502, 503, 504, 529})
@@ -28,14 +28,14 @@ def retry_after(value: str | None) -> float | None:
     return max(when.timestamp() - time.time(), 0.0)
 
 
-def delay(settings: Upstream, attempt: int, header: str | None = None) -> float:
+def delay(settings: UpstreamSettings, attempt: int, header: str | None = None) -> float:
     asked = retry_after(header)
     if asked is not None:
         return min(asked, settings.retry_after_max)
     return min(settings.backoff * 2**attempt, settings.backoff_max) * random.uniform(0.5, 1.0)
 
 
-def fallback_models(ctx: Context, settings: Upstream, requested: Any) -> list[str]:
+def fallback_models(ctx: Context, settings: UpstreamSettings, requested: Any) -> list[str]:
     """OpenRouter's `models` array of the request, then the configured fallbacks of the model, each
     once. A request for a free model falls back to free models only: paid ones passed no gate."""
     if not requested and not settings.fallbacks:

@@ -22,7 +22,7 @@ class Route:
 
 
 @dataclass(slots=True)
-class _Upstream:
+class _Candidate:
     row: ProviderRow
     adapter: Provider | None  # None: its key is not set
 
@@ -37,7 +37,7 @@ class _Upstream:
         return None
 
 
-def build_providers(rows: list[ProviderRow], env: Mapping[str, str] = os.environ) -> list[_Upstream]:
+def build_providers(rows: list[ProviderRow], env: Mapping[str, str] = os.environ) -> list[_Candidate]:
     upstreams = []
     for i, row in enumerate(rows):
         where = f"providers[{i}] ({row.name})"
@@ -48,12 +48,12 @@ def build_providers(rows: list[ProviderRow], env: Mapping[str, str] = os.environ
             base_url = env.get(row.base_url_env) or row.base_url
             provided: dict[str, Any] = {"name": row.name, "base_url": base_url, "api_key": key, "headers": row.headers}
             adapter = build(cls, row.options, where, **provided)
-        upstreams.append(_Upstream(row, adapter))
+        upstreams.append(_Candidate(row, adapter))
     return upstreams
 
 
 class Router:
-    def __init__(self, upstreams: list[_Upstream], catalog: Catalog) -> None:
+    def __init__(self, upstreams: list[_Candidate], catalog: Catalog) -> None:
         self.upstreams = upstreams
         self.catalog = catalog
         # A refusal is stored as a factory: re-raising one instance would grow its traceback.

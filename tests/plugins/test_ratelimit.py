@@ -130,7 +130,7 @@ async def test_the_daily_cap_keeps_counters_not_an_entry_per_request():
     from types import SimpleNamespace
 
     from plugins.ratelimit import RateLimit
-    from proxy.ratelimits import SweptMemoryStorage
+    from proxy.limitstore import SweptMemoryStorage
 
     storage = SweptMemoryStorage()
     stage = RateLimit(storage, make_config(), limit="50/hour", daily_limit="45/day")

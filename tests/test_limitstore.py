@@ -9,9 +9,9 @@ from limits import parse
 from limits.aio.storage import MemoryStorage
 from limits.aio.strategies import MovingWindowRateLimiter
 
-from proxy import ratelimits
+from proxy import limitstore
 from proxy.config import Limits
-from proxy.ratelimits import SweptMemoryStorage, open_storage
+from proxy.limitstore import SweptMemoryStorage, open_storage
 
 
 async def test_memory_uri_opens_the_swept_storage():
@@ -33,7 +33,7 @@ async def test_counts_exactly_and_sweeps_only_what_expired():
 
 
 async def test_sweeps_at_most_every_interval(monkeypatch):
-    monkeypatch.setattr(ratelimits, "SWEEP_EVERY", 3600.0)
+    monkeypatch.setattr(limitstore, "SWEEP_EVERY", 3600.0)
     storage = SweptMemoryStorage()
     limiter = MovingWindowRateLimiter(storage)
     swept = 0

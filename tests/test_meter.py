@@ -8,7 +8,7 @@ from decimal import Decimal
 import orjson
 import pytest
 
-from proxy.usage import HOLD, Bounds, Meter, Prices, Usage
+from proxy.meter import HOLD, Bounds, Meter, Prices, Usage
 from tests.fakes import completion, fixture_bytes, stream_events
 
 SONNET = Prices.from_pricing({"prompt": "0.000003", "completion": "0.000015", "input_cache_read": "0.0000003",
