@@ -7,31 +7,8 @@ from __future__ import annotations
 from aiohttp import web
 
 from proxy.context import Context
-from proxy.errors import GatewayError
-from proxy.keys import KeyStore
+from proxy.keys import KeyStore, bearer_token, invalid_key
 from proxy.pipeline import Next
-
-ANONYMOUS = "anonymous"
-
-
-def bearer_token(header: str | None) -> str | None:
-    """The caller's token, or None when the caller is anonymous. Raises for a malformed header."""
-    if header is None:
-        return None
-    scheme, _, token = header.strip().partition(" ")
-    token = token.strip()
-    if scheme.lower() != "bearer":
-        if not header.strip():
-            return None
-        raise invalid_key()
-    if not token or token == ANONYMOUS:
-        return None
-    return token
-
-
-def invalid_key() -> GatewayError:
-    return GatewayError(401, "invalid_api_key", "Invalid API key.", code="invalid_api_key")
-
 
 class Auth:
     def __init__(self, keys: KeyStore) -> None:

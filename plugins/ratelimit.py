@@ -21,11 +21,11 @@ from aiohttp import web
 from limits import RateLimitItem, parse
 from limits.aio.storage import MovingWindowSupport, SlidingWindowCounterSupport, Storage
 
-from proxy.config import Config, ConfigError
+from proxy.config import ConfigError
 from proxy.context import Context
 from proxy.errors import GatewayError
 from proxy.pipeline import Next
-from proxy.limitstore import SharedStorage, is_shared
+from proxy.limitstore import AdvertisedLimit, SharedStorage
 
 RATE_LIMITED = "Free model usage limit reached. Please try again later or upgrade to a paid model."
 PROMOTION = (
@@ -49,7 +49,7 @@ class RateLimit:
     def __init__(
         self,
         storage: Storage,
-        config: Config,
+        workers: int = 1,
         shared: SharedStorage | None = None,
         servable: Callable[[Context], bool] | None = None,
         limit: str = "200/hour",
@@ -64,9 +64,9 @@ class RateLimit:
         self.ipv6_prefix = ipv6_prefix
         if who not in ("anonymous", "free"):
             raise ConfigError("ratelimit: option who must be 'anonymous' or 'free'")
-        if config.server.workers > 1 and not is_shared(config.limits.storage):
+        if workers > 1 and shared is None:
             raise ConfigError(
-                f"ratelimit: server.workers = {config.server.workers} with memory:// storage would give each "
+                f"ratelimit: server.workers = {workers} with memory:// storage would give each "
                 "process its own count and multiply the limit; set [limits] storage = \"redis://host:6379\""
             )
         try:
@@ -86,6 +86,8 @@ class RateLimit:
         self._hourly = _Window(self.hourly, "free")
         self._daily = _Window(self.daily, "promo") if self.daily else None
         self.everyone = who == "free"
+        amount, _, per = limit.partition("/")
+        self.advertised = AdvertisedLimit(int(amount), per, "Free models, per client IP.") if self.everyone else None
         self.retry_after = retry_after
         self.promotion_message = promotion_message
         self.limit_header = str(self.hourly.amount)

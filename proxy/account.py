@@ -8,11 +8,10 @@ import datetime as dt
 import orjson
 from aiohttp import web
 
-from plugins.auth import bearer_token, invalid_key
-from proxy.config import Config
 from proxy.errors import GatewayError
-from proxy.keys import Account, KeyStore
+from proxy.keys import Account, KeyStore, bearer_token, invalid_key
 from proxy.ledger import Ledger
+from proxy.limitstore import NO_LIMIT, AdvertisedLimit
 
 
 def _since(days: int) -> float:
@@ -25,14 +24,10 @@ def _since(days: int) -> float:
 
 
 class AccountHandlers:
-    def __init__(self, keys: KeyStore, ledger: Ledger, config: Config) -> None:
+    def __init__(self, keys: KeyStore, ledger: Ledger, limit: AdvertisedLimit = NO_LIMIT) -> None:
         self.keys = keys
         self.ledger = ledger
-        limits = next((r.options for r in config.pipeline if r.use == "ratelimit"), {})
-        self.rate_limit = {"requests": -1, "interval": "10s", "note": "Requests with a key are not rate-limited."}
-        if limits.get("who") == "free":
-            amount, _, per = str(limits.get("limit", "200/hour")).partition("/")
-            self.rate_limit = {"requests": int(amount), "interval": per, "note": "Free models, per client IP."}
+        self.rate_limit = {"requests": limit.requests, "interval": limit.interval, "note": limit.note}
 
     def _caller(self, request: web.Request) -> Account:
         token = bearer_token(request.headers.get("Authorization"))

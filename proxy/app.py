@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import itertools
 import os
 import time
@@ -18,13 +19,14 @@ from proxy.config import Config
 from proxy.errors import GatewayError, http_error
 from proxy.forward import Forwarder
 from proxy.account import AccountHandlers
-from proxy.handlers import CONTEXT, REQUEST_ID, ChatHandler, ModelsHandler, healthz
+from proxy.handlers import ChatHandler, ModelsHandler, healthz
+from proxy.outcome import Outcome, Recorder
 from proxy.health import Readiness
 from proxy.keys import KeyStore, db_path
 from proxy.ledger import Ledger
 from proxy.metrics import Metrics
 from proxy.pipeline import compose
-from proxy.limitstore import SharedStorage, is_shared, open_storage
+from proxy.limitstore import NO_LIMIT, AdvertisedLimit, SharedStorage, is_shared, open_storage
 from proxy.registry import STAGES, build, load
 from proxy.routing import Router, build_providers
 from proxy import logs, sync
@@ -33,46 +35,48 @@ BASES = ("/api/gateway", "/api/gateway/v1", "/api/openrouter", "/api/openrouter/
 
 log = structlog.get_logger("turnstile")
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-Access = Callable[[dict[str, Any]], None]
+Handler = Callable[..., Awaitable[web.StreamResponse]]  # (request) or (request, outcome)
 
 
-def wrap(handler: Handler, route: str, max_body: int, metrics: Metrics | None, ids: Iterator[str],
-         access: Access) -> Handler:
+def wrap(handler: Handler, route: str, max_body: int, ids: Iterator[str], record: Recorder) -> Handler:
     """Each endpoint, wrapped once at start-up (no per-request middleware chain): it gets a request
-    id, every refusal rendered in the error shape, the one access-log line and its metrics."""
+    id and an `Outcome` (handed to the handler if it takes one), every refusal rendered in the error
+    shape, and the outcome recorded however the request ended."""
+    takes_outcome = len(inspect.signature(handler).parameters) == 2
 
     async def endpoint(request: web.Request) -> web.StreamResponse:
-        rid = next(ids)
-        REQUEST_ID.set(rid)
-        start = time.monotonic()
+        outcome = Outcome(route, next(ids), time.monotonic())
         error: GatewayError | None = None
         try:
-            response = await handler(request)
+            response = await (handler(request, outcome) if takes_outcome else handler(request))
         except GatewayError as exc:
             error, response = exc, exc.response()
-            ctx = CONTEXT.get()
-            if ctx is not None:  # a refusal after the limit stage still tells what is left of the limit
-                for name, value in ctx.response_headers.items():
+            outcome.status = exc.status
+            if outcome.response_headers:  # a refusal after the limit stage still tells what is left of the limit
+                for name, value in outcome.response_headers.items():
                     response.headers.setdefault(name, value)
         except web.HTTPException as exc:
             error = http_error(exc, max_body)
             response = error.response()
+            outcome.status = error.status
         except asyncio.CancelledError:
-            _access(access, request, start, 499)
-            if metrics is not None:
-                metrics.observe(route, 499, time.monotonic() - start, CONTEXT.get(), None)
+            outcome.status = 499
+            record(outcome, request.method, request.path)
             raise
         except Exception:
-            log.exception("unhandled_error", request_id=rid, path=request.path)
+            log.exception("unhandled_error", request_id=outcome.request_id, path=request.path)
             response = GatewayError(500, "internal_error", "Internal error; it has been logged.").response()
+            outcome.status = 500
         if not response.prepared:
-            response.headers["X-Request-Id"] = rid
+            response.headers["X-Request-Id"] = outcome.request_id
         if error is not None and error.status in (408, 413):
             response.force_close()  # the body was not read: the connection cannot carry another request
-        status = _access(access, request, start, response.status, response)
-        if metrics is not None:
-            metrics.observe(route, status, time.monotonic() - start, CONTEXT.get(), error)
+        if not outcome.status:
+            outcome.status = response.status
+        if not outcome.bytes_out:
+            body = getattr(response, "body", None)
+            outcome.bytes_out = len(body) if isinstance(body, bytes) else 0
+        record(outcome, request.method, request.path, error)
         # No reference cycle may outlive the request: a caught error's traceback holds this frame.
         # Unlinked, everything goes when the request ends instead of waiting, with all it holds,
         # for the cycle collector.
@@ -115,39 +119,6 @@ class Fallback:
         raise http_error(web.HTTPNotFound())
 
 
-def _access(access: Access, request: web.Request, start: float, status: int,
-            response: web.StreamResponse | None = None) -> int:
-    ctx = CONTEXT.get()
-    now = time.monotonic()
-    body = getattr(response, "body", None)
-    fields: dict[str, Any] = {
-        "request_id": REQUEST_ID.get(),
-        "method": request.method,
-        "path": request.path,
-        "status": status,
-        "ttfb_ms": None,
-        "total_ms": round((now - start) * 1000, 2),
-        "bytes_out": len(body) if isinstance(body, bytes) else 0,
-    }
-    if ctx is not None:
-        if ctx.bytes_out:  # streamed by the forwarder; otherwise the gateway's own answer
-            fields["status"] = ctx.status or status
-            fields["bytes_out"] = ctx.bytes_out
-            fields["ttfb_ms"] = round((ctx.first_byte_at - start) * 1000, 2) if ctx.first_byte_at else None
-        elif ctx.status == 499:
-            fields["status"] = 499
-        fields["model"] = ctx.model.id
-        if ctx.requested_model != ctx.model.id:
-            fields["requested_model"] = ctx.requested_model
-        fields["route"] = ctx.provider or None
-        if ctx.retries:
-            fields["retries"] = ctx.retries
-        if ctx.fallbacks:
-            fields["fallbacks"] = ctx.fallbacks
-    access(fields)
-    return int(fields["status"])
-
-
 def create_app(config: Config, env: Mapping[str, str] = os.environ) -> web.Application:
     catalog = Catalog(seed_rows())
     catalog.update(config.models)
@@ -155,13 +126,13 @@ def create_app(config: Config, env: Mapping[str, str] = os.environ) -> web.Appli
     keys = KeyStore(db_path(config.keys.db, env), config.keys.refresh_interval)
     ledger = Ledger(keys, config.ledger.flush_interval)
     secrets = {row.name: env.get(row.api_key_env, "") for row in config.providers if row.api_key_env}
-    forwarder = Forwarder(router, config.upstream, ledger, secrets)
+    forwarder = Forwarder(router, config.upstream, secrets)
     client_ip = ClientIP(config.server.trusted_proxies)
     storage = open_storage(config.limits)
     shared = SharedStorage(storage, config.limits.fail_open) if is_shared(config.limits.storage) else None
     # What a stage may ask for by naming a constructor parameter after it.
-    resources: dict[str, Any] = {"catalog": catalog, "config": config, "keys": keys, "storage": storage,
-                                 "shared": shared, "servable": forwarder.servable}
+    resources: dict[str, Any] = {"catalog": catalog, "keys": keys, "storage": storage, "shared": shared,
+                                 "servable": forwarder.servable, "workers": config.server.workers}
     stages = []
     for i, row in enumerate(config.pipeline):
         where = f"pipeline[{i}] ({row.use})"
@@ -169,7 +140,8 @@ def create_app(config: Config, env: Mapping[str, str] = os.environ) -> web.Appli
     chat = ChatHandler(catalog, client_ip, compose(stages, forwarder), config.server.max_body_bytes,
                        config.server.body_timeout)
     models = ModelsHandler(catalog)
-    account = AccountHandlers(keys, ledger, config)
+    advertised = [s.advertised for s in stages if isinstance(getattr(s, "advertised", None), AdvertisedLimit)]
+    account = AccountHandlers(keys, ledger, advertised[0] if advertised else NO_LIMIT)
     metrics = Metrics(env.get(config.metrics.token_env, "") if config.metrics.token_env else "") if config.metrics.enabled else None
     forwarder.metrics = metrics
     if metrics is not None:
@@ -178,10 +150,10 @@ def create_app(config: Config, env: Mapping[str, str] = os.environ) -> web.Appli
 
     app = web.Application(client_max_size=config.server.max_body_bytes)
     ids = request_ids()
-    access = logs.access_writer()
+    record = Recorder(logs.access_writer(), metrics, ledger)
 
     def endpoint(handler: Handler, route: str) -> Handler:
-        return wrap(handler, route, config.server.max_body_bytes, metrics, ids, access)
+        return wrap(handler, route, config.server.max_body_bytes, ids, record)
 
     app.cleanup_ctx.append(keys.cleanup_ctx)  # opens (and first creates) the database
     app.cleanup_ctx.append(ledger.cleanup_ctx)  # closed after the session: its last flush sees every request
@@ -191,7 +163,7 @@ def create_app(config: Config, env: Mapping[str, str] = os.environ) -> web.Appli
     if metrics is not None:
         app.cleanup_ctx.append(metrics.sync_ctx)
     if config.catalog.sync:
-        app.cleanup_ctx.append(sync.catalog_sync(config.catalog, forwarder, router, env))
+        app.cleanup_ctx.append(sync.catalog_sync(config.catalog, forwarder.dialer, router, env))
     expect = expect_within(config.server.max_body_bytes)
     chat_endpoint, models_endpoint = endpoint(chat.__call__, "chat"), endpoint(models.__call__, "models")
     key_endpoint, generation_endpoint = endpoint(account.key, "key"), endpoint(account.generation, "generation")

@@ -1,4 +1,8 @@
-"""The typed context that travels the pipeline: stages talk to each other only through it."""
+"""The typed context that travels the pipeline: the request's facts, which stages share and may change.
+
+What happened to the request (status, provider, timings, usage) is not here: it goes into
+`ctx.outcome`, filled by the last stage and recorded by the endpoint.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ from aiohttp import web
 if TYPE_CHECKING:
     from proxy.catalog import Catalog, Model
     from proxy.keys import Account
-    from proxy.meter import Meter
+    from proxy.outcome import Outcome
 
 
 @dataclass(slots=True)
@@ -22,19 +26,10 @@ class Context:
     stream: bool
     client_ip: str
     requested_model: str
-    model: Model  # the catalog entry that will be served; stages may replace it
-    started_at: float = 0.0
-    request_bytes: int = 0
+    model: Model  # the catalog entry that will be served; stages may replace it (`use_model`)
+    outcome: Outcome
     account: Account | None = None  # None = anonymous
-    response_headers: dict[str, str] = field(default_factory=dict)
-    provider: str = ""  # name of the provider that served the request
-    first_byte_at: float = 0.0
-    bytes_out: int = 0
-    status: int = 0
-    meter: Meter | None = None  # usage and cost, once the provider answers
-    retries: int = 0
-    fallbacks: list[str] = field(default_factory=list)  # models tried after the first, in order
-    last_write: float = 0.0
+    response_headers: dict[str, str] = field(default_factory=dict)  # on whatever answer the request gets
 
     @property
     def anonymous(self) -> bool:
@@ -44,3 +39,4 @@ class Context:
         """Switch the request to another catalog model (auto models, fallbacks)."""
         self.model = self.catalog.require(model_id)
         self.body["model"] = model_id
+        self.outcome.model = model_id

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
-from contextvars import ContextVar
 from typing import Any
 
 import orjson
@@ -15,13 +13,8 @@ from proxy.clientip import ClientIP
 from proxy.context import Context
 from proxy.inflate import inflate
 from proxy.errors import GatewayError, invalid_request, model_not_found, too_large
+from proxy.outcome import Outcome
 from proxy.pipeline import Next
-
-# Per request, in the request's own task (aiohttp runs each in one): set by the endpoint wrapper and
-# the chat handler, read by the access log and metrics. Unlike keys in the request's mapping, they go
-# with the task and cannot form a cycle with the request.
-REQUEST_ID: ContextVar[str] = ContextVar("request_id", default="")
-CONTEXT: ContextVar[Context | None] = ContextVar("context", default=None)
 
 _JSON = "application/json"
 
@@ -70,9 +63,8 @@ class ChatHandler:
         encoding = request.headers.get("Content-Encoding")
         return raw if encoding is None else await inflate(raw, encoding, self.max_body)
 
-    async def __call__(self, request: web.Request) -> web.StreamResponse:
-        started = time.monotonic()
-        rid = REQUEST_ID.get()
+    async def __call__(self, request: web.Request, outcome: Outcome) -> web.StreamResponse:
+        rid = outcome.request_id
         raw = await self._body(request)
         body = parse_body(raw)
         model_id = body.get("model")
@@ -90,11 +82,12 @@ class ChatHandler:
             client_ip=self.client_ip(request),
             requested_model=model_id,
             model=model,
-            started_at=started,
-            request_bytes=len(raw),
+            outcome=outcome,
             response_headers={"X-Request-Id": rid},  # on whatever answer the pipeline makes
         )
-        CONTEXT.set(ctx)
+        outcome.requested_model, outcome.model, outcome.stream = model_id, model.id, ctx.stream
+        outcome.client_ip, outcome.request_bytes = ctx.client_ip, len(raw)
+        outcome.response_headers = ctx.response_headers
         return await self.pipeline(ctx)
 
 

@@ -22,6 +22,7 @@ import structlog
 from aiohttp import web
 
 from proxy.config import ConfigError
+from proxy.errors import GatewayError
 
 log = structlog.get_logger("turnstile.keys")
 
@@ -62,6 +63,29 @@ CREATE TABLE IF NOT EXISTS ledger (
 CREATE INDEX IF NOT EXISTS ledger_account ON ledger (account_id, created_at);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
+
+
+ANONYMOUS = "anonymous"
+
+
+def bearer_token(header: str | None) -> str | None:
+    """The caller's key from an Authorization header, or None when the caller is anonymous (no
+    header, an empty one, or `Bearer anonymous`). Raises for a header that is not a bearer key."""
+    if header is None:
+        return None
+    scheme, _, token = header.strip().partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer":
+        if not header.strip():
+            return None
+        raise invalid_key()
+    if not token or token == ANONYMOUS:
+        return None
+    return token
+
+
+def invalid_key() -> GatewayError:
+    return GatewayError(401, "invalid_api_key", "Invalid API key.", code="invalid_api_key")
 
 
 def hash_key(key: str) -> str:

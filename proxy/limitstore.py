@@ -7,6 +7,7 @@ import bisect
 import contextlib
 import inspect
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
@@ -121,6 +122,19 @@ def open_storage(settings: Limits) -> Storage:
     if not isinstance(storage, Storage):
         raise ConfigError(f"limits.storage: {uri!r} is not an async storage")
     return storage
+
+
+@dataclass(frozen=True, slots=True)
+class AdvertisedLimit:
+    """The limit that `GET /key` reports to a caller with a key (OpenRouter's `rate_limit`); a stage
+    that limits such callers exposes one as its `advertised` attribute."""
+
+    requests: int
+    interval: str
+    note: str
+
+
+NO_LIMIT = AdvertisedLimit(-1, "10s", "Requests with a key are not rate-limited.")
 
 
 def is_shared(uri: str) -> bool:

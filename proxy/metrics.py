@@ -17,7 +17,7 @@ import hmac
 import os
 import tempfile
 import collections
-from typing import Any, AsyncIterator
+from typing import TYPE_CHECKING, Any, AsyncIterator
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -25,6 +25,9 @@ from prometheus_client import multiprocess, values
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from proxy.errors import GatewayError
+
+if TYPE_CHECKING:
+    from proxy.outcome import Outcome
 
 _BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
@@ -55,7 +58,8 @@ class Metrics:
                                        ["provider", "status"], registry=r)
         self.retries = Counter("turnstile_upstream_retries_total", "Upstream retries", ["provider"], registry=r)
         self.fallbacks = Counter("turnstile_fallbacks_total", "Requests that fell back to another model", ["model"], registry=r)
-        self.rejections = Counter("turnstile_rate_limit_rejections_total", "Requests refused by a limit", ["limit"], registry=r)
+        self.rejections = Counter("turnstile_rejections_total", "Requests refused by the gateway, by error type",
+                                  ["error_type"], registry=r)
         self.streams = Gauge("turnstile_streams_in_flight", "Streams being relayed", registry=r, multiprocess_mode="livesum")
         self.tokens = Counter("turnstile_tokens_total", "Tokens from upstream usage", ["model", "direction"], registry=r)
         self.storage_up = Gauge("turnstile_rate_limit_storage_up", "1 while the shared rate-limit storage answers",
@@ -90,24 +94,21 @@ class Metrics:
         counts[bisect.bisect_left(_BUCKETS, seconds)] += 1  # Prometheus buckets are `le`: <= bound
         counts[-1] += seconds
 
-    def observe(self, route: str, status: int, seconds: float, ctx: object | None, error: GatewayError | None) -> None:
-        model = provider = ""
-        if ctx is not None:
-            model, provider = ctx.model.id, ctx.provider  # type: ignore[attr-defined]
-            if ctx.first_byte_at:  # type: ignore[attr-defined]
-                self._observe(self.ttfb, route, ctx.first_byte_at - ctx.started_at)  # type: ignore[attr-defined]
-            if ctx.retries:  # type: ignore[attr-defined]
-                self.retries.labels(provider).inc(ctx.retries)  # type: ignore[attr-defined]
-            if ctx.fallbacks:  # type: ignore[attr-defined]
-                self.fallbacks.labels(model).inc()
-            meter = ctx.meter  # type: ignore[attr-defined]
-            if meter is not None and meter.usage is not None:
-                self._tokens[(model, "in")] += meter.usage.prompt
-                self._tokens[(model, "out")] += meter.usage.completion
-            if provider and status >= 500:
-                self.upstream_errors.labels(provider, str(status)).inc()
-        if error is not None and error.error_type in ("rate_limit_exceeded", "promotion_limit_reached"):
-            self.rejections.labels("hourly" if error.status == 429 else "daily").inc()
+    def observe(self, outcome: Outcome, seconds: float, error: GatewayError | None) -> None:
+        route, model, provider, status = outcome.route, outcome.model, outcome.provider, outcome.status
+        if outcome.first_byte_at:
+            self._observe(self.ttfb, route, outcome.first_byte_at - outcome.started_at)
+        if outcome.retries:
+            self.retries.labels(provider).inc(outcome.retries)
+        if outcome.fallbacks:
+            self.fallbacks.labels(model).inc()
+        if outcome.usage is not None:
+            self._tokens[(model, "in")] += outcome.usage.prompt
+            self._tokens[(model, "out")] += outcome.usage.completion
+        if provider and status >= 500:
+            self.upstream_errors.labels(provider, str(status)).inc()
+        if error is not None:
+            self.rejections.labels(error.error_type).inc()
         self._requests[(route, model, provider, str(status))] += 1
         self._observe(self.duration, route, seconds)
 

@@ -8,10 +8,10 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, Callable, Mapping
 
-from plugins.providers.base import Provider
 from proxy.catalog import Catalog, Model
 from proxy.config import ProviderRow
 from proxy.errors import GatewayError, model_not_found
+from proxy.provider import Provider
 from proxy.registry import PROVIDERS, build, load
 
 

@@ -13,7 +13,7 @@ from aiohttp import web
 
 from proxy.catalog import from_upstream
 from proxy.config import CatalogSettings, ConfigError
-from proxy.forward import Forwarder
+from proxy.dial import Dialer
 from proxy.routing import Router
 
 log = structlog.get_logger("turnstile.catalog")
@@ -21,9 +21,9 @@ log = structlog.get_logger("turnstile.catalog")
 MAX_BYTES = 64 * 1024 * 1024
 
 
-async def fetch_once(forwarder: Forwarder, router: Router, provider: str, url: str, headers: dict[str, str]) -> int:
-    assert forwarder.session is not None
-    async with forwarder.session.get(url, headers=headers, timeout=aiohttp.ClientTimeout(total=30)) as resp:
+async def fetch_once(dialer: Dialer, router: Router, provider: str, url: str, headers: dict[str, str]) -> int:
+    assert dialer.session is not None
+    async with dialer.session.get(url, headers=headers, timeout=aiohttp.ClientTimeout(total=30)) as resp:
         resp.raise_for_status()
         data = orjson.loads(await resp.content.read(MAX_BYTES))
     rows = from_upstream(data, provider)
@@ -34,7 +34,7 @@ async def fetch_once(forwarder: Forwarder, router: Router, provider: str, url: s
 
 
 def catalog_sync(
-    settings: CatalogSettings, forwarder: Forwarder, router: Router, env: Mapping[str, str]
+    settings: CatalogSettings, dialer: Dialer, router: Router, env: Mapping[str, str]
 ) -> Callable[[web.Application], AsyncIterator[None]]:
     row = next((u.row for u in router.upstreams if u.row.name == settings.sync_provider), None)
     if row is None:
@@ -47,7 +47,7 @@ def catalog_sync(
 
     async def run_once() -> None:
         try:
-            count = await fetch_once(forwarder, router, row.name, url, headers)
+            count = await fetch_once(dialer, router, row.name, url, headers)
             log.info("catalog_synced", provider=row.name, models=count, total=len(router.catalog.models))
         except Exception as exc:  # a bad upstream list must never stop the gateway or the loop
             log.warning("catalog_sync_failed", provider=row.name, error=type(exc).__name__)

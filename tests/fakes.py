@@ -256,3 +256,10 @@ class Upstream:
             self.closed_at = time.monotonic()
             raise
         return resp
+
+
+def translate_reads(provider: Any, ctx: Any, reads: list[bytes], content_type: str = "text/event-stream") -> bytes:
+    """What a provider's translation makes of an upstream answer that arrives in `reads`."""
+    translation = provider.translation(ctx, content_type)
+    out = [translation.feed(read) for read in reads]
+    return b"".join(out) + translation.end()[0]

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import orjson
 
-from plugins.providers.base import Chunks
+from proxy.provider import Chunks
 from proxy.sse import data
 
 

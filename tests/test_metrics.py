@@ -32,7 +32,7 @@ async def test_metrics_after_traffic(kilo, upstream, account):
     text = await (await client.get("/metrics")).text()
     model = "minimax/minimax-m2.5:free"
     assert value(text, "turnstile_requests_total", route="chat", model=model, provider="openrouter", status="200") == 3
-    assert value(text, "turnstile_rate_limit_rejections_total", limit="hourly") == 1
+    assert value(text, "turnstile_rejections_total", error_type="rate_limit_exceeded") == 1
     assert value(text, "turnstile_requests_total", route="chat", status="429") == 1
     assert value(text, "turnstile_requests_total", route="unknown", status="404") == 1
     assert value(text, "turnstile_tokens_total", model=model, direction="in") == 21
@@ -66,12 +66,14 @@ def test_histograms_and_counters_match_prometheus_semantics():
 
     from proxy.metrics import Metrics
 
+    from proxy.outcome import Outcome
+
     metrics = Metrics()
     for seconds in (0.005, 0.3, 400.0):
-        metrics.observe("chat", 200, seconds, None, None)
+        metrics.observe(Outcome("chat", "r", 0.0, status=200), seconds, None)
     metrics.streams_in_flight = 2
     metrics.sync()
-    metrics.observe("chat", 200, 0.001, None, None)  # counted at the next sync, not lost
+    metrics.observe(Outcome("chat", "r", 0.0, status=200), 0.001, None)  # counted at the next sync, not lost
     text = generate_latest(metrics.registry).decode()
     duration = "turnstile_request_duration_seconds_bucket"
     assert value(text, duration, route="chat", le="0.005") == 1  # le: a bound is inclusive

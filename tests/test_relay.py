@@ -154,26 +154,23 @@ async def test_json_answer_cut_short_is_a_clean_502(gateway, aiohttp_server):
 
 
 async def test_translated_stream_goes_out_in_one_write_per_upstream_read(gateway, upstream, monkeypatch):
-    from proxy import relay
+    from proxy.provider import EventTranslation
+    from proxy.reply import Reply
     from tests.fakes import fixture_lines
 
     reads, writes = [], []
-    real_reads, real_write = relay._reads, relay.write
+    real_feed, real_write = EventTranslation.feed, Reply._write
 
-    async def counted_reads(chunks, before_next):
-        async def each():
-            async for chunk in chunks:
-                reads.append(chunk)
-                yield chunk
-        async for chunk in real_reads(each(), before_next):
-            yield chunk
+    def counted_feed(self, chunk):
+        reads.append(chunk)
+        return real_feed(self, chunk)
 
-    async def counted_write(ctx, response, data):
+    async def counted_write(self, data, answer=True):
         writes.append(data)
-        await real_write(ctx, response, data)
+        await real_write(self, data, answer)
 
-    monkeypatch.setattr(relay, "_reads", counted_reads)
-    monkeypatch.setattr(relay, "write", counted_write)
+    monkeypatch.setattr(EventTranslation, "feed", counted_feed)
+    monkeypatch.setattr(Reply, "_write", counted_write)
     upstream.replay, upstream.one_write = fixture_lines("anthropic-messages-stream-text.jsonl"), True
     client = await gateway(native=True)
     resp = await client.post("/v1/chat/completions", json=chat("anthropic/claude-sonnet-4.6", stream=True))

@@ -9,7 +9,7 @@ import logging
 import pytest
 from structlog.testing import capture_logs
 
-from proxy import forward
+from proxy import reply
 from tests.fakes import fixture_lines
 
 PROVIDER_KEYS = {"OPENROUTER_API_KEY": "sk-or-v1-provider-secret-0001", "ANTHROPIC_API_KEY": "sk-ant-provider-secret-0002",
@@ -67,7 +67,7 @@ async def test_an_echoed_key_is_redacted_whole_or_not_relayed(gateway, upstream,
     """The error body is read to its end before the key is looked for: read as it first came (two
     reads here), the body would hold the key but its last four characters, which no redaction could
     recognise. A body too large to hold, or that stops short of its end, is not relayed at all."""
-    monkeypatch.setattr(forward, "ERROR_BODY_SECONDS", 0.5)  # the stalled body's second read is 30 s away
+    monkeypatch.setattr(reply, "ERROR_BODY_SECONDS", 0.5)  # the stalled body's second read is 30 s away
     secret = PROVIDER_KEYS["OPENROUTER_API_KEY"]
     client = await gateway(env={"OPENROUTER_API_KEY": secret})
     resp = await client.post("/v1/chat/completions", json={"model": "openai/gpt-5.4", "fault": fault,

@@ -1,30 +1,32 @@
 """Anthropic Messages: OpenAI chat requests in, `/v1/messages` out, and the answer back as OpenAI
 chat completions, translated event by event as it streams (wire-formats.md §C, §G.1, §G.2).
 
-Reads ctx.body, ctx.stream, ctx.model; reports usage through ctx.meter when not sent to the client.
+Reads ctx.body, ctx.stream, ctx.model; returns the usage with the answer when the client did not ask
+for it in the stream.
 """
 
 from __future__ import annotations
 
 import re
 import uuid
-from typing import Any, AsyncIterator
+from typing import Any
 
 import orjson
 
-from plugins.providers.base import (
-    EFFORT_RATIO, Chunks, StreamTranslation, UpstreamRequest, error_body, error_of, reasoning_of, upstream_status,
-    wants_usage,
+from plugins.providers.common import (
+    EFFORT_RATIO, Turns, data_url, each_message, excluded, file_data, image_url, parts_of, reasoning_of, unknown_role,
+    upstream_status,
 )
 from proxy.context import Context
 from proxy.errors import invalid_request
-from proxy.sse import DONE
+from proxy.provider import (
+    Chunks, EventTranslation, Translation, UpstreamRequest, WholeTranslation, error_body, error_of,
+)
 
 VERSION = "2023-06-01"
 DEFAULT_MAX_TOKENS = 32000
 FINISH = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length", "tool_use": "tool_calls",
           "pause_turn": "stop", "refusal": "content_filter", "model_context_window_exceeded": "length"}
-_DATA_URL = re.compile(r"^data:([\w/+.-]+);base64,(.*)$", re.S)
 _VERSION = re.compile(r"claude-(?:opus|sonnet|haiku)-(\d+)(?:[-.](\d+))?")
 FORMAT = "anthropic-claude-v1"
 
@@ -38,14 +40,6 @@ def _adaptive(model: str) -> bool:
     return (major, minor) >= (4, 6)
 
 
-def _text(content: Any) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
-    return ""
-
-
 def _block(part: Any) -> dict[str, Any] | None:
     if isinstance(part, str):
         return {"type": "text", "text": part}
@@ -56,29 +50,21 @@ def _block(part: Any) -> dict[str, Any] | None:
     if kind == "text":
         block = {"type": "text", "text": part.get("text", "")}
     elif kind == "image_url":
-        image = part.get("image_url")
-        url = image.get("url", "") if isinstance(image, dict) else str(image or "")
-        m = _DATA_URL.match(url)
-        source = {"type": "base64", "media_type": m.group(1), "data": m.group(2)} if m else {"type": "url", "url": url}
+        url = image_url(part)
+        inline = data_url(url)
+        source = {"type": "base64", "media_type": inline[0], "data": inline[1]} if inline else {"type": "url", "url": url}
         block = {"type": "image", "source": source}
     elif kind == "file":
-        file = part.get("file") or {}
-        m = _DATA_URL.match(file.get("file_data", "") or "")
-        if m:
-            block = {"type": "document", "source": {"type": "base64", "media_type": m.group(1), "data": m.group(2)}}
+        inline = file_data(part)
+        if inline:
+            block = {"type": "document", "source": {"type": "base64", "media_type": inline[0], "data": inline[1]}}
     if block is not None and isinstance(part.get("cache_control"), dict):
         block["cache_control"] = part["cache_control"]
     return block
 
 
 def _blocks(content: Any) -> list[dict[str, Any]]:
-    if content is None:
-        return []
-    if isinstance(content, str):
-        return [{"type": "text", "text": content}] if content else []
-    if isinstance(content, list):
-        return [b for b in map(_block, content) if b is not None]
-    raise invalid_request("Invalid request: message `content` must be a string or an array of parts.", param="messages")
+    return parts_of(content, _block, lambda text: {"type": "text", "text": text})
 
 
 def _thinking_blocks(message: dict[str, Any]) -> list[dict[str, Any]]:
@@ -107,19 +93,9 @@ def _arguments(raw: Any) -> Any:
 def messages(body: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(system blocks, messages) in Anthropic's shape."""
     system: list[dict[str, Any]] = []
-    turns: list[dict[str, Any]] = []
-
-    def add(role: str, blocks: list[dict[str, Any]]) -> None:
-        if not blocks:
-            return
-        if turns and turns[-1]["role"] == role:
-            turns[-1]["content"].extend(blocks)  # Anthropic wants roles to alternate
-        else:
-            turns.append({"role": role, "content": blocks})
-
-    for m in body["messages"]:
-        if not isinstance(m, dict):
-            raise invalid_request("Invalid request: every message must be an object.", param="messages")
+    turns = Turns("content")
+    add = turns.add
+    for m in each_message(body):
         role = m.get("role")
         if role in ("system", "developer"):
             system.extend(b for b in _blocks(m.get("content")) if b["type"] == "text")
@@ -138,8 +114,8 @@ def messages(body: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str,
                       "content": content if isinstance(content, str) else _blocks(content)}
             add("user", [result])
         else:
-            raise invalid_request(f"Invalid request: unknown message role {str(role)[:40]!r}.", param="messages")
-    return system, turns
+            raise unknown_role(role)
+    return system, turns.turns
 
 
 def _tool_choice(choice: Any, parallel: Any) -> dict[str, Any] | None:
@@ -197,8 +173,6 @@ def usage(u: dict[str, Any]) -> dict[str, Any]:
 
 
 class Anthropic:
-    passthrough = False
-
     def __init__(self, *, name: str, base_url: str, api_key: str = "", headers: dict[str, str] | None = None) -> None:
         self.name = name
         self.url = base_url.rstrip("/") + "/v1/messages"
@@ -254,9 +228,22 @@ class Anthropic:
             out["cache_control"] = tool["cache_control"]
         return out
 
-    def translate_body(self, ctx: Context, body: bytes) -> bytes:
+    def translation(self, ctx: Context, content_type: str) -> Translation:
+        return _Stream(ctx) if ctx.stream else _Message(ctx)
+
+    def error(self, status: int, body: bytes) -> tuple[int, bytes]:
+        message = error_of(body)[1]
+        ours, code = upstream_status(status, message)
+        return error_body(ours, f"Anthropic: {message or f'HTTP {status}'}", code=code)
+
+
+class _Message(WholeTranslation):
+    """An Anthropic message in, an OpenAI chat completion out (§G.1)."""
+
+    def translate(self, body: bytes) -> bytes:
+        ctx = self.ctx
         msg = orjson.loads(body)
-        exclude = bool((reasoning_of(ctx.body) or {}).get("exclude"))
+        exclude = excluded(ctx.body)
         text, reasoning, details, calls = [], [], [], []
         for i, block in enumerate(msg.get("content") or []):
             kind = block.get("type")
@@ -287,21 +274,13 @@ class Anthropic:
         }
         return orjson.dumps(out)
 
-    def translate_stream(self, ctx: Context, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-        return _Stream(ctx).run(chunks)
 
-    def translate_error(self, status: int, body: bytes) -> tuple[int, bytes]:
-        message = error_of(body)[1]
-        ours, code = upstream_status(status, message)
-        return error_body(ours, f"Anthropic: {message or f'HTTP {status}'}", code=code)
-
-
-class _Stream(StreamTranslation):
+class _Stream(EventTranslation):
     """Anthropic events in, OpenAI chunks out (§G.2)."""
 
     def __init__(self, ctx: Context) -> None:
         super().__init__(ctx)
-        self.send_usage = wants_usage(ctx.body)
+        self.exclude = excluded(ctx.body)
         self.tool_index: dict[int, int] = {}
         self.counts: dict[str, Any] = {}
 
@@ -344,12 +323,7 @@ class _Stream(StreamTranslation):
                 if stop:
                     parts.append(out.delta({}, FINISH.get(stop, "stop")))
             elif kind == "message_stop":
-                totals = usage(self.counts)
-                if self.send_usage:
-                    parts.append(out.usage(totals))
-                elif self.ctx.meter is not None:
-                    self.ctx.meter.observe(totals)
-                parts.append(DONE)
+                parts.append(self.totals(usage(self.counts)))
                 self.over = True
             elif kind == "error":
                 err = event.get("error") or {}

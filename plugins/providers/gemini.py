@@ -3,28 +3,29 @@ and the answer back as OpenAI chat completions (wire-formats.md §D, §G.3, §G.
 
 Thought signatures of function calls travel to the client in `reasoning_details` (keyed by the tool
 call id) and are put back on the call when the client sends the history again.
-Reads ctx.body, ctx.stream, ctx.model; reports usage through ctx.meter when not sent to the client.
+Reads ctx.body, ctx.stream, ctx.model; returns the usage with the answer when the client did not ask
+for it in the stream.
 """
 
 from __future__ import annotations
 
 import mimetypes
-import re
 import uuid
-from typing import Any, AsyncIterator
+from typing import Any
 
 import orjson
 
-from plugins.providers.base import (
-    EFFORT_RATIO, Chunks, StreamTranslation, UpstreamRequest, error_body, error_of, reasoning_of, upstream_status,
-    wants_usage,
+from plugins.providers.common import (
+    EFFORT_RATIO, Turns, data_url, each_message, excluded, file_data, image_url, parts_of, reasoning_of, unknown_role,
+    upstream_status,
 )
 from proxy.context import Context
 from proxy.errors import invalid_request
-from proxy.sse import DONE
+from proxy.provider import (
+    Chunks, EventTranslation, Translation, UpstreamRequest, WholeTranslation, error_body, error_of,
+)
 
 FORMAT = "google-gemini-v1"
-_DATA_URL = re.compile(r"^data:([\w/+.-]+);base64,(.*)$", re.S)
 FILTERED = {"SAFETY", "RECITATION", "BLOCKLIST", "PROHIBITED_CONTENT", "SPII", "IMAGE_SAFETY",
             "IMAGE_PROHIBITED_CONTENT", "IMAGE_RECITATION"}
 FAILED = {"MALFORMED_FUNCTION_CALL", "UNEXPECTED_TOOL_CALL", "TOO_MANY_TOOL_CALLS"}
@@ -63,27 +64,20 @@ def _part(part: Any) -> dict[str, Any] | None:
     if part.get("type") == "text":
         return {"text": part.get("text", "")}
     if part.get("type") == "image_url":
-        image = part.get("image_url")
-        url = image.get("url", "") if isinstance(image, dict) else str(image or "")
-        m = _DATA_URL.match(url)
-        if m:
-            return {"inlineData": {"mimeType": m.group(1), "data": m.group(2)}}
+        url = image_url(part)
+        inline = data_url(url)
+        if inline:
+            return {"inlineData": {"mimeType": inline[0], "data": inline[1]}}
         return {"fileData": {"mimeType": mimetypes.guess_type(url)[0] or "image/jpeg", "fileUri": url}}
     if part.get("type") == "file":
-        m = _DATA_URL.match((part.get("file") or {}).get("file_data", "") or "")
-        if m:
-            return {"inlineData": {"mimeType": m.group(1), "data": m.group(2)}}
+        inline = file_data(part)
+        if inline:
+            return {"inlineData": {"mimeType": inline[0], "data": inline[1]}}
     return None
 
 
 def _parts(content: Any) -> list[dict[str, Any]]:
-    if content is None:
-        return []
-    if isinstance(content, str):
-        return [{"text": content}] if content else []
-    if isinstance(content, list):
-        return [p for p in map(_part, content) if p is not None]
-    raise invalid_request("Invalid request: message `content` must be a string or an array of parts.", param="messages")
+    return parts_of(content, _part, lambda text: {"text": text})
 
 
 def _signatures(message: dict[str, Any]) -> dict[str, str]:
@@ -95,20 +89,10 @@ def _signatures(message: dict[str, Any]) -> dict[str, str]:
 def contents(body: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(system parts, contents) in Gemini's shape."""
     system: list[dict[str, Any]] = []
-    turns: list[dict[str, Any]] = []
+    turns = Turns("parts")
+    add = turns.add
     names: dict[str, str] = {}  # tool call id -> function name, for the responses
-
-    def add(role: str, parts: list[dict[str, Any]]) -> None:
-        if not parts:
-            return
-        if turns and turns[-1]["role"] == role:
-            turns[-1]["parts"].extend(parts)
-        else:
-            turns.append({"role": role, "parts": parts})
-
-    for m in body["messages"]:
-        if not isinstance(m, dict):
-            raise invalid_request("Invalid request: every message must be an object.", param="messages")
+    for m in each_message(body):
         role = m.get("role")
         if role in ("system", "developer"):
             system.extend(p for p in _parts(m.get("content")) if "text" in p)
@@ -143,8 +127,8 @@ def contents(body: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str,
             call_id = m.get("tool_call_id", "")
             add("user", [{"functionResponse": {"name": names.get(call_id, call_id), "response": response}}])
         else:
-            raise invalid_request(f"Invalid request: unknown message role {str(role)[:40]!r}.", param="messages")
-    return system, turns
+            raise unknown_role(role)
+    return system, turns.turns
 
 
 def _generation(body: dict[str, Any], model: str) -> dict[str, Any]:
@@ -184,8 +168,6 @@ def _generation(body: dict[str, Any], model: str) -> dict[str, Any]:
 
 
 class Gemini:
-    passthrough = False
-
     def __init__(self, *, name: str, base_url: str, api_key: str = "", headers: dict[str, str] | None = None) -> None:
         self.name = name
         self.base = base_url.rstrip("/") + "/models/"
@@ -217,19 +199,36 @@ class Gemini:
         action = ":streamGenerateContent?alt=sse" if ctx.stream else ":generateContent"
         return UpstreamRequest(self.base + upstream_model + action, self.headers, orjson.dumps(payload))
 
-    @staticmethod
-    def _candidate(doc: dict[str, Any]) -> tuple[list[dict[str, Any]], str | None]:
-        candidates = doc.get("candidates") or []
-        if not candidates:
-            blocked = (doc.get("promptFeedback") or {}).get("blockReason")
-            return [], "SAFETY" if blocked else None
-        first = candidates[0]
-        return (first.get("content") or {}).get("parts") or [], first.get("finishReason")
+    def translation(self, ctx: Context, content_type: str) -> Translation:
+        return _Stream(ctx) if ctx.stream else _Response(ctx)
 
-    def translate_body(self, ctx: Context, body: bytes) -> bytes:
+    def error(self, status: int, body: bytes) -> tuple[int, bytes]:
+        err, message = error_of(body)
+        reasons = {d.get("reason") for d in err.get("details") or [] if isinstance(d, dict)}
+        if "API_KEY_INVALID" in reasons:  # our key, not the caller's: the forwarder's rule for 401s
+            return error_body(503, "The service is temporarily unavailable. Please try again later.",
+                              error_type="temporarily_unavailable")
+        ours, code = upstream_status(status, message)
+        return error_body(ours, f"Gemini: {message or f'HTTP {status}'}", code=code)
+
+
+def _candidate(doc: dict[str, Any]) -> tuple[list[dict[str, Any]], str | None]:
+    candidates = doc.get("candidates") or []
+    if not candidates:
+        blocked = (doc.get("promptFeedback") or {}).get("blockReason")
+        return [], "SAFETY" if blocked else None
+    first = candidates[0]
+    return (first.get("content") or {}).get("parts") or [], first.get("finishReason")
+
+
+class _Response(WholeTranslation):
+    """A Gemini response in, an OpenAI chat completion out (§G.3)."""
+
+    def translate(self, body: bytes) -> bytes:
+        ctx = self.ctx
         doc = orjson.loads(body)
-        parts, reason = self._candidate(doc)
-        exclude = bool((reasoning_of(ctx.body) or {}).get("exclude"))
+        parts, reason = _candidate(doc)
+        exclude = excluded(ctx.body)
         text, thoughts, calls, details = [], [], [], []
         for i, part in enumerate(parts):
             if "functionCall" in part:
@@ -260,24 +259,13 @@ class Gemini:
         }
         return orjson.dumps(out)
 
-    def translate_stream(self, ctx: Context, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-        return _Stream(ctx).run(chunks)
 
-    def translate_error(self, status: int, body: bytes) -> tuple[int, bytes]:
-        err, message = error_of(body)
-        reasons = {d.get("reason") for d in err.get("details") or [] if isinstance(d, dict)}
-        if "API_KEY_INVALID" in reasons:  # our key, not the caller's: the forwarder's rule for 401s
-            return error_body(503, "The service is temporarily unavailable. Please try again later.",
-                              error_type="temporarily_unavailable")
-        ours, code = upstream_status(status, message)
-        return error_body(ours, f"Gemini: {message or f'HTTP {status}'}", code=code)
-
-
-class _Stream(StreamTranslation):
+class _Stream(EventTranslation):
     """Gemini responses in, OpenAI chunks out (§G.4)."""
 
     def __init__(self, ctx: Context) -> None:
         super().__init__(ctx)
+        self.exclude = excluded(ctx.body)
         self.started = False
         self.called = 0
         self.reason: str | None = None
@@ -305,7 +293,7 @@ class _Stream(StreamTranslation):
                     out.id = doc["responseId"]
                 parts.append(out.delta({"role": "assistant", "content": ""}))
             self.meta = doc.get("usageMetadata") or self.meta
-            pieces, finish = Gemini._candidate(doc)
+            pieces, finish = _candidate(doc)
             self.reason = finish or self.reason
             for i, part in enumerate(pieces):
                 if "functionCall" in part:
@@ -324,15 +312,8 @@ class _Stream(StreamTranslation):
                 elif part.get("text"):
                     parts.append(out.delta({"content": part["text"]}))
 
-    def finish(self) -> bytes:
+    def closing(self) -> bytes:
         """The end of the upstream stream: Gemini has no closing event, its last finish reason is it."""
-        out = self.out
         if self.reason is None:
-            return super().finish()
-        totals = usage(self.meta)
-        end = out.delta({}, finish_reason(self.reason, self.called > 0))
-        if wants_usage(self.ctx.body):
-            end += out.usage(totals)
-        elif self.ctx.meter is not None:
-            self.ctx.meter.observe(totals)
-        return end + DONE
+            return super().closing()
+        return self.out.delta({}, finish_reason(self.reason, self.called > 0)) + self.totals(usage(self.meta))

@@ -8,11 +8,11 @@ Reads ctx.body and ctx.stream.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, AsyncIterator
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from plugins.providers.base import UpstreamRequest
+from proxy.provider import Passthrough, Translation, UpstreamRequest
 
 if TYPE_CHECKING:
     from proxy.context import Context
@@ -51,6 +51,36 @@ def _alias_events(data: bytes) -> bytes:
     return b"\n\n".join(out)
 
 
+class _Aliased:
+    """An answer whose `reasoning_content` is also sent as `reasoning`: streams event by event
+    (whole events only), JSON once it has all arrived."""
+
+    __slots__ = ("stream", "_pending")
+    over = False
+
+    def __init__(self, content_type: str) -> None:
+        self.stream = content_type.startswith("text/event-stream")
+        self._pending = b""
+
+    def feed(self, chunk: bytes) -> bytes:
+        data = self._pending + chunk
+        if not self.stream:
+            self._pending = data
+            return b""
+        end = data.rfind(b"\n\n")
+        cut = end + 2 if end >= 0 else 0
+        self._pending, data = data[cut:], data[:cut]
+        return _alias_events(data) if data and _marked(data) else data
+
+    def end(self) -> tuple[bytes, None]:
+        data, self._pending = self._pending, b""
+        if self.stream or not _marked(data):
+            return data, None
+        doc = orjson.loads(data)
+        alias_reasoning(doc)
+        return orjson.dumps(doc), None
+
+
 class OpenAICompatible:
     def __init__(
         self, *, name: str, base_url: str, api_key: str = "", headers: dict[str, str] | None = None,
@@ -61,36 +91,18 @@ class OpenAICompatible:
         self.headers = {"Content-Type": "application/json", **(headers or {})}
         if api_key:
             self.headers["Authorization"] = f"Bearer {api_key}"
-        self.passthrough = not reasoning_alias
+        self.translator = _Aliased if reasoning_alias else Passthrough
 
     def request(self, ctx: Context, upstream_model: str) -> UpstreamRequest:
-        body = ctx.body
-        for key in _GATEWAY_ONLY:
-            body.pop(key, None)
+        body = {k: v for k, v in ctx.body.items() if k not in _GATEWAY_ONLY}
         body["model"] = upstream_model
         if ctx.stream:
             options = body.get("stream_options")
             body["stream_options"] = {**options, "include_usage": True} if isinstance(options, dict) else {"include_usage": True}
         return UpstreamRequest(self.url, self.headers, orjson.dumps(body))
 
-    def translate_body(self, ctx: Context, body: bytes) -> bytes:
-        if not _marked(body):
-            return body
-        doc = orjson.loads(body)
-        alias_reasoning(doc)
-        return orjson.dumps(doc)
+    def translation(self, ctx: Context, content_type: str) -> Translation:
+        return self.translator(content_type)
 
-    async def translate_stream(self, ctx: Context, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-        pending = b""
-        async for chunk in chunks:
-            data = pending + chunk
-            end = data.rfind(b"\n\n")
-            cut = end + 2 if end >= 0 else 0
-            pending, data = data[cut:], data[:cut]
-            if data:
-                yield _alias_events(data) if _marked(data) else data
-        if pending:
-            yield pending
-
-    def translate_error(self, status: int, body: bytes) -> tuple[int, bytes]:
+    def error(self, status: int, body: bytes) -> tuple[int, bytes]:
         return status, body

@@ -133,7 +133,7 @@ async def test_the_daily_cap_keeps_counters_not_an_entry_per_request():
     from proxy.limitstore import SweptMemoryStorage
 
     storage = SweptMemoryStorage()
-    stage = RateLimit(storage, make_config(), limit="50/hour", daily_limit="45/day")
+    stage = RateLimit(storage, limit="50/hour", daily_limit="45/day")
 
     async def served(ctx):
         return "served"

@@ -7,7 +7,8 @@ import json
 import openai
 import pytest
 
-from tests.fakes import fixture_json, fixture_lines
+from proxy.provider import UnreadableAnswer
+from tests.fakes import fixture_json, fixture_lines, translate_reads
 from tests.plugins.providers.helpers import assemble, chat_body, chunks_of
 
 SONNET = "anthropic/claude-sonnet-4.6"
@@ -255,13 +256,10 @@ async def test_same_chunks_however_the_stream_is_cut_into_reads(name):
     frames = [b"event: " + e["type"].encode() + b"\ndata: " + json.dumps(e).encode() + b"\n\n" for e in fixture_lines(name)]
     whole = b"".join(frames) + b'event: ping\ndata: {"type":"ping"}\n\n'  # after the end: never read
     provider = Anthropic(name="anthropic", base_url="http://127.0.0.1:1")
-    ctx = SimpleNamespace(body=chat(), request_id="r1", model=SimpleNamespace(id=SONNET), meter=None)
+    ctx = SimpleNamespace(body=chat(), request_id="r1", model=SimpleNamespace(id=SONNET), stream=True)
 
     async def translated(reads: list[bytes]) -> list[dict]:
-        async def upstream():
-            for read in reads:
-                yield read
-        out = b"".join([piece async for piece in provider.translate_stream(ctx, upstream())])
+        out = translate_reads(provider, ctx, reads)
         docs, others = chunks_of(out)
         assert others[-1] == b"data: [DONE]" and others.count(b"data: [DONE]") == 1
         return [{k: v for k, v in d.items() if k != "created"} for d in docs]
@@ -283,14 +281,9 @@ async def test_text_before_an_event_that_cannot_be_translated_still_goes_out():
             b'"delta":{"type":"text_delta","text":"Hello"}}\n\n'
             b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,"delta":"not an object"}\n\n')
     provider = Anthropic(name="anthropic", base_url="http://127.0.0.1:1")
-    ctx = SimpleNamespace(body=chat(), request_id="r1", model=SimpleNamespace(id=SONNET), meter=None)
+    ctx = SimpleNamespace(body=chat(), request_id="r1", model=SimpleNamespace(id=SONNET), stream=True)
 
-    async def upstream():
-        yield read
-
-    sent = []
-    with pytest.raises(AttributeError):
-        async for piece in provider.translate_stream(ctx, upstream()):
-            sent.append(piece)
-    docs, _ = chunks_of(b"".join(sent))
+    with pytest.raises(UnreadableAnswer) as broken:
+        provider.translation(ctx, "text/event-stream").feed(read)
+    docs, _ = chunks_of(broken.value.made)
     assert [d["choices"][0]["delta"].get("content") for d in docs] == ["", "Hello"]

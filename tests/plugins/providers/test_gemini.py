@@ -8,7 +8,7 @@ import re
 import openai
 import pytest
 
-from tests.fakes import fixture_bytes, fixture_json, fixture_lines
+from tests.fakes import fixture_bytes, fixture_json, fixture_lines, translate_reads
 from tests.plugins.providers.helpers import assemble, chat_body, chunks_of
 
 PRO = "google/gemini-3.1-pro-preview"
@@ -182,12 +182,9 @@ async def test_same_chunks_however_the_stream_is_cut_into_reads(name):
     provider = Gemini(name="gemini", base_url="http://127.0.0.1:1")
 
     async def translated(reads: list[bytes]) -> list[dict]:
-        ctx = SimpleNamespace(body=chat_body(PRO, True), request_id="r1", model=SimpleNamespace(id=PRO), meter=None)
+        ctx = SimpleNamespace(body=chat_body(PRO, True), request_id="r1", model=SimpleNamespace(id=PRO), stream=True)
 
-        async def upstream():
-            for read in reads:
-                yield read
-        out = b"".join([piece async for piece in provider.translate_stream(ctx, upstream())])
+        out = translate_reads(provider, ctx, reads)
         docs, others = chunks_of(re.sub(rb"call_[0-9a-f]{24}", b"call_made_up", out))  # ids made per call
         assert others == [b"data: [DONE]"]
         return [{k: v for k, v in d.items() if k not in ("created", "id")} for d in docs]

@@ -1,0 +1,121 @@
+"""Opening the upstream: the route for the request's model, its request, retries with back-off, then
+the next fallback model. Owns the one `ClientSession`.
+
+What it returns is the first upstream answer worth relaying (a success, or an error that retrying
+would not change); when none is, the last failure is raised as the caller's `GatewayError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+import aiohttp
+import structlog
+from aiohttp import web
+
+from proxy import retry
+from proxy.config import UpstreamSettings
+from proxy.context import Context
+from proxy.errors import GatewayError, invalid_request, upstream_error
+from proxy.provider import Provider, UpstreamRequest
+from proxy.routing import Router
+
+log = structlog.get_logger("turnstile.forward")
+
+USER_AGENT = "turnstile"
+
+
+@dataclass(slots=True)
+class Opened:
+    provider: Provider
+    upstream: aiohttp.ClientResponse
+
+
+class Dialer:
+    def __init__(self, router: Router, settings: UpstreamSettings) -> None:
+        self.router = router
+        self.settings = settings
+        self.session: aiohttp.ClientSession | None = None
+
+    async def session_ctx(self, app: web.Application) -> AsyncIterator[None]:
+        """aiohttp cleanup_ctx: one pooled session for the app's lifetime."""
+        s = self.settings
+        connector = aiohttp.TCPConnector(limit=s.pool_size, limit_per_host=0, ttl_dns_cache=300, enable_cleanup_closed=True)
+        # `connect` bounds the wait for a free pooled connection too: a full pool gives a 504, not a hang.
+        timeout = aiohttp.ClientTimeout(total=None, connect=s.connect_timeout * 3, sock_connect=s.connect_timeout,
+                                        sock_read=s.read_timeout)
+        # Our own User-Agent, not aiohttp's: a default header costs less per request than skipping one.
+        self.session = aiohttp.ClientSession(
+            connector=connector, timeout=timeout, auto_decompress=True, headers={"User-Agent": USER_AGENT},
+            cookie_jar=aiohttp.DummyCookieJar(),  # a provider's cookies must not leak to other callers
+        )
+        yield
+        await self.session.close()
+
+    def servable(self, ctx: Context) -> bool:
+        """Whether some provider is configured for the request's model or one of its fallbacks."""
+        if self.router.serves(ctx.model.id):
+            return True
+        return any(map(self.router.serves, retry.fallback_models(ctx, self.settings, ctx.body.get("models"))))
+
+    async def open(self, ctx: Context) -> Opened:
+        """429 and 5xx answers (and refused connections) are retried with back-off, then the next
+        fallback model is tried. `ctx.model` is the model tried last; the outcome counts retries and
+        fallbacks."""
+        assert self.session is not None, "the dialer's session opens with the app"
+        outcome = ctx.outcome
+        fallbacks = retry.fallback_models(ctx, self.settings, ctx.body.get("models"))
+        failure: GatewayError | None = None
+        for i, model_id in enumerate([ctx.model.id, *fallbacks]):
+            last_model = i == len(fallbacks)
+            if i:
+                ctx.use_model(model_id)
+                outcome.fallbacks.append(model_id)
+            try:
+                route = self.router.route(ctx.model)
+            except GatewayError as exc:
+                failure = exc
+                continue
+            provider = route.provider
+            outcome.provider = provider.name
+            req = self._request(ctx, provider, route.upstream_model)
+            for attempt in range(self.settings.retries + 1):
+                last_try = attempt == self.settings.retries
+                try:
+                    upstream = await self.session.post(req.url, data=req.body, headers=req.headers, allow_redirects=False)
+                except asyncio.TimeoutError:
+                    failure = GatewayError(504, "upstream_timeout", f"The {provider.name} provider did not answer in time.")
+                    break  # a slow provider is not asked again: the next model may be quicker
+                except aiohttp.ClientError as exc:
+                    log.warning("upstream_unreachable", request_id=ctx.request_id, provider=provider.name,
+                                error=type(exc).__name__, attempt=attempt)
+                    failure = upstream_error(502, f"The {provider.name} provider could not be reached.")
+                    wait = retry.delay(self.settings, attempt)
+                else:
+                    if upstream.status not in retry.RETRYABLE or (last_try and last_model):
+                        return Opened(provider, upstream)
+                    log.warning("upstream_retryable", request_id=ctx.request_id, provider=provider.name,
+                                status=upstream.status, attempt=attempt)
+                    wait = retry.delay(self.settings, attempt, upstream.headers.get("Retry-After"))
+                    failure = upstream_error(502 if upstream.status >= 500 else 429, f"The {provider.name} provider "
+                                             f"answered {upstream.status}.")
+                    upstream.close()
+                if last_try:
+                    break
+                outcome.retries += 1
+                await asyncio.sleep(wait)
+        try:
+            raise failure or upstream_error(502, "No provider could serve the request.")
+        finally:
+            failure = None  # its traceback holds this frame: no cycle
+
+    @staticmethod
+    def _request(ctx: Context, provider: Provider, upstream_model: str) -> UpstreamRequest:
+        try:
+            return provider.request(ctx, upstream_model)
+        except (TypeError, AttributeError, ValueError, KeyError) as exc:
+            if str(exc) == "Recursion limit reached":  # orjson writes JSON at most 255 levels deep
+                raise invalid_request("Invalid request: the body is nested more than 255 levels deep.") from None
+            raise invalid_request("Invalid request: a field has a type this model's provider cannot take.") from None

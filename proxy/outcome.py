@@ -1,0 +1,123 @@
+"""What happened to one request, and the one place it is recorded: the access line, the metrics and
+(for a request that reached a provider) the ledger row.
+
+The endpoint wrapper makes an `Outcome` for every request; the chat handler and the last stage fill
+it as the request goes; `Recorder` takes it when the request is over, however it ended.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import structlog
+
+from proxy.errors import GatewayError
+from proxy.ledger import Ledger, Row, ip_hash
+from proxy.meter import Meter, Usage
+from proxy.metrics import Metrics
+
+log = structlog.get_logger("turnstile.forward")
+
+
+@dataclass(slots=True)
+class Outcome:
+    route: str  # the endpoint ("chat", "models", …), a metrics label
+    request_id: str
+    started_at: float
+    status: int = 0
+    bytes_out: int = 0  # 0: the answer's own body length is taken
+    # Chat requests: what was asked and by whom (set by the chat handler and the stages).
+    requested_model: str = ""
+    model: str = ""  # the model served, after auto models and fallbacks
+    stream: bool = False
+    account_id: int | None = None
+    client_ip: str = ""
+    request_bytes: int = 0
+    # Filled by the last stage.
+    provider: str = ""
+    retries: int = 0
+    fallbacks: list[str] = field(default_factory=list)  # models tried after the first, in order
+    first_byte_at: float = 0.0
+    usage: Usage | None = None
+    cost_micros: int = 0
+    finish_reason: str | None = None
+    billable: bool = False  # it reached the last stage: it gets a ledger row
+    response_headers: dict[str, str] | None = None  # what every answer to the request carries (the limits left)
+
+    def settle(self, meter: Meter) -> None:
+        """Usage and cost from the meter. An answer that came without usage (the client left, the
+        upstream broke) or with usage that cannot be believed is billed by estimate; failures before
+        any output cost nothing."""
+        if meter.doubted is not None:
+            log.warning("usage_not_believed", request_id=self.request_id, provider=self.provider, model=self.model,
+                        usage=repr(meter.doubted)[:300], billed="by estimate")
+        if meter.usage is None and (self.first_byte_at or meter.doubted is not None) and (
+                self.status < 400 or self.status in (499, 502)):
+            meter.estimate(self.request_bytes, self.bytes_out)
+        self.usage, self.finish_reason = meter.usage, meter.finish_reason
+        self.cost_micros = meter.cost_micros if meter.usage else 0
+
+
+Access = Callable[[dict[str, Any]], None]
+
+
+class Recorder:
+    """Feeds the access line, the metrics and the ledger from a finished request's `Outcome`."""
+
+    def __init__(self, access: Access, metrics: Metrics | None, ledger: Ledger) -> None:
+        self.access = access
+        self.metrics = metrics
+        self.ledger = ledger
+
+    def __call__(self, outcome: Outcome, method: str, path: str, error: GatewayError | None = None) -> None:
+        now = time.monotonic()
+        first = outcome.first_byte_at
+        fields: dict[str, Any] = {
+            "request_id": outcome.request_id,
+            "method": method,
+            "path": path,
+            "status": outcome.status,
+            "ttfb_ms": round((first - outcome.started_at) * 1000, 2) if first else None,
+            "total_ms": round((now - outcome.started_at) * 1000, 2),
+            "bytes_out": outcome.bytes_out,
+        }
+        if outcome.model:
+            fields["model"] = outcome.model
+            if outcome.requested_model != outcome.model:
+                fields["requested_model"] = outcome.requested_model
+            fields["route"] = outcome.provider or None
+            if outcome.retries:
+                fields["retries"] = outcome.retries
+            if outcome.fallbacks:
+                fields["fallbacks"] = outcome.fallbacks
+        self.access(fields)
+        if self.metrics is not None:
+            self.metrics.observe(outcome, now - outcome.started_at, error)
+        if outcome.billable:
+            self._bill(outcome)
+
+    def _bill(self, o: Outcome) -> None:
+        usage = o.usage
+        self.ledger.record(Row(
+            request_id=o.request_id,
+            account_id=o.account_id,
+            ip_hash=None if o.account_id is not None else ip_hash(self.ledger.secret, o.client_ip),
+            model_asked=o.requested_model,
+            model=o.model,
+            provider=o.provider,
+            prompt_tokens=usage.prompt if usage else 0,
+            completion_tokens=usage.completion if usage else 0,
+            reasoning_tokens=usage.reasoning if usage else 0,
+            cached_tokens=usage.cached if usage else 0,
+            cache_write_tokens=usage.cache_write if usage else 0,
+            cost_micros=o.cost_micros,
+            estimated=bool(usage and usage.estimated),
+            status=o.status,
+            ttfb_ms=round((o.first_byte_at - o.started_at) * 1000, 2) if o.first_byte_at else None,
+            duration_ms=round((time.monotonic() - o.started_at) * 1000, 2),
+            finish_reason=o.finish_reason,
+            streamed=o.stream,
+            created_at=time.time(),
+        ))

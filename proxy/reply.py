@@ -1,0 +1,261 @@
+"""Answering the client of a chat request: the one place that builds its response and sets its status.
+
+- A JSON answer that has all arrived before any of it had to be written goes out whole, with its
+  length; a longer one is relayed as it arrives, its tail held back by the meter, and cut off (the
+  connection aborted) if the upstream breaks, so that half a body never looks whole.
+- A stream gets its 200 and headers when the upstream answers, or earlier, with keep-alive comments,
+  while a slow upstream is awaited. Keep-alives go through every silence from the start of the wait
+  to the end of the stream: one timer that re-arms itself, no task per stream. A failure after the
+  headers arrives as the error chunk.
+- What the upstream sends goes through the provider's translation, then the meter (usage, cost, key
+  redaction), then out; the next upstream read waits for the write (backpressure).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import aiohttp
+import structlog
+from aiohttp import web
+
+from proxy.context import Context
+from proxy.errors import GatewayError, upstream_error
+from proxy.meter import REDACTED, Meter
+from proxy.provider import Provider, Translation, UnreadableAnswer, error_chunk
+from proxy.sse import DONE
+
+log = structlog.get_logger("turnstile.forward")
+
+SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+KEEPALIVE = b": keep-alive\n\n"
+MAX_ERROR_BODY = 64 * 1024
+# An error body comes with its status line, not at a model's pace: one that has not ended by then
+# is not waited for (`read_timeout`, made for slow answers, would hold the caller for minutes).
+ERROR_BODY_SECONDS = 10.0
+# An upstream refusing *our* key or credit is the operator's problem, not the caller's (whose
+# client would ask them to sign in or pay): they get a 503, the operator gets the log line.
+_OURS = {401, 402, 403}
+_BROKEN = (aiohttp.ClientError, asyncio.TimeoutError, ValueError, KeyError, TypeError, AttributeError)
+
+
+class Reply:
+    def __init__(self, ctx: Context, keepalive: float, loop: asyncio.AbstractEventLoop,
+                 secrets: tuple[bytes, ...] = ()) -> None:
+        self.ctx = ctx
+        self.outcome = ctx.outcome
+        self.response: web.StreamResponse | None = None
+        self.interval = keepalive
+        self.loop = loop
+        self.secrets = secrets  # every provider key, for error bodies
+        self.last_write = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self._ticking: asyncio.Task[None] | None = None
+
+    # -- keep-alive ---------------------------------------------------------------------------
+
+    def keep_alive(self) -> None:
+        """SSE comments through every `interval` of silence from now until `close`; the first one,
+        if the upstream has not answered yet, sends the 200 and the headers."""
+        if self.interval > 0:
+            self.last_write = time.monotonic()
+            self._timer = self.loop.call_later(self.interval, self._tick)
+
+    def _tick(self) -> None:
+        idle = time.monotonic() - self.last_write
+        if idle >= self.interval:
+            if self._ticking is None or self._ticking.done():
+                self._ticking = self.loop.create_task(self._keep_alive())
+            idle = 0.0
+        self._timer = self.loop.call_later(self.interval - idle, self._tick)
+
+    async def _keep_alive(self) -> None:
+        try:
+            if self.response is None:
+                await self._begin(200, SSE_HEADERS)
+            await self._write(KEEPALIVE, answer=False)
+        except (ConnectionResetError, RuntimeError):  # the client left: what comes next finds it gone
+            self.outcome.status = 499
+
+    async def _settle(self) -> None:
+        """Waits for a keep-alive being written: it may be sending the headers."""
+        if self._ticking is not None and not self._ticking.done():
+            await self._ticking
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._ticking is not None and not self._ticking.done():
+            self._ticking.cancel()
+
+    # -- writing ------------------------------------------------------------------------------
+
+    async def _begin(self, status: int, headers: dict[str, str]) -> web.StreamResponse:
+        response = self.response = web.StreamResponse(status=status, headers=headers)
+        if self.ctx.response_headers:
+            response.headers.update(self.ctx.response_headers)
+        self.outcome.status = status
+        await response.prepare(self.ctx.request)
+        return response
+
+    async def _write(self, data: bytes, answer: bool = True) -> None:
+        """`answer=False` for what the gateway sends on its own (keep-alive comments, an error before
+        any of the answer): it is not the answer's first byte, and nothing in it is billed."""
+        now = time.monotonic()
+        outcome = self.outcome
+        if answer and not outcome.first_byte_at:
+            outcome.first_byte_at = now
+        self.last_write = now
+        assert self.response is not None
+        await self.response.write(data)
+        outcome.bytes_out += len(data)
+
+    def _whole(self, status: int, body: bytes, content_type: str, answer: bool = True) -> web.Response:
+        """An answer in one piece, with its length: no chunked framing."""
+        outcome = self.outcome
+        outcome.status, outcome.bytes_out = status, len(body)
+        if answer:
+            outcome.first_byte_at = time.monotonic()
+        return web.Response(status=status, body=body, headers={"Content-Type": content_type, **self.ctx.response_headers})
+
+    # -- the three ways a request ends ---------------------------------------------------------
+
+    async def refuse(self, error: GatewayError) -> web.StreamResponse:
+        """No upstream answered: the error, in the stream if it has started (else raised, for the
+        endpoint to answer in the error shape)."""
+        await self._settle()
+        if self.response is None:
+            raise error
+        await self._write(error_chunk(error.message, error.status), answer=False)
+        self.outcome.status = error.status
+        return self.response
+
+    async def relay(self, provider: Provider, upstream: aiohttp.ClientResponse, meter: Meter) -> web.StreamResponse:
+        """The upstream's answer, translated and metered, as it arrives."""
+        clean = False
+        try:
+            if upstream.status >= 400:
+                return await self._upstream_error(provider, upstream)
+            content_type = upstream.headers.get("Content-Type", "")
+            translation = provider.translation(self.ctx, content_type)
+            meter.stream = translation.stream
+            json_type = content_type if content_type.startswith("application/json") else "application/json"
+            response, clean = await self._relay(provider, upstream, translation, meter, json_type)
+            return response
+        finally:
+            if clean:
+                upstream.release()
+            else:
+                upstream.close()  # unfinished: the connection cannot go back to the pool
+
+    async def _relay(self, provider: Provider, upstream: aiohttp.ClientResponse, translation: Translation,
+                     meter: Meter, json_type: str) -> tuple[web.StreamResponse, bool]:
+        status = upstream.status
+        await self._settle()
+        if translation.stream and self.response is None:
+            await self._begin(status, SSE_HEADERS)
+        if self.response is not None:
+            self.outcome.status = status
+        try:
+            async for chunk in upstream.content.iter_any():
+                made = translation.feed(chunk)
+                if made:
+                    data = meter.feed(made)
+                    if data:
+                        await self._send(data, status, json_type)
+                if translation.over:
+                    break
+            made, usage = translation.end()
+            if usage is not None:
+                meter.observe(usage)
+            data = (meter.feed(made) if made else b"") + meter.finish()
+        except ConnectionResetError:
+            self.outcome.status = 499  # the client went away
+            return self.response or web.Response(), False
+        except _BROKEN as exc:  # the upstream broke, or sent what cannot be translated
+            return await self._broken(provider, translation, meter, exc), False
+        if self.response is None:
+            return self._whole(status, data, json_type), True
+        if data:
+            await self._send(data, status, json_type)
+        await self.response.write_eof()
+        return self.response, True
+
+    async def _send(self, data: bytes, status: int, json_type: str) -> None:
+        if self.response is None:  # a JSON answer too long to hold: relayed as it comes
+            await self._begin(status, {"Content-Type": json_type})
+        await self._write(data)
+        if data.endswith(DONE) and self._timer is not None:
+            self.close()  # the stream is over; only the connection's end is left
+
+    async def _broken(self, provider: Provider, translation: Translation, meter: Meter,
+                      exc: BaseException) -> web.StreamResponse:
+        log.warning("upstream_broke_mid_response", request_id=self.ctx.request_id, provider=provider.name,
+                    error=type(exc).__name__)
+        self.outcome.status = 502
+        unreadable = isinstance(exc, (ValueError, KeyError, TypeError, AttributeError))
+        if self.response is None:  # nothing sent: an error answer
+            raise upstream_error(502, f"The {provider.name} provider sent an answer that could not be read." if unreadable
+                                 else f"The {provider.name} provider stopped mid-answer.") from None
+        if translation.stream:  # what was translated before the break goes first
+            made = meter.feed(exc.made) if isinstance(exc, UnreadableAnswer) and exc.made else b""
+            try:
+                await self._write(made + error_chunk(f"The {provider.name} provider stopped mid-stream."), answer=bool(made))
+            except ConnectionResetError:
+                pass
+        elif self.ctx.request.transport is not None:
+            self.ctx.request.transport.abort()  # a cut JSON body must not look complete
+        return self.response
+
+    async def _upstream_error(self, provider: Provider, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
+        status = upstream.status
+        content_type = upstream.headers.get("Content-Type", "application/json")
+        body = await _error_body(upstream)
+        if body is None:  # only a whole body can be redacted with certainty (and read): ours instead
+            error = upstream_error(status, f"The {provider.name} provider answered {status}, with an error body too "
+                                   "large to relay, or that broke off or did not end.")
+            status, body, content_type = status, _body(error), "application/json"
+        else:
+            for secret in self.secrets:
+                body = body.replace(secret, REDACTED)
+            if status in _OURS:
+                log.error("upstream_refused_gateway_key", request_id=self.ctx.request_id, provider=provider.name,
+                          status=status, body=body[:500].decode("utf-8", "replace"))
+                error = GatewayError(503, "temporarily_unavailable",
+                                     "The service is temporarily unavailable. Please try again later.")
+                status, body, content_type = 503, _body(error), "application/json"
+            else:
+                status, worded = provider.error(status, body)
+                if worded is not body:  # the adapter's own words: ours, JSON
+                    body, content_type = worded, "application/json"
+        await self._settle()
+        if self.response is not None:  # the stream already started: the error travels in it
+            await self._write(error_chunk(body.decode("utf-8", "replace")[:1000], status), answer=False)
+            self.outcome.status = status
+            return self.response
+        return self._whole(status, body, content_type.split(";")[0], answer=False)
+
+
+def _body(error: GatewayError) -> bytes:
+    body = error.response().body
+    assert isinstance(body, bytes)
+    return body
+
+
+async def _error_body(upstream: aiohttp.ClientResponse) -> bytes | None:
+    """An upstream's error body, read to its end (it may come in several reads); None when it is over
+    MAX_ERROR_BODY, breaks off or has not ended within ERROR_BODY_SECONDS."""
+    parts: list[bytes] = []
+    size = 0
+    try:
+        async with asyncio.timeout(ERROR_BODY_SECONDS):
+            while piece := await upstream.content.read(MAX_ERROR_BODY + 1 - size):
+                parts.append(piece)
+                size += len(piece)
+                if size > MAX_ERROR_BODY:
+                    return None
+    except (aiohttp.ClientError, asyncio.TimeoutError):
+        return None
+    return b"".join(parts)
