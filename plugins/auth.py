@@ -1,4 +1,4 @@
-"""Who is calling (decision 4): no key, an empty bearer or `Bearer anonymous` is anonymous; a known
+"""Who is calling: no key, an empty bearer or `Bearer anonymous` is anonymous; a known
 key is its account; anything else is 401 `invalid_api_key`. Writes ctx.account.
 """
 

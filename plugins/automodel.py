@@ -1,4 +1,4 @@
-"""Resolves virtual `kilo-auto/*` models to real ones (decisions 1-3) before any gating.
+"""Resolves virtual `kilo-auto/*` models to real ones before any gating.
 
 A tier picks by the `x-kilocode-mode` header (`modes`, `default`), by the account's balance
 (`paid`, `free`) or by a sticky weighted split (`weights`), and may inject `reasoning` and

@@ -1,4 +1,4 @@
-"""Free models for everyone, paid models for accounts with balance (decisions 4, 5, 10).
+"""Free models for everyone, paid models for accounts with balance.
 
 A free request cannot carry extras that the provider bills per request (OpenRouter's web search
 plugins, web_search_options): they are dropped. Reads ctx.model (already resolved from

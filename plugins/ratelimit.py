@@ -1,4 +1,4 @@
-"""Per-IP limits on free models (decisions 7, 8): a moving hourly window answered with 429, and a
+"""Per-IP limits on free models: a moving hourly window answered with 429, and a
 daily promotion cap for anonymous callers answered with 401 `PROMOTION_MODEL_LIMIT_REACHED`.
 
 The hourly limit is exact: limits' moving window, one entry per admitted request, at most `limit` per

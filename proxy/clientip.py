@@ -1,4 +1,4 @@
-"""The client's IP (decision 6): the socket peer, or, when the peer is a trusted proxy, the
+"""The client's IP: the socket peer, or, when the peer is a trusted proxy, the
 right-most X-Forwarded-For address that is not itself trusted.
 
 Written here rather than taken from aiohttp-remotes: its XForwardedFiltered believes the header

@@ -27,7 +27,7 @@ log = structlog.get_logger("turnstile.ledger")
 STOP_TRIES = 5  # writes tried at shutdown before rows are given up (and logged as unwritten)
 
 # A bool is stored as the integer it is either way; without an adapter, sqlite3 first asks it for
-# `__adapt__` and `__conform__`, two AttributeErrors per bool column (about 9,000 instructions a row).
+# `__adapt__` and `__conform__`: two AttributeErrors per bool column.
 sqlite3.register_adapter(bool, int)
 
 
@@ -80,13 +80,10 @@ class Row(NamedTuple):
 
 
 COLUMNS = list(Row._fields)
-# Many rows per INSERT (`VALUES (…), (…), …`): SQLite takes a batch in a few steps instead of one per
-# row, and so hands the GIL back and forth a few times per flush, not once per request. (Rows passed
-# as JSON and taken apart by json_extract cost about five times as much CPU per row; one-row INSERTs
-# through executemany, about twice as much.) A batch is cut into power-of-two parts (700 rows: 512,
-# 128, 32, 16, 8 and 4), so that there are only ten statements: sqlite3 keeps each one compiled after
-# its first use. A statement of a new size each flush would be compiled each time, which costs more
-# than the insert itself (about 33,000 instructions a row against 26,000).
+# Many rows per INSERT (`VALUES (…), (…), …`): SQLite takes a batch in a few steps, handing the GIL
+# back and forth a few times per flush, not once per request. Batches are cut into power-of-two
+# parts (700 rows: 512, 128, 32, 16, 8 and 4): ten statements, each compiled once and kept by
+# sqlite3; a statement of a new size each flush would cost more to compile than to run.
 _VALUES = "(" + ", ".join("?" * len(COLUMNS)) + ")"
 _SIZES = [1 << n for n in range(9, -1, -1)]  # 512 rows per INSERT at most: 9,728 parameters
 

@@ -86,8 +86,8 @@ class SweptMemoryStorage(MemoryStorage):
 
 
 # limits wraps each storage method in an error-translating coroutine, again in every subclass: four
-# deep here per call, each a pass-through unless `wrap_exceptions` (never set here). limits' own code,
-# unwrapped, counts the same for about 36,000 fewer instructions per anonymous request.
+# deep here per call, each a pass-through unless `wrap_exceptions` (never set here). Unwrapped,
+# limits' own code counts the same, for less.
 for _name, _method in list(vars(SweptMemoryStorage).items()):
     if hasattr(_method, "__wrapped__"):
         setattr(SweptMemoryStorage, _name, inspect.unwrap(_method))

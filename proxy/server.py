@@ -183,15 +183,12 @@ async def serve(cfg: Config, app: web.Application, uvloop: bool, sockets: list[s
         return 2
     for sock in sockets:
         await web.SockSite(runner, sock, backlog=BACKLOG, ssl_context=tls).start()
-    # Everything built so far lives as long as the process: the cycle collector need not walk it
-    # again. (Its full passes took ~25 ms each under load; frozen, ~2 ms.)
+    # Everything built so far lives as long as the process: the cycle collector need not walk it again.
     gc.collect()
     gc.freeze()
-    # A full collection walks every object of every request in flight: with 1,000 streams open, each
-    # one held all of them up for 100 ms and more, to find next to nothing (a request leaves no
-    # cycle; tests/test_cycles.py checks it). It now waits for 1,000 collections of the middle
-    # generation (about 10,000 of the youngest), not 10. (Python 3.14's incremental collector
-    # ignores this third value.)
+    # A full collection walks every object of every request in flight, to find next to nothing (a
+    # request leaves no cycle; tests/test_cycles.py checks it): it waits for 1,000 collections of
+    # the middle generation, not 10. (Python 3.14's incremental collector ignores this value.)
     gc.set_threshold(*gc.get_threshold()[:2], FULL_COLLECTION_AFTER)
     log.info("listening", url=_url(tls is not None, sockets), uvloop=uvloop, stages=[r.use for r in cfg.pipeline])
     await stopped

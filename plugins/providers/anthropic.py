@@ -1,5 +1,5 @@
 """Anthropic Messages: OpenAI chat requests in, `/v1/messages` out, and the answer back as OpenAI
-chat completions, translated event by event as it streams (wire-formats.md §C, §G.1, §G.2).
+chat completions, translated event by event as it streams.
 
 Reads ctx.body, ctx.stream, ctx.model; returns the usage with the answer when the client did not ask
 for it in the stream.
@@ -238,7 +238,7 @@ class Anthropic:
 
 
 class _Message(WholeTranslation):
-    """An Anthropic message in, an OpenAI chat completion out (§G.1)."""
+    """An Anthropic message in, an OpenAI chat completion out."""
 
     def translate(self, body: bytes) -> bytes:
         ctx = self.ctx
@@ -276,7 +276,7 @@ class _Message(WholeTranslation):
 
 
 class _Stream(EventTranslation):
-    """Anthropic events in, OpenAI chunks out (§G.2)."""
+    """Anthropic events in, OpenAI chunks out."""
 
     def __init__(self, ctx: Context) -> None:
         super().__init__(ctx)

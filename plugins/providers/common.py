@@ -13,7 +13,7 @@ _DATA_URL = re.compile(r"^data:([\w/+.-]+);base64,(.*)$", re.S)
 
 
 def reasoning_of(body: dict[str, Any]) -> dict[str, Any] | None:
-    """The client's reasoning wish in OpenRouter's terms (B.2), or None for the model's default."""
+    """The client's reasoning wish in OpenRouter's terms, or None for the model's default."""
     r = body.get("reasoning")
     wish: dict[str, Any] = dict(r) if isinstance(r, dict) else {}
     if isinstance(body.get("reasoning_effort"), str):

@@ -1,5 +1,5 @@
 """Google Gemini: OpenAI chat requests in, `generateContent` / `streamGenerateContent?alt=sse` out,
-and the answer back as OpenAI chat completions (wire-formats.md §D, §G.3, §G.4).
+and the answer back as OpenAI chat completions.
 
 Thought signatures of function calls travel to the client in `reasoning_details` (keyed by the tool
 call id) and are put back on the call when the client sends the history again.
@@ -222,7 +222,7 @@ def _candidate(doc: dict[str, Any]) -> tuple[list[dict[str, Any]], str | None]:
 
 
 class _Response(WholeTranslation):
-    """A Gemini response in, an OpenAI chat completion out (§G.3)."""
+    """A Gemini response in, an OpenAI chat completion out."""
 
     def translate(self, body: bytes) -> bytes:
         ctx = self.ctx
@@ -261,7 +261,7 @@ class _Response(WholeTranslation):
 
 
 class _Stream(EventTranslation):
-    """Gemini responses in, OpenAI chunks out (§G.4)."""
+    """Gemini responses in, OpenAI chunks out."""
 
     def __init__(self, ctx: Context) -> None:
         super().__init__(ctx)
