@@ -78,7 +78,6 @@ def _keys(args: argparse.Namespace) -> int:
 
 def _usage(args: argparse.Namespace) -> int:
     import json
-    import os
 
     from proxy import keys, report
 

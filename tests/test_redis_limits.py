@@ -10,7 +10,6 @@ import signal
 import uuid
 
 import aiohttp
-import pytest
 from structlog.testing import capture_logs
 
 from tests.fakes import Upstream

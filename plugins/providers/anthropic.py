@@ -14,13 +14,13 @@ from typing import Any
 import orjson
 
 from plugins.providers.common import (
-    EFFORT_RATIO, Turns, data_url, each_message, excluded, file_data, image_url, parts_of, reasoning_of, unknown_role,
+    EFFORT_RATIO, Turns, completion, data_url, each_message, excluded, file_data, image_url, parts_of, reasoning_of, unknown_role,
     upstream_status,
 )
 from proxy.context import Context
 from proxy.errors import invalid_request
 from proxy.provider import (
-    Chunks, EventTranslation, Translation, UpstreamRequest, WholeTranslation, error_body, error_of,
+    EventTranslation, Translation, UpstreamRequest, WholeTranslation, error_body, error_of,
 )
 
 VERSION = "2023-06-01"
@@ -258,21 +258,9 @@ class _Message(WholeTranslation):
                                 "signature": block.get("signature"), "format": FORMAT, "index": i})
             elif kind == "redacted_thinking" and not exclude:
                 details.append({"type": "reasoning.encrypted", "data": block.get("data"), "format": FORMAT, "index": i})
-        message: dict[str, Any] = {"role": "assistant", "content": "".join(text) if text or not calls else None}
-        if calls:
-            message["tool_calls"] = calls
-        if reasoning or details:
-            message["reasoning"] = "".join(reasoning) or None
-            message["reasoning_details"] = details
         stop = msg.get("stop_reason")
-        out = {
-            "id": msg.get("id") or f"chatcmpl-{ctx.request_id}", "object": "chat.completion", "created": Chunks(ctx).base["created"],
-            "model": ctx.model.id,
-            "choices": [{"index": 0, "message": message, "finish_reason": FINISH.get(stop, "stop"),
-                         "native_finish_reason": stop, "logprobs": None}],
-            "usage": usage(msg.get("usage") or {}),
-        }
-        return orjson.dumps(out)
+        return completion(ctx, msg.get("id"), text, calls, reasoning, details, FINISH.get(stop, "stop"), stop,
+                          usage(msg.get("usage") or {}))
 
 
 class _Stream(EventTranslation):

@@ -4,9 +4,15 @@ whose roles must alternate, and what an upstream's error status means to the cal
 from __future__ import annotations
 
 import re
-from typing import Any, Callable
+import time
+from typing import TYPE_CHECKING, Any, Callable
+
+import orjson
 
 from proxy.errors import invalid_request
+
+if TYPE_CHECKING:
+    from proxy.context import Context
 
 EFFORT_RATIO = {"max": 0.95, "xhigh": 0.95, "high": 0.8, "medium": 0.5, "low": 0.2, "minimal": 0.1}
 _DATA_URL = re.compile(r"^data:([\w/+.-]+);base64,(.*)$", re.S)
@@ -90,6 +96,24 @@ def each_message(body: dict[str, Any]) -> list[dict[str, Any]]:
 
 def unknown_role(role: Any) -> Exception:
     return invalid_request(f"Invalid request: unknown message role {str(role)[:40]!r}.", param="messages")
+
+
+def completion(ctx: Context, upstream_id: Any, text: list[str], calls: list[dict[str, Any]], reasoning: list[str],
+               details: list[dict[str, Any]], finish: str, native_finish: Any, usage: dict[str, Any]) -> bytes:
+    """An OpenAI chat completion, from what a translator gathered of the upstream's answer."""
+    message: dict[str, Any] = {"role": "assistant", "content": "".join(text) if text or not calls else None}
+    if calls:
+        message["tool_calls"] = calls
+    if reasoning or details:
+        message["reasoning"] = "".join(reasoning) or None
+        message["reasoning_details"] = details
+    return orjson.dumps({
+        "id": upstream_id or f"chatcmpl-{ctx.request_id}", "object": "chat.completion", "created": int(time.time()),
+        "model": ctx.model.id,
+        "choices": [{"index": 0, "message": message, "finish_reason": finish, "native_finish_reason": native_finish,
+                     "logprobs": None}],
+        "usage": usage,
+    })
 
 
 def upstream_status(status: int, message: str) -> tuple[int, str | None]:

@@ -16,13 +16,13 @@ from typing import Any
 import orjson
 
 from plugins.providers.common import (
-    EFFORT_RATIO, Turns, data_url, each_message, excluded, file_data, image_url, parts_of, reasoning_of, unknown_role,
+    EFFORT_RATIO, Turns, completion, data_url, each_message, excluded, file_data, image_url, parts_of, reasoning_of, unknown_role,
     upstream_status,
 )
 from proxy.context import Context
 from proxy.errors import invalid_request
 from proxy.provider import (
-    Chunks, EventTranslation, Translation, UpstreamRequest, WholeTranslation, error_body, error_of,
+    EventTranslation, Translation, UpstreamRequest, WholeTranslation, error_body, error_of,
 )
 
 FORMAT = "google-gemini-v1"
@@ -244,20 +244,8 @@ class _Response(WholeTranslation):
                     thoughts.append(part.get("text", ""))
             elif "text" in part:
                 text.append(part["text"])
-        message: dict[str, Any] = {"role": "assistant", "content": "".join(text) if text or not calls else None}
-        if calls:
-            message["tool_calls"] = calls
-        if thoughts or details:
-            message["reasoning"] = "".join(thoughts) or None
-            message["reasoning_details"] = details
-        out = {
-            "id": doc.get("responseId") or f"chatcmpl-{ctx.request_id}", "object": "chat.completion",
-            "created": Chunks(ctx).base["created"], "model": ctx.model.id,
-            "choices": [{"index": 0, "message": message, "finish_reason": finish_reason(reason, bool(calls)) or "stop",
-                         "native_finish_reason": reason, "logprobs": None}],
-            "usage": usage(doc.get("usageMetadata") or {}),
-        }
-        return orjson.dumps(out)
+        return completion(ctx, doc.get("responseId"), text, calls, thoughts, details,
+                          finish_reason(reason, bool(calls)) or "stop", reason, usage(doc.get("usageMetadata") or {}))
 
 
 class _Stream(EventTranslation):
