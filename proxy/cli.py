@@ -123,7 +123,8 @@ def parser() -> argparse.ArgumentParser:
     check.set_defaults(run=_check)
 
     keys = sub.add_parser("keys", help="manage accounts and their API keys")
-    keys.add_argument("--config", help="config file whose [keys] db to use")
+    keys.add_argument("--config", default=os.environ.get("TURNSTILE_CONFIG") or None,
+                      help="config file whose [keys] db to use (default: $TURNSTILE_CONFIG)")
     keys.add_argument("--db", help="SQLite file (default: TURNSTILE_KEYS_DB, else the config's [keys] db)")
     actions = keys.add_subparsers(dest="action", required=True)
     create = actions.add_parser("create", help="create an account and print its key once")
@@ -138,7 +139,8 @@ def parser() -> argparse.ArgumentParser:
     keys.set_defaults(run=_keys)
 
     usage = sub.add_parser("usage", help="requests, tokens and cost from the ledger")
-    usage.add_argument("--config", help="config file whose [keys] db to use")
+    usage.add_argument("--config", default=os.environ.get("TURNSTILE_CONFIG") or None,
+                       help="config file whose [keys] db to use (default: $TURNSTILE_CONFIG)")
     usage.add_argument("--db", help="SQLite file (default: TURNSTILE_KEYS_DB, else the config's [keys] db)")
     usage.add_argument("--account", type=int, help="only this account")
     usage.add_argument("--since", help="only requests from this date on (YYYY-MM-DD, UTC)")

@@ -15,7 +15,9 @@ _OPENAI_TYPES = {
     403: "permission_error",
     404: "not_found_error",
     405: "invalid_request_error",
+    408: "invalid_request_error",
     413: "invalid_request_error",
+    415: "invalid_request_error",
     417: "invalid_request_error",
     429: "rate_limit_error",
 }

@@ -19,10 +19,27 @@ from proxy.pipeline import Next
 _JSON = "application/json"
 
 
+MAX_DEPTH = 255  # levels of nesting: what orjson writes back (and what no real request comes near)
+_TOO_DEEP = f"Invalid request: the body is nested more than {MAX_DEPTH} levels deep."
+
+
+def _deeper_than(obj: Any, limit: int) -> bool:
+    """Whether `obj` nests lists and objects more than `limit` levels deep."""
+    level, todo = 0, [obj]
+    while todo:
+        level += 1
+        if level > limit:
+            return True
+        todo = [v for o in todo for v in (o.values() if isinstance(o, dict) else o) if isinstance(v, (dict, list))]
+    return False
+
+
 def parse_body(raw: bytes) -> dict[str, Any]:
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
+        if str(exc).startswith("depth limit exceeded"):
+            raise invalid_request(_TOO_DEEP) from None
         # orjson's words for bytes that are not UTF-8 speak of a `str` and surrogates: say what it is.
         why = "it is not valid UTF-8" if str(exc).startswith("str is not valid UTF-8") else exc
         raise GatewayError(400, "invalid_request", f"Request body is not valid JSON: {why}", code="invalid_json") from None
@@ -31,6 +48,12 @@ def parse_body(raw: bytes) -> dict[str, Any]:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise invalid_request("Invalid request: `messages` must be a non-empty array.", param="messages")
+    if not all(isinstance(m, dict) for m in messages):
+        raise invalid_request("Invalid request: every message must be an object.", param="messages")
+    # Refused here, not when the provider's request is written: before it uses up a rate-limit slot.
+    # (Counting brackets is a C loop; only a body with enough of them is walked.)
+    if raw.count(b"[") + raw.count(b"{") > MAX_DEPTH and _deeper_than(body, MAX_DEPTH):
+        raise invalid_request(_TOO_DEEP)
     stream = body.get("stream")
     if stream is not None and not isinstance(stream, bool):
         raise invalid_request("Invalid request: `stream` must be a boolean.", param="stream")

@@ -63,7 +63,7 @@ class Metrics:
         self.streams = Gauge("turnstile_streams_in_flight", "Streams being relayed", registry=r, multiprocess_mode="livesum")
         self.tokens = Counter("turnstile_tokens_total", "Tokens from upstream usage", ["model", "direction"], registry=r)
         self.storage_up = Gauge("turnstile_rate_limit_storage_up", "1 while the shared rate-limit storage answers",
-                                registry=r, multiprocess_mode="liveall")
+                                registry=r, multiprocess_mode="livemin")
         self.storage_outages = Counter("turnstile_rate_limit_storage_outages_total",
                                        "Times the shared rate-limit storage stopped answering", registry=r)
         self.unchecked = Counter("turnstile_rate_limit_unchecked_total",

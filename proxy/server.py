@@ -209,10 +209,12 @@ def run(cfg: Config) -> int:
         return 1
     if cfg.server.workers == 1:
         return _worker(cfg, reserved[0])
-    samples = metrics.shared_samples() if cfg.metrics.enabled else None
+    samples = None
     try:
-        # Every configuration error shows here, once, before any worker starts.
+        # Every configuration error shows here, once, before any worker starts. (Before the samples
+        # are shared: the supervisor's own metrics must not show up beside the workers'.)
         create_app(cfg)
+        samples = metrics.shared_samples() if cfg.metrics.enabled else None
         try:
             _tls(cfg)
         except (OSError, ssl.SSLError) as exc:

@@ -104,3 +104,14 @@ def test_serve_checks_the_port_and_workers_given_on_the_command_line(capsys):
     assert "server.port: must be between 0 and 65535" in capsys.readouterr().err
     assert main(["serve", "--workers", "0"]) == 2
     assert "server.workers: must be at least 1" in capsys.readouterr().err
+
+
+def test_keys_and_usage_read_the_config_serve_reads(tmp_path, capsys, monkeypatch):
+    """Before: `serve` took TURNSTILE_CONFIG, `keys` and `usage` did not, and wrote to another database."""
+    monkeypatch.chdir(tmp_path)
+    conf = tmp_path / "t.toml"
+    conf.write_text(f'[keys]\ndb = "{tmp_path / "shared.db"}"\n')
+    monkeypatch.setenv("TURNSTILE_CONFIG", str(conf))
+    assert main(["keys", "create", "--name", "alice"]) == 0
+    assert main(["usage"]) == 0
+    assert (tmp_path / "shared.db").exists() and not (tmp_path / "turnstile-keys.db").exists()

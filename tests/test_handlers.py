@@ -156,13 +156,23 @@ async def test_body_trickling_past_the_timeout_is_408(gateway, upstream):
     assert upstream.seen == []
 
 
-@pytest.mark.parametrize("depth", [300, 1000])
-async def test_a_body_nested_too_deep_says_so(gateway, depth):
+@pytest.mark.parametrize("depth", [300, 1000, 100_000])
+async def test_a_body_nested_too_deep_says_so_before_it_is_counted(kilo, depth):
     """Before: "a field has a type this model's provider cannot take", for JSON nested 256 to 1,024
-    levels deep (deeper still is not JSON to the parser, and says so)."""
-    client = await gateway()
+    levels deep, after the request had used up one of the caller's free requests."""
+    client = await kilo()
     nested = "[" * depth + "]" * depth
-    raw = '{"model": "openai/gpt-5.4", "messages": [{"role": "user", "content": "hi", "x": ' + nested + "}]}"
+    raw = '{"model": "minimax/minimax-m2.5:free", "messages": [{"role": "user", "content": "hi", "x": ' + nested + "}]}"
     resp = await client.post("/v1/chat/completions", data=raw, headers={"Content-Type": "application/json"})
     assert resp.status == 400
     assert "nested more than 255 levels deep" in (await resp.json())["error"]["message"]
+    assert "X-RateLimit-Remaining" not in resp.headers
+    ok = await client.post("/v1/chat/completions", json={"model": "minimax/minimax-m2.5:free",
+                                                          "messages": [{"role": "user", "content": "hi"}]})
+    assert ok.headers["X-RateLimit-Remaining"] == "199"
+
+
+async def test_a_message_that_is_not_an_object_is_refused(gateway):
+    client = await gateway()
+    resp = await client.post("/v1/chat/completions", json={"model": "openai/gpt-5.4", "messages": [["x"]]})
+    assert resp.status == 400 and (await resp.json())["error"]["message"] == "Invalid request: every message must be an object."

@@ -61,6 +61,9 @@ async def test_300_at_once_over_two_workers_give_exactly_200_and_100_429s(upstre
                 async with session.get(url + "/metrics") as resp:
                     text = await resp.text()
                 assert sample(text, "turnstile_requests_total", route="chat") == 300
+                # one series, the workers' (the supervisor's own check of the config is not among them)
+                assert [line for line in text.splitlines() if line.startswith("turnstile_rate_limit_storage_up")] \
+                    == ["turnstile_rate_limit_storage_up 1.0"]
     finally:
         proc.send_signal(signal.SIGTERM)
         output, _ = await proc.communicate()
