@@ -55,7 +55,10 @@ class Forwarder:
             try:
                 opened = await self.dialer.open(ctx)
             except GatewayError as exc:
-                return await reply.refuse(exc)
+                started = await reply.refuse(exc)
+                if started is None:
+                    raise  # for the endpoint to answer in the error shape
+                return started
             model = ctx.model
             meter = Meter(model.prices, ctx.stream, model.bounds, self.secret_of.get(opened.provider.name, b""))
             metrics = self.metrics if ctx.stream else None

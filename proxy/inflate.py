@@ -52,7 +52,9 @@ async def inflate(raw: bytes, encoding: str, limit: int) -> bytes:
                 raise too_large(limit)
             out.append(piece)
             data = decoder.unconsumed_tail
-            if not data:
+            # A full step may leave output behind even when all the input was read: go on until
+            # the stream's end, or a step that came out short.
+            if decoder.eof or (not data and len(piece) < STEP):
                 break
             await asyncio.sleep(0)
         if not decoder.eof or decoder.unused_data:

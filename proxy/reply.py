@@ -75,7 +75,7 @@ class Reply:
             if self.response is None:
                 await self._begin(200, SSE_HEADERS)
             await self._write(KEEPALIVE, answer=False)
-        except (ConnectionResetError, RuntimeError):  # the client left: what comes next finds it gone
+        except ConnectionResetError:  # the client left: what comes next finds it gone
             self.outcome.status = 499
 
     async def _settle(self) -> None:
@@ -83,12 +83,17 @@ class Reply:
         if self._ticking is not None and not self._ticking.done():
             await self._ticking
 
-    def close(self) -> None:
+    def _stop_ticking(self) -> None:
+        """No more keep-alives (one being written goes on)."""
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+
+    def close(self) -> None:
+        self._stop_ticking()
         if self._ticking is not None and not self._ticking.done():
             self._ticking.cancel()
+        self._ticking = None
 
     # -- writing ------------------------------------------------------------------------------
 
@@ -122,18 +127,28 @@ class Reply:
 
     # -- the three ways a request ends ---------------------------------------------------------
 
-    async def refuse(self, error: GatewayError) -> web.StreamResponse:
-        """No upstream answered: the error, in the stream if it has started (else raised, for the
-        endpoint to answer in the error shape)."""
+    async def refuse(self, error: GatewayError) -> web.StreamResponse | None:
+        """No upstream answered: the error, in the stream if it has started; None if it has not (the
+        caller raises it, for the endpoint to answer in the error shape)."""
+        self._stop_ticking()
         await self._settle()
         if self.response is None:
-            raise error
-        await self._write(error_chunk(error.message, error.status), answer=False)
-        self.outcome.status = error.status
+            return None
+        await self._end_with(error_chunk(error.message, error.status), error.status)
         return self.response
+
+    async def _end_with(self, chunk: bytes, status: int) -> None:
+        """The error chunk that ends a stream already started: the client's leaving is a 499."""
+        self.outcome.status = status
+        try:
+            await self._write(chunk, answer=False)
+        except ConnectionResetError:
+            self.outcome.status = 499
 
     async def relay(self, provider: Provider, upstream: aiohttp.ClientResponse, meter: Meter) -> web.StreamResponse:
         """The upstream's answer, translated and metered, as it arrives."""
+        # Keep-alives were for the wait; a stream gets them again once its headers are out.
+        self._stop_ticking()
         clean = False
         try:
             if upstream.status >= 400:
@@ -154,8 +169,10 @@ class Reply:
                      meter: Meter, json_type: str) -> tuple[web.StreamResponse, bool]:
         status = upstream.status
         await self._settle()
-        if translation.stream and self.response is None:
-            await self._begin(status, SSE_HEADERS)
+        if translation.stream:
+            if self.response is None:
+                await self._begin(status, SSE_HEADERS)
+            self.keep_alive()
         if self.response is not None:
             self.outcome.status = status
         try:
@@ -171,24 +188,30 @@ class Reply:
             if usage is not None:
                 meter.observe(usage)
             data = (meter.feed(made) if made else b"") + meter.finish()
+            if self.response is None:
+                return self._whole(status, data, json_type), True
+            if data:
+                await self._send(data, status, json_type)
+            self._stop_ticking()
+            await self.response.write_eof()
+            return self.response, True
         except ConnectionResetError:
             self.outcome.status = 499  # the client went away
             return self.response or web.Response(), False
         except _BROKEN as exc:  # the upstream broke, or sent what cannot be translated
-            return await self._broken(provider, translation, meter, exc), False
-        if self.response is None:
-            return self._whole(status, data, json_type), True
-        if data:
-            await self._send(data, status, json_type)
-        await self.response.write_eof()
-        return self.response, True
+            try:
+                return await self._broken(provider, translation, meter, exc), False
+            finally:
+                # aiohttp keeps the error on the upstream's reader; its traceback holds this frame,
+                # which holds the upstream: no cycle may outlive the request.
+                exc.__traceback__ = None
 
     async def _send(self, data: bytes, status: int, json_type: str) -> None:
         if self.response is None:  # a JSON answer too long to hold: relayed as it comes
             await self._begin(status, {"Content-Type": json_type})
         await self._write(data)
-        if data.endswith(DONE) and self._timer is not None:
-            self.close()  # the stream is over; only the connection's end is left
+        if data.endswith(DONE):
+            self._stop_ticking()  # the stream is over; only the connection's end is left
 
     async def _broken(self, provider: Provider, translation: Translation, meter: Meter,
                       exc: BaseException) -> web.StreamResponse:
@@ -199,12 +222,13 @@ class Reply:
         if self.response is None:  # nothing sent: an error answer
             raise upstream_error(502, f"The {provider.name} provider sent an answer that could not be read." if unreadable
                                  else f"The {provider.name} provider stopped mid-answer.") from None
+        self._stop_ticking()
         if translation.stream:  # what was translated before the break goes first
             made = meter.feed(exc.made) if isinstance(exc, UnreadableAnswer) and exc.made else b""
             try:
                 await self._write(made + error_chunk(f"The {provider.name} provider stopped mid-stream."), answer=bool(made))
             except ConnectionResetError:
-                pass
+                self.outcome.status = 499
         elif self.ctx.request.transport is not None:
             self.ctx.request.transport.abort()  # a cut JSON body must not look complete
         return self.response
@@ -232,8 +256,7 @@ class Reply:
                     body, content_type = worded, "application/json"
         await self._settle()
         if self.response is not None:  # the stream already started: the error travels in it
-            await self._write(error_chunk(body.decode("utf-8", "replace")[:1000], status), answer=False)
-            self.outcome.status = status
+            await self._end_with(error_chunk(body.decode("utf-8", "replace")[:1000], status), status)
             return self.response
         return self._whole(status, body, content_type.split(";")[0], answer=False)
 
