@@ -7,7 +7,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from proxy.context import Context
-from proxy.keys import KeyStore, bearer_token, invalid_key
+from proxy.keys import KeyStore, caller_key, invalid_key
 from proxy.pipeline import Next
 
 class Auth:
@@ -15,7 +15,7 @@ class Auth:
         self.keys = keys
 
     async def __call__(self, ctx: Context, call_next: Next) -> web.StreamResponse:
-        token = bearer_token(ctx.request.headers.get("Authorization"))
+        token = caller_key(ctx.request.headers)
         if token is not None:
             account = self.keys.lookup(token)
             if account is None and await self.keys.recheck():

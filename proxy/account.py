@@ -9,7 +9,7 @@ import orjson
 from aiohttp import web
 
 from proxy.errors import GatewayError
-from proxy.keys import Account, KeyStore, bearer_token, invalid_key
+from proxy.keys import Account, KeyStore, caller_key, invalid_key
 from proxy.ledger import Ledger
 from proxy.limitstore import NO_LIMIT, AdvertisedLimit
 
@@ -30,7 +30,7 @@ class AccountHandlers:
         self.rate_limit = {"requests": limit.requests, "interval": limit.interval, "note": limit.note}
 
     def _caller(self, request: web.Request) -> Account:
-        token = bearer_token(request.headers.get("Authorization"))
+        token = caller_key(request.headers)
         if token is None:
             raise GatewayError(401, "authentication_required", "This endpoint needs an API key.", code="authentication_required")
         account = self.keys.lookup(token)

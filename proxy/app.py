@@ -19,7 +19,8 @@ from proxy.config import Config
 from proxy.errors import GatewayError, http_error
 from proxy.forward import Forwarder
 from proxy.account import AccountHandlers
-from proxy.handlers import ChatHandler, ModelsHandler, healthz
+from proxy.dialects import messages
+from proxy.handlers import ChatHandler, MessagesHandler, ModelsHandler, healthz
 from proxy.outcome import Outcome, Recorder
 from proxy.health import Readiness
 from proxy.keys import KeyStore, db_path
@@ -38,7 +39,11 @@ log = structlog.get_logger("turnstile")
 Handler = Callable[..., Awaitable[web.StreamResponse]]  # (request) or (request, outcome)
 
 
-def wrap(handler: Handler, route: str, max_body: int, ids: Iterator[str], record: Recorder) -> Handler:
+Render = Callable[[GatewayError], web.Response]
+
+
+def wrap(handler: Handler, route: str, max_body: int, ids: Iterator[str], record: Recorder,
+         render: Render = GatewayError.response) -> Handler:
     """Each endpoint, wrapped once at start-up (no per-request middleware chain): it gets a request
     id and an `Outcome` (handed to the handler if it takes one), every refusal rendered in the error
     shape, and the outcome recorded however the request ended."""
@@ -50,14 +55,14 @@ def wrap(handler: Handler, route: str, max_body: int, ids: Iterator[str], record
         try:
             response = await (handler(request, outcome) if takes_outcome else handler(request))
         except GatewayError as exc:
-            error, response = exc, exc.response()
+            error, response = exc, render(exc)
             outcome.status = exc.status
             if outcome.response_headers:  # a refusal after the limit stage still tells what is left of the limit
                 for name, value in outcome.response_headers.items():
                     response.headers.setdefault(name, value)
         except web.HTTPException as exc:
             error = http_error(exc, max_body)
-            response = error.response()
+            response = render(error)
             outcome.status = error.status
         except asyncio.CancelledError:
             outcome.status = 499
@@ -65,7 +70,7 @@ def wrap(handler: Handler, route: str, max_body: int, ids: Iterator[str], record
             raise
         except Exception:
             log.exception("unhandled_error", request_id=outcome.request_id, path=request.path)
-            response = GatewayError(500, "internal_error", "Internal error; it has been logged.").response()
+            response = render(GatewayError(500, "internal_error", "Internal error; it has been logged."))
             outcome.status = 500
         if not response.prepared:
             response.headers["X-Request-Id"] = outcome.request_id
@@ -112,7 +117,7 @@ class Fallback:
 
     async def __call__(self, request: web.Request) -> web.StreamResponse:
         allowed = sorted({r.method for res in self.app.router.resources() for r in res
-                          if res.canonical == request.path and r.method != "*"})
+                          if res.canonical == request.path and r.method not in ("*", "HEAD")})
         if allowed:
             raise GatewayError(405, "method_not_allowed", "Method not allowed.", code="method_not_allowed",
                                headers={"Allow": ", ".join(allowed)})
@@ -137,8 +142,9 @@ def create_app(config: Config, env: Mapping[str, str] = os.environ) -> web.Appli
     for i, row in enumerate(config.pipeline):
         where = f"pipeline[{i}] ({row.use})"
         stages.append(build(load(STAGES, row.use, where), row.options, where, **resources))
-    chat = ChatHandler(catalog, client_ip, compose(stages, forwarder), config.server.max_body_bytes,
-                       config.server.body_timeout)
+    pipeline = compose(stages, forwarder)
+    chat = ChatHandler(catalog, client_ip, pipeline, config.server.max_body_bytes, config.server.body_timeout)
+    anthropic = MessagesHandler(catalog, client_ip, pipeline, config.server.max_body_bytes, config.server.body_timeout)
     models = ModelsHandler(catalog)
     advertised = [s.advertised for s in stages if isinstance(getattr(s, "advertised", None), AdvertisedLimit)]
     account = AccountHandlers(keys, ledger, advertised[0] if advertised else NO_LIMIT)
@@ -152,8 +158,8 @@ def create_app(config: Config, env: Mapping[str, str] = os.environ) -> web.Appli
     ids = request_ids()
     record = Recorder(logs.access_writer(), metrics, ledger)
 
-    def endpoint(handler: Handler, route: str) -> Handler:
-        return wrap(handler, route, config.server.max_body_bytes, ids, record)
+    def endpoint(handler: Handler, route: str, render: Render = GatewayError.response) -> Handler:
+        return wrap(handler, route, config.server.max_body_bytes, ids, record, render)
 
     app.cleanup_ctx.append(keys.cleanup_ctx)  # opens (and first creates) the database
     app.cleanup_ctx.append(ledger.cleanup_ctx)  # closed after the session: its last flush sees every request
@@ -167,12 +173,21 @@ def create_app(config: Config, env: Mapping[str, str] = os.environ) -> web.Appli
     expect = expect_within(config.server.max_body_bytes)
     chat_endpoint, models_endpoint = endpoint(chat.__call__, "chat"), endpoint(models.__call__, "models")
     key_endpoint, generation_endpoint = endpoint(account.key, "key"), endpoint(account.generation, "generation")
+    messages_endpoint = endpoint(anthropic.__call__, "messages", render=messages.render)
+    count_endpoint = endpoint(anthropic.count_tokens, "count_tokens", render=messages.render)
+    probe = endpoint(healthz, "probe")
+    app.router.add_route("HEAD", "/", probe)  # Claude Code's probe of its base URL
     for base in BASES:
         app.router.add_post(base + "/chat/completions", chat_endpoint, expect_handler=expect)
         app.router.add_get(base + "/models", models_endpoint)
         app.router.add_get(base + "/key", key_endpoint)
         app.router.add_get(base + "/auth/key", key_endpoint)
         app.router.add_get(base + "/generation", generation_endpoint)
+        app.router.add_route("HEAD", base, probe)
+    # Anthropic's clients add `/v1/messages` to their base URL, the Kilo CLI `/messages`: both, under each.
+    for prefix in dict.fromkeys(p for base in BASES for p in (base, base + "/v1")):
+        app.router.add_post(prefix + "/messages", messages_endpoint, expect_handler=expect)
+        app.router.add_post(prefix + "/messages/count_tokens", count_endpoint, expect_handler=expect)
     app.router.add_get("/healthz", endpoint(healthz, "healthz"))
     app.router.add_get("/readyz", endpoint(ready.handler, "readyz"))
     if metrics is not None:

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Iterable
@@ -16,6 +17,10 @@ from proxy.errors import model_not_found
 from proxy.meter import Bounds, Prices
 
 _PRIVATE = ("routes", "free")
+_DATE = re.compile(r"-(?:\d{8}|\d{4}-\d{2}-\d{2})$")  # a snapshot's date suffix
+_DOTTED = re.compile(r"-(\d+)-(\d+)$")  # claude-sonnet-4-5 -> claude-sonnet-4.5
+_VENDORS = (("claude-", "anthropic"), ("gpt-", "openai"), ("o1", "openai"), ("o3", "openai"), ("o4", "openai"),
+            ("codex-", "openai"), ("gemini-", "google"), ("gemma-", "google"), ("grok-", "x-ai"))
 
 
 def is_free_id(model_id: str) -> bool:
@@ -76,6 +81,19 @@ class Catalog:
 
     def get(self, model_id: str) -> Model | None:
         return self.models.get(model_id)
+
+    def native(self, name: str) -> Model | None:
+        """A model named as a provider's own clients name it (Claude Code's `claude-sonnet-4-5-20250929`,
+        Codex's `gpt-5.4`): the catalog's `provider/model` entry, if there is one."""
+        model = self.models.get(name) or self.models.get(name.strip().lower())
+        if model is not None:
+            return model
+        bare = _DATE.sub("", name.strip().lower())
+        vendor = next((v for prefix, v in _VENDORS if bare.startswith(prefix)), None)
+        if vendor is None:
+            return None
+        dotted = _DOTTED.sub(r"-\1.\2", bare)
+        return self.models.get(f"{vendor}/{bare}") or self.models.get(f"{vendor}/{dotted}")
 
     def require(self, model_id: str) -> Model:
         model = self.models.get(model_id)

@@ -30,6 +30,7 @@ class Context:
     outcome: Outcome
     account: Account | None = None  # None = anonymous
     response_headers: dict[str, str] = field(default_factory=dict)  # on whatever answer the request gets
+    outbound: Any = None  # turns the chat answer into the caller's dialect (proxy.dialects); None: chat
 
     @property
     def anonymous(self) -> bool:

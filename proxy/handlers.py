@@ -8,9 +8,10 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from proxy.catalog import Catalog
+from proxy.catalog import Catalog, Model
 from proxy.clientip import ClientIP
 from proxy.context import Context
+from proxy.dialects import messages
 from proxy.inflate import inflate
 from proxy.errors import GatewayError, invalid_request, model_not_found, too_large
 from proxy.outcome import Outcome
@@ -87,7 +88,6 @@ class ChatHandler:
         return raw if encoding is None else await inflate(raw, encoding, self.max_body)
 
     async def __call__(self, request: web.Request, outcome: Outcome) -> web.StreamResponse:
-        rid = outcome.request_id
         raw = await self._body(request)
         body = parse_body(raw)
         model_id = body.get("model")
@@ -96,6 +96,13 @@ class ChatHandler:
         model = self.catalog.get(model_id) or self.catalog.get(model_id.strip().lower())
         if model is None:
             raise model_not_found(model_id)
+        return await self._run(request, outcome, body, len(raw), model_id, model)
+
+    async def _run(self, request: web.Request, outcome: Outcome, body: dict[str, Any], size: int, model_id: str,
+                   model: Model, outbound: Any = None) -> web.StreamResponse:
+        """The chat request `body` through the pipeline; `outbound` turns the answer into the
+        caller's dialect (None: chat completions)."""
+        rid = outcome.request_id
         ctx = Context(
             request=request,
             request_id=rid,
@@ -107,11 +114,44 @@ class ChatHandler:
             model=model,
             outcome=outcome,
             response_headers={"X-Request-Id": rid},  # on whatever answer the pipeline makes
+            outbound=outbound,
         )
         outcome.requested_model, outcome.model, outcome.stream = model_id, model.id, ctx.stream
-        outcome.client_ip, outcome.request_bytes = ctx.client_ip, len(raw)
+        outcome.client_ip, outcome.request_bytes = ctx.client_ip, size
         outcome.response_headers = ctx.response_headers
         return await self.pipeline(ctx)
+
+
+class MessagesHandler(ChatHandler):
+    """`POST {base}/messages`: Anthropic Messages in, served as a chat request, the answer turned back
+    into Messages."""
+
+    def _request(self, raw: bytes, counting: bool = False) -> dict[str, Any]:
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise invalid_request(f"Request body is not valid JSON: {exc}") from None
+        return messages.check(body, counting)
+
+    async def __call__(self, request: web.Request, outcome: Outcome) -> web.StreamResponse:
+        raw = await self._body(request)
+        body = self._request(raw)
+        name = body.get("model")
+        model = self.catalog.native(name) if isinstance(name, str) and name else None
+        if model is None:
+            raise GatewayError(404, "model_not_found", f"model: {str(name)[:120]!r} is not a model this gateway "
+                               f"serves; its models are listed at {request.path.rsplit('/messages', 1)[0]}/models.",
+                               param="model")
+        chat = messages.to_chat(body)
+        chat["model"] = model.id
+        outbound = messages.MessagesAnswer(outcome.request_id, name, chat.get("stream") is True,
+                                           messages.count_tokens(body))
+        return await self._run(request, outcome, chat, len(raw), name, model, outbound)
+
+    async def count_tokens(self, request: web.Request) -> web.Response:
+        """An estimate (no provider is asked): see `messages.count_tokens`."""
+        body = self._request(await self._body(request), counting=True)
+        return web.json_response({"input_tokens": messages.count_tokens(body)})
 
 
 class ModelsHandler:

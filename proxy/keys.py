@@ -84,6 +84,16 @@ def bearer_token(header: str | None) -> str | None:
     return token
 
 
+def caller_key(headers: Mapping[str, str]) -> str | None:
+    """The caller's key: `x-api-key` (Anthropic's clients; preferred when both are sent), else the
+    bearer token. None for an anonymous caller."""
+    key = headers.get("x-api-key")
+    if key is not None:
+        key = key.strip()
+        return None if not key or key == ANONYMOUS else key
+    return bearer_token(headers.get("Authorization"))
+
+
 def invalid_key() -> GatewayError:
     return GatewayError(401, "invalid_api_key", "Invalid API key.", code="invalid_api_key")
 

@@ -23,7 +23,7 @@ from aiohttp import web
 from proxy.context import Context
 from proxy.errors import GatewayError, upstream_error
 from proxy.meter import REDACTED, Meter
-from proxy.provider import Provider, Translation, UnreadableAnswer, error_chunk
+from proxy.provider import Provider, Translation, UnreadableAnswer, error_chunk, error_of
 from proxy.sse import DONE
 
 log = structlog.get_logger("turnstile.forward")
@@ -45,6 +45,7 @@ class Reply:
                  secrets: tuple[bytes, ...] = ()) -> None:
         self.ctx = ctx
         self.outcome = ctx.outcome
+        self.outbound = ctx.outbound  # the caller's dialect, when not chat completions (proxy.dialects)
         self.response: web.StreamResponse | None = None
         self.interval = keepalive
         self.loop = loop
@@ -134,8 +135,13 @@ class Reply:
         await self._settle()
         if self.response is None:
             return None
-        await self._end_with(error_chunk(error.message, error.status), error.status)
+        await self._end_with(self._error_chunk(error.message, error.status), error.status)
         return self.response
+
+    def _error_chunk(self, message: str, status: int) -> bytes:
+        if self.outbound is not None:
+            return self.outbound.error(status, message)
+        return error_chunk(message, status)
 
     async def _end_with(self, chunk: bytes, status: int) -> None:
         """The error chunk that ends a stream already started: the client's leaving is a 499."""
@@ -188,6 +194,8 @@ class Reply:
             if usage is not None:
                 meter.observe(usage)
             data = (meter.feed(made) if made else b"") + meter.finish()
+            if self.outbound is not None:
+                data = self.outbound.feed(data) + self.outbound.end()
             if self.response is None:
                 return self._whole(status, data, json_type), True
             if data:
@@ -207,6 +215,10 @@ class Reply:
                 exc.__traceback__ = None
 
     async def _send(self, data: bytes, status: int, json_type: str) -> None:
+        if self.outbound is not None:
+            data = self.outbound.feed(data)
+            if not data:
+                return
         if self.response is None:  # a JSON answer too long to hold: relayed as it comes
             await self._begin(status, {"Content-Type": json_type})
         await self._write(data)
@@ -225,8 +237,11 @@ class Reply:
         self._stop_ticking()
         if translation.stream:  # what was translated before the break goes first
             made = meter.feed(exc.made) if isinstance(exc, UnreadableAnswer) and exc.made else b""
+            if made and self.outbound is not None:
+                made = self.outbound.feed(made)
             try:
-                await self._write(made + error_chunk(f"The {provider.name} provider stopped mid-stream."), answer=bool(made))
+                await self._write(made + self._error_chunk(f"The {provider.name} provider stopped mid-stream.", 502),
+                                  answer=bool(made))
             except ConnectionResetError:
                 self.outcome.status = 499
         elif self.ctx.request.transport is not None:
@@ -255,6 +270,12 @@ class Reply:
                 if worded is not body:  # the adapter's own words: ours, JSON
                     body, content_type = worded, "application/json"
         await self._settle()
+        if self.outbound is not None:  # in the caller's dialect: the error's message, reworded
+            message = error_of(body)[1] or body.decode("utf-8", "replace")[:1000]
+            if self.response is not None:
+                await self._end_with(self.outbound.error(status, message), status)
+                return self.response
+            return self._whole(status, self.outbound.error_body(status, message), "application/json", answer=False)
         if self.response is not None:  # the stream already started: the error travels in it
             await self._end_with(error_chunk(body.decode("utf-8", "replace")[:1000], status), status)
             return self.response
