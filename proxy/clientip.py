@@ -68,7 +68,7 @@ class ClientIP:
             ip = parse(hop)
             if ip is None:
                 break  # garbage left of what our proxies wrote: stop at the last address they vouched for
-            client = hop
+            client = hop[7:] if ip[0] == 4 and ":" in hop else hop  # ::ffff:a.b.c.d is a.b.c.d
             if not self._within(ip):
                 break
         return client

@@ -145,7 +145,7 @@ def _usage(buf: bytes, at: int) -> tuple[int, int, Any] | None:
     text = buf[start:].decode("utf-8", "replace")
     try:
         obj, end = _DECODER.raw_decode(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or nested past what Python's decoder follows
         return None
     return start, start + len(text[:end].encode()), obj
 

@@ -37,7 +37,7 @@ ERROR_BODY_SECONDS = 10.0
 # An upstream refusing *our* key or credit is the operator's problem, not the caller's (whose
 # client would ask them to sign in or pay): they get a 503, the operator gets the log line.
 _OURS = {401, 402, 403}
-_BROKEN = (aiohttp.ClientError, asyncio.TimeoutError, ValueError, KeyError, TypeError, AttributeError)
+_UNREADABLE = (ValueError, KeyError, TypeError, AttributeError, RecursionError)
 
 
 class Reply:
@@ -51,6 +51,7 @@ class Reply:
         self.loop = loop
         self.secrets = secrets  # every provider key, for error bodies
         self.last_write = 0.0
+        self._over = False  # the answer's [DONE] was sent: what breaks after it loses nothing
         self._timer: asyncio.TimerHandle | None = None
         self._ticking: asyncio.Task[None] | None = None
 
@@ -203,10 +204,13 @@ class Reply:
             self._stop_ticking()
             await self.response.write_eof()
             return self.response, True
-        except ConnectionResetError:
+        except (ConnectionResetError, asyncio.CancelledError) as exc:
             self.outcome.status = 499  # the client went away
+            _usage_of(translation, meter)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
             return self.response or web.Response(), False
-        except _BROKEN as exc:  # the upstream broke, or sent what cannot be translated
+        except Exception as exc:  # the upstream broke, or sent what cannot be translated
             try:
                 return await self._broken(provider, translation, meter, exc), False
             finally:
@@ -223,14 +227,19 @@ class Reply:
             await self._begin(status, {"Content-Type": json_type})
         await self._write(data)
         if data.endswith(DONE):
+            self._over = True
             self._stop_ticking()  # the stream is over; only the connection's end is left
 
     async def _broken(self, provider: Provider, translation: Translation, meter: Meter,
                       exc: BaseException) -> web.StreamResponse:
+        if self._over:  # after the whole answer: nothing is missing
+            log.info("upstream_closed_after_the_answer", request_id=self.ctx.request_id, provider=provider.name,
+                     error=type(exc).__name__)
+            return self.response  # type: ignore[return-value]
         log.warning("upstream_broke_mid_response", request_id=self.ctx.request_id, provider=provider.name,
                     error=type(exc).__name__)
         self.outcome.status = 502
-        unreadable = isinstance(exc, (ValueError, KeyError, TypeError, AttributeError))
+        unreadable = isinstance(exc, _UNREADABLE)
         if self.response is None:  # nothing sent: an error answer
             raise upstream_error(502, f"The {provider.name} provider sent an answer that could not be read." if unreadable
                                  else f"The {provider.name} provider stopped mid-answer.") from None
@@ -266,7 +275,11 @@ class Reply:
                                      "The service is temporarily unavailable. Please try again later.")
                 status, body, content_type = 503, _body(error), "application/json"
             else:
-                status, worded = provider.error(status, body)
+                try:
+                    status, worded = provider.error(status, body)
+                except Exception:  # noqa: BLE001 (an adapter that cannot read the body: our own words)
+                    log.warning("upstream_error_unreadable", request_id=self.ctx.request_id, provider=provider.name)
+                    status, worded = status, _body(upstream_error(status, f"The {provider.name} provider answered {status}."))
                 if worded is not body:  # the adapter's own words: ours, JSON
                     body, content_type = worded, "application/json"
         await self._settle()
@@ -280,6 +293,16 @@ class Reply:
             await self._end_with(error_chunk(body.decode("utf-8", "replace")[:1000], status), status)
             return self.response
         return self._whole(status, body, content_type.split(";")[0], answer=False)
+
+
+def _usage_of(translation: Translation, meter: Meter) -> None:
+    """The usage a translation holds back for its end, when the client leaves before the end."""
+    try:
+        _, usage = translation.end()
+    except Exception:  # noqa: BLE001 (what it cannot finish, it cannot report)
+        return
+    if usage is not None and meter.usage is None:
+        meter.observe(usage)
 
 
 def _body(error: GatewayError) -> bytes:

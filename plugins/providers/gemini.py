@@ -204,7 +204,9 @@ class Gemini:
 
     def error(self, status: int, body: bytes) -> tuple[int, bytes]:
         err, message = error_of(body)
-        reasons = {d.get("reason") for d in err.get("details") or [] if isinstance(d, dict)}
+        details = err.get("details")
+        reasons = {d.get("reason") for d in details if isinstance(d, dict) and isinstance(d.get("reason"), str)} \
+            if isinstance(details, list) else set()
         if "API_KEY_INVALID" in reasons:  # our key, not the caller's: the forwarder's rule for 401s
             return error_body(503, "The service is temporarily unavailable. Please try again later.",
                               error_type="temporarily_unavailable")

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
 # Fields that only mean something to the gateway: never sent upstream.
 _GATEWAY_ONLY = ("models",)
-_MARKERS = (b'"reasoning_content":"', b'"reasoning_content": "')
+_MARKERS = (b'"reasoning_content":"', b'"reasoning_content": "')  # searched in whole events
 
 
 def _marked(data: bytes) -> bool:
@@ -39,9 +39,9 @@ def alias_reasoning(doc: Any) -> None:
 def _alias_events(data: bytes) -> bytes:
     out = []
     for event in data.split(b"\n\n"):
-        if event.startswith(b"data: {") and _marked(event):
+        if event.startswith((b"data: {", b"data:{")) and _marked(event):
             try:
-                doc = orjson.loads(event[6:])
+                doc = orjson.loads(event[5:])
             except orjson.JSONDecodeError:
                 out.append(event)
                 continue
@@ -67,6 +67,8 @@ class _Aliased:
         if not self.stream:
             self._pending = data
             return b""
+        if data.find(b"\r") >= 0:  # CRLF line ends as LF (a CR that may start a split pair waits)
+            data = data[:-1].replace(b"\r\n", b"\n") + data[-1:] if data.endswith(b"\r") else data.replace(b"\r\n", b"\n")
         end = data.rfind(b"\n\n")
         cut = end + 2 if end >= 0 else 0
         self._pending, data = data[cut:], data[:cut]
@@ -74,7 +76,9 @@ class _Aliased:
 
     def end(self) -> tuple[bytes, None]:
         data, self._pending = self._pending, b""
-        if self.stream or not _marked(data):
+        if self.stream:
+            return (_alias_events(data) if _marked(data) else data), None
+        if not _marked(data):
             return data, None
         doc = orjson.loads(data)
         alias_reasoning(doc)
