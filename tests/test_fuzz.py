@@ -126,6 +126,47 @@ def test_structured_garbage(served, body, stream, auth):
     check(*send(port, "POST", "/api/gateway/chat/completions", json.dumps(body).encode(), headers))
 
 
+blocks = st.fixed_dictionaries(
+    {"type": st.sampled_from(["text", "image", "document", "tool_use", "tool_result", "thinking", "redacted_thinking",
+                              "mid_conv_system", "server_tool_use", "x"]) | json_values},
+    optional={"text": json_values, "source": json_values, "id": json_values, "name": json_values, "input": json_values,
+              "tool_use_id": json_values, "content": json_values, "is_error": json_values, "thinking": json_values,
+              "signature": json_values, "data": json_values, "cache_control": json_values})
+anthropic_messages = st.lists(st.fixed_dictionaries(
+    {"role": st.sampled_from(["user", "assistant", "system", "tool", "x"]) | json_values},
+    optional={"content": st.text(max_size=30) | st.lists(blocks, max_size=4) | json_values}), max_size=4)
+messages_bodies = st.fixed_dictionaries(
+    {"model": st.sampled_from(["claude-sonnet-4-6", "claude-sonnet-4-6-20250929", "kilo-auto/frontier",
+                               "minimax/minimax-m2.5:free", "gpt-5.4", "claude-opus-9-9", ""]) | json_values},
+    optional={"messages": anthropic_messages | json_values, "max_tokens": st.integers(-5, 100_000) | json_values,
+              **{f: json_values for f in ("system", "tools", "tool_choice", "thinking", "output_config", "metadata",
+                                          "stop_sequences", "temperature", "stream")}},
+)
+
+
+def check_anthropic(status: int, body: bytes, content_type: str) -> None:
+    assert status < 500, (status, body[:300])
+    if status >= 400:
+        assert content_type.startswith("application/json"), (status, body[:300])
+        doc = json.loads(body)
+        assert doc["type"] == "error" and isinstance(doc["error"]["message"], str) and doc["error"]["type"]
+
+
+@FUZZ
+@given(body=messages_bodies, stream=st.booleans(),
+       auth=st.sampled_from([{}, {"x-api-key": "anonymous"}, {"x-api-key": "tsk_nope"}, {"Authorization": "Bearer anonymous"}]))
+def test_anthropic_messages_garbage(served, body, stream, auth):
+    """The Messages route, as Anthropic's clients reach it: never a 5xx, errors in Anthropic's shape."""
+    port, _ = served
+    if stream and isinstance(body, dict):
+        body["stream"] = True
+    headers = {"Content-Type": "application/json", "anthropic-version": "2023-06-01", **auth}
+    check_anthropic(*send(port, "POST", "/api/openrouter/v1/messages?beta=true", json.dumps(body).encode(), headers))
+    if isinstance(body, dict):
+        body.pop("stream", None)
+        check_anthropic(*send(port, "POST", "/v1/messages/count_tokens", json.dumps(body).encode(), headers))
+
+
 @FUZZ
 @given(raw=st.binary(max_size=2000) | st.text(max_size=2000).map(lambda t: t.encode("utf-8", "surrogatepass")))
 def test_random_bytes(served, raw):
