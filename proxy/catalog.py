@@ -16,7 +16,7 @@ import orjson
 from proxy.errors import model_not_found
 from proxy.meter import Bounds, Prices
 
-_PRIVATE = ("routes", "free")
+_PRIVATE = ("routes", "free", "aliases")
 _DATE = re.compile(r"-(?:\d{8}|\d{4}-\d{2}-\d{2})$")  # a snapshot's date suffix
 _DOTTED = re.compile(r"-(\d+)-(\d+)$")  # claude-sonnet-4-5 -> claude-sonnet-4.5
 _VENDORS = (("claude-", "anthropic"), ("gpt-", "openai"), ("o1", "openai"), ("o3", "openai"), ("o4", "openai"),
@@ -61,6 +61,7 @@ class Catalog:
     def __init__(self, rows: Iterable[dict[str, Any]]) -> None:
         self._rows: dict[str, dict[str, Any]] = {}
         self.models: dict[str, Model] = {}
+        self.aliases: dict[str, str] = {}
         self.body = b""
         self.version = 0
         self.update(rows)
@@ -73,6 +74,9 @@ class Catalog:
                 continue
             self._rows[row["id"]] = {**old, **row} if old else dict(row)
         self.models = {mid: _model(row) for mid, row in self._rows.items()}
+        # Other names for a model, as native clients send them (an operator's `aliases = [...]`).
+        self.aliases = {alias.strip().lower(): mid for mid, row in self._rows.items()
+                        for alias in row.get("aliases") or [] if isinstance(alias, str) and alias.strip()}
         entries = [m.entry for m in self.models.values()]
         preferred = sorted((e for e in entries if "preferredIndex" in e), key=lambda e: e["preferredIndex"])
         rest = [e for e in entries if "preferredIndex" not in e]
@@ -88,6 +92,9 @@ class Catalog:
         model = self.models.get(name) or self.models.get(name.strip().lower())
         if model is not None:
             return model
+        alias = self.aliases.get(name.strip().lower())
+        if alias is not None:
+            return self.models[alias]
         bare = _DATE.sub("", name.strip().lower())
         vendor = next((v for prefix, v in _VENDORS if bare.startswith(prefix)), None)
         if vendor is None:

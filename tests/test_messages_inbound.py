@@ -127,3 +127,14 @@ async def test_count_tokens_and_the_probe(gateway):
     assert (await client.head("/")).status == 200
     assert (await client.head("/api/openrouter")).status == 200
     assert (await client.get("/")).status == 404
+
+
+async def test_an_operator_alias_names_a_model(gateway, upstream):
+    """Claude Code asks for `claude-opus-4-8` by default: an operator can point that name at a model."""
+    client = await gateway(models=[{"id": "anthropic/claude-opus-4.7", "aliases": ["claude-opus-4-8"]}])
+    resp = await client.post("/v1/messages", headers={"x-api-key": "anonymous"}, json={
+        "model": "claude-opus-4-8", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]})
+    assert resp.status == 200 and (await resp.json())["model"] == "claude-opus-4-8"
+    assert upstream.seen[-1].body["model"] == "anthropic/claude-opus-4.7"
+    models = await (await client.get("/v1/models")).json()
+    assert not any("aliases" in m for m in models["data"])  # the operator's own names stay private
