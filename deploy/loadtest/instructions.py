@@ -4,7 +4,7 @@ The same build gives the same count (within about 1%) however busy the machine i
 moves by ±20% on a shared one.
 
     python deploy/loadtest/instructions.py                       # chat, 1,000 requests, 30 s to 2 min
-    python deploy/loadtest/instructions.py --scenario stream --requests 500   # or anonymous, anthropic, gemini
+    python deploy/loadtest/instructions.py --scenario stream --requests 500   # or anonymous, anthropic, gemini, messages
     python deploy/loadtest/instructions.py --floor               # and aiohttp's server and client alone
 
 Needs valgrind (Debian: apt-get install valgrind). The bare relay and Turnstile (full default
@@ -39,7 +39,11 @@ BODIES = {
     "anonymous": '{"model":"minimax/minimax-m2.5:free","messages":[{"role":"user","content":"Say hello"}]}',
     "anthropic": '{"model":"anthropic/claude-sonnet-4.6","stream":true,"messages":[{"role":"user","content":"Say hello"}]}',
     "gemini": '{"model":"google/gemini-2.5-flash","stream":true,"messages":[{"role":"user","content":"Say hello"}]}',
+    # Anthropic Messages in, over the same chat stream as `stream`: the cost of the dialect's translation.
+    "messages": '{"model":"openai/gpt-5.4","stream":true,"max_tokens":100,"messages":[{"role":"user","content":"Say hello"}]}',
 }
+# Where each scenario's requests go on Turnstile (the bare relay serves chat completions only).
+PATHS = {"messages": "/v1/messages"}
 # The client, run natively: `n` requests, 8 at a time; anonymous ones from many client addresses.
 CLIENT = """
 import asyncio, os, random, sys, aiohttp
@@ -63,9 +67,9 @@ asyncio.run(main())
 """
 
 
-async def _drive(port: int, scenario: str, n: int) -> None:
+async def _drive(port: int, scenario: str, n: int, path: str = "/v1/chat/completions") -> None:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", CLIENT, f"http://127.0.0.1:{port}/v1/chat/completions", BODIES[scenario],
+        sys.executable, "-c", CLIENT, f"http://127.0.0.1:{port}{path}", BODIES[scenario],
         "none" if scenario == "anonymous" else "key", str(n))
     if await proc.wait() != 0:
         raise SystemExit("the client failed")
@@ -157,11 +161,12 @@ def serve(args: argparse.Namespace) -> None:
         await web.TCPSite(runner, "127.0.0.1", args.port).start()
         # Warm-up: 1,023 requests, their rows written in one batch. The ledger has then compiled the
         # INSERT of each batch size it uses (powers of two up to 512), as under steady load.
-        await _drive(args.port, args.scenario, 1023)
+        path = PATHS.get(args.scenario, "/v1/chat/completions") if args.target == "turnstile" else "/v1/chat/completions"
+        await _drive(args.port, args.scenario, 1023, path)
         if ledger is not None:
             await ledger.flush()
         _counted(1)
-        await _drive(args.port, args.scenario, args.requests)
+        await _drive(args.port, args.scenario, args.requests, path)
         if ledger is not None:
             await ledger.flush()  # the measured requests' rows, as one batch: part of their cost
         _counted(0)
