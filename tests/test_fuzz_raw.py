@@ -36,6 +36,8 @@ from tests.fakes import Upstream
 
 FREE = {"model": "minimax/minimax-m2.5:free", "messages": [{"role": "user", "content": "hi"}]}
 STALL_BOUND = 0.2  # seconds; a 1 GiB gzip body alone held the loop for 0.6-6.5 s before
+# Accepting 3,000 connections (about 50-70 ms here, paced) moves with the machine's load: a looser bound.
+CONNECTIONS_STALL_BOUND = 0.5
 
 
 def _port() -> int:
@@ -389,5 +391,6 @@ async def test_still_serving_with_a_short_event_loop_stall(served):
     """Last in the module: everything above has run against this gateway."""
     assert await chat(served.port) == 200
     stalls = {name: s for name, s in served.stalls.items() if not name.startswith("test_past_max_connections")}
-    name = max(stalls, key=stalls.__getitem__)
-    assert stalls[name] < STALL_BOUND, f"the event loop stalled for {stalls[name] * 1000:.0f} ms in {name}"
+    for name, seconds in stalls.items():
+        bound = CONNECTIONS_STALL_BOUND if name.startswith("test_3000_idle") else STALL_BOUND
+        assert seconds < bound, f"the event loop stalled for {seconds * 1000:.0f} ms in {name}"
