@@ -12,6 +12,7 @@ from proxy.catalog import Catalog, Model
 from proxy.clientip import ClientIP
 from proxy.context import Context
 from proxy.dialects import messages
+from proxy.dialects.messages_answer import MessagesAnswer
 from proxy.inflate import inflate
 from proxy.errors import GatewayError, invalid_request, model_not_found, too_large
 from proxy.outcome import Outcome
@@ -144,7 +145,7 @@ class MessagesHandler(ChatHandler):
                                param="model")
         chat = messages.to_chat(body)
         chat["model"] = model.id
-        outbound = messages.MessagesAnswer(outcome.request_id, name, chat.get("stream") is True,
+        outbound = MessagesAnswer(outcome.request_id, name, chat.get("stream") is True,
                                            messages.count_tokens(body))
         return await self._run(request, outcome, chat, len(raw), name, model, outbound)
 
