@@ -200,7 +200,7 @@ class Reply:
             if self.response is None:
                 return self._whole(status, data, json_type), True
             if data:
-                await self._send(data, status, json_type)
+                await self._emit(data, status, json_type)
             self._stop_ticking()
             await self.response.write_eof()
             return self.response, True
@@ -219,14 +219,19 @@ class Reply:
                 exc.__traceback__ = None
 
     async def _send(self, data: bytes, status: int, json_type: str) -> None:
+        """Metered chat bytes, in the caller's dialect."""
         if self.outbound is not None:
             data = self.outbound.feed(data)
             if not data:
                 return
+        await self._emit(data, status, json_type)
+
+    async def _emit(self, data: bytes, status: int, json_type: str) -> None:
+        """Bytes in the caller's dialect, out."""
         if self.response is None:  # a JSON answer too long to hold: relayed as it comes
             await self._begin(status, {"Content-Type": json_type})
         await self._write(data)
-        if data.endswith(DONE):
+        if data.endswith(DONE) or (self.outbound is not None and self.outbound.over):
             self._over = True
             self._stop_ticking()  # the stream is over; only the connection's end is left
 

@@ -138,3 +138,23 @@ async def test_an_operator_alias_names_a_model(gateway, upstream):
     assert upstream.seen[-1].body["model"] == "anthropic/claude-opus-4.7"
     models = await (await client.get("/v1/models")).json()
     assert not any("aliases" in m for m in models["data"])  # the operator's own names stay private
+
+
+async def test_a_stream_that_ends_without_done_still_closes_its_message(gateway, upstream):
+    """The chat stream ends after its finish reason and usage, without `data: [DONE]`: the Messages
+    stream still gets its content_block_stop, message_delta and message_stop."""
+    events = [json.dumps({"id": "c", "choices": [{"index": 0, "delta": {"content": "Hi"}, "finish_reason": None}]}),
+              json.dumps({"id": "c", "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}),
+              json.dumps({"id": "c", "choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 1}})]
+    upstream.mode, upstream.raw = "raw", b"".join(b"data: " + e.encode() + b"\n\n" for e in events)
+    client = await gateway()
+    api = sdk(client)
+    try:
+        async with api.messages.stream(model="claude-sonnet-4-6", max_tokens=10,
+                                       messages=[{"role": "user", "content": "hi"}]) as stream:
+            kinds = [event.type async for event in stream]
+            final = await stream.get_final_message()
+    finally:
+        await api.close()
+    assert kinds[-3:] == ["content_block_stop", "message_delta", "message_stop"]
+    assert final.content[0].text == "Hi" and final.usage.output_tokens == 1 and final.stop_reason == "end_turn"

@@ -54,6 +54,11 @@ class MessagesAnswer:
         self._usage: dict[str, int] | None = None
         self._done = False
 
+    @property
+    def over(self) -> bool:
+        """The stream has ended (message_stop, or an error event): only the connection's end is left."""
+        return self._done
+
     # JSON
     def body(self, chat: bytes) -> bytes:
         doc = orjson.loads(chat)
