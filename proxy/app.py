@@ -20,7 +20,7 @@ from proxy.errors import GatewayError, http_error
 from proxy.forward import Forwarder
 from proxy.account import AccountHandlers
 from proxy.dialects import messages
-from proxy.handlers import ChatHandler, MessagesHandler, ModelsHandler, healthz
+from proxy.handlers import ChatHandler, MessagesHandler, ModelsHandler, ResponsesHandler, healthz
 from proxy.outcome import Outcome, Recorder
 from proxy.health import Readiness
 from proxy.keys import KeyStore, db_path
@@ -145,6 +145,7 @@ def create_app(config: Config, env: Mapping[str, str] = os.environ) -> web.Appli
     pipeline = compose(stages, forwarder)
     chat = ChatHandler(catalog, client_ip, pipeline, config.server.max_body_bytes, config.server.body_timeout)
     anthropic = MessagesHandler(catalog, client_ip, pipeline, config.server.max_body_bytes, config.server.body_timeout)
+    openai_responses = ResponsesHandler(catalog, client_ip, pipeline, config.server.max_body_bytes, config.server.body_timeout)
     models = ModelsHandler(catalog)
     advertised = [s.advertised for s in stages if isinstance(getattr(s, "advertised", None), AdvertisedLimit)]
     account = AccountHandlers(keys, ledger, advertised[0] if advertised else NO_LIMIT)
@@ -175,10 +176,12 @@ def create_app(config: Config, env: Mapping[str, str] = os.environ) -> web.Appli
     key_endpoint, generation_endpoint = endpoint(account.key, "key"), endpoint(account.generation, "generation")
     messages_endpoint = endpoint(anthropic.__call__, "messages", render=messages.render)
     count_endpoint = endpoint(anthropic.count_tokens, "count_tokens", render=messages.render)
+    responses_endpoint = endpoint(openai_responses.__call__, "responses")
     probe = endpoint(healthz, "probe")
     app.router.add_route("HEAD", "/", probe)  # Claude Code's probe of its base URL
     for base in BASES:
         app.router.add_post(base + "/chat/completions", chat_endpoint, expect_handler=expect)
+        app.router.add_post(base + "/responses", responses_endpoint, expect_handler=expect)
         app.router.add_get(base + "/models", models_endpoint)
         app.router.add_get(base + "/key", key_endpoint)
         app.router.add_get(base + "/auth/key", key_endpoint)

@@ -18,6 +18,20 @@ if TYPE_CHECKING:
 
 
 @dataclass(slots=True)
+class Native:
+    """A request in another dialect than chat completions, as it came: a provider that speaks that
+    dialect is sent it (`raw`, its model rewritten) rather than the chat request made from it.
+    `reasoning` and `verbosity` are what that chat request had before any stage ran: a stage that
+    changes them (an auto model's tier) changes the native request the same way."""
+
+    dialect: str  # "messages" or "responses"
+    body: dict[str, Any]
+    raw: bytes
+    reasoning: Any = None
+    verbosity: Any = None
+
+
+@dataclass(slots=True)
 class Context:
     request: web.Request
     request_id: str
@@ -31,6 +45,7 @@ class Context:
     account: Account | None = None  # None = anonymous
     response_headers: dict[str, str] = field(default_factory=dict)  # on whatever answer the request gets
     outbound: Any = None  # turns the chat answer into the caller's dialect (proxy.dialects); None: chat
+    native: Native | None = None  # the request as it came, when not chat completions: for passthrough
 
     @property
     def anonymous(self) -> bool:

@@ -31,6 +31,7 @@ USER_AGENT = "turnstile"
 class Opened:
     provider: Provider
     upstream: aiohttp.ClientResponse
+    passthrough: bool  # the request went in the caller's own dialect: its answer is relayed as it is
 
 
 class Dialer:
@@ -80,7 +81,8 @@ class Dialer:
                 continue
             provider = route.provider
             outcome.provider = provider.name
-            req = self._request(ctx, provider, route.upstream_model)
+            native = ctx.native is not None and ctx.native.dialect in getattr(provider, "speaks", ())
+            req = self._request(ctx, provider, route.upstream_model, native)
             for attempt in range(self.settings.retries + 1):
                 last_try = attempt == self.settings.retries
                 try:
@@ -95,7 +97,7 @@ class Dialer:
                     wait = retry.delay(self.settings, attempt)
                 else:
                     if upstream.status not in retry.RETRYABLE or (last_try and last_model):
-                        return Opened(provider, upstream)
+                        return Opened(provider, upstream, native)
                     log.warning("upstream_retryable", request_id=ctx.request_id, provider=provider.name,
                                 status=upstream.status, attempt=attempt)
                     wait = retry.delay(self.settings, attempt, upstream.headers.get("Retry-After"))
@@ -112,8 +114,10 @@ class Dialer:
             failure = None  # its traceback holds this frame: no cycle
 
     @staticmethod
-    def _request(ctx: Context, provider: Provider, upstream_model: str) -> UpstreamRequest:
+    def _request(ctx: Context, provider: Provider, upstream_model: str, native: bool) -> UpstreamRequest:
         try:
+            if native:
+                return provider.native_request(ctx, upstream_model)  # type: ignore[attr-defined]
             return provider.request(ctx, upstream_model)
         except (TypeError, AttributeError, ValueError, KeyError) as exc:
             if str(exc) == "Recursion limit reached":  # orjson writes JSON at most 255 levels deep

@@ -14,6 +14,7 @@ from aiohttp import web
 from proxy.config import UpstreamSettings
 from proxy.context import Context
 from proxy.dial import Dialer
+from proxy.dialects import passthrough
 from proxy.errors import GatewayError
 from proxy.meter import Meter
 from proxy.metrics import Metrics
@@ -60,12 +61,13 @@ class Forwarder:
                     raise  # for the endpoint to answer in the error shape
                 return started
             model = ctx.model
-            meter = Meter(model.prices, ctx.stream, model.bounds, self.secret_of.get(opened.provider.name, b""))
+            reader = passthrough.reader(ctx.native.dialect) if opened.passthrough and ctx.native is not None else None
+            meter = Meter(model.prices, ctx.stream, model.bounds, self.secret_of.get(opened.provider.name, b""), reader)
             metrics = self.metrics if ctx.stream else None
             if metrics is not None:
                 metrics.streams_in_flight += 1
             try:
-                return await reply.relay(opened.provider, opened.upstream, meter)
+                return await reply.relay(opened.provider, opened.upstream, meter, opened.passthrough)
             finally:
                 if metrics is not None:
                     metrics.streams_in_flight -= 1

@@ -10,9 +10,10 @@ from aiohttp import web
 
 from proxy.catalog import Catalog, Model
 from proxy.clientip import ClientIP
-from proxy.context import Context
-from proxy.dialects import messages
+from proxy.context import Context, Native
+from proxy.dialects import messages, responses
 from proxy.dialects.messages_answer import MessagesAnswer
+from proxy.dialects.responses_answer import ResponsesAnswer
 from proxy.inflate import inflate
 from proxy.errors import GatewayError, invalid_request, model_not_found, too_large
 from proxy.outcome import Outcome
@@ -100,9 +101,9 @@ class ChatHandler:
         return await self._run(request, outcome, body, len(raw), model_id, model)
 
     async def _run(self, request: web.Request, outcome: Outcome, body: dict[str, Any], size: int, model_id: str,
-                   model: Model, outbound: Any = None) -> web.StreamResponse:
+                   model: Model, outbound: Any = None, native: Native | None = None) -> web.StreamResponse:
         """The chat request `body` through the pipeline; `outbound` turns the answer into the
-        caller's dialect (None: chat completions)."""
+        caller's dialect, `native` is the request in it (None: chat completions)."""
         rid = outcome.request_id
         ctx = Context(
             request=request,
@@ -116,6 +117,7 @@ class ChatHandler:
             outcome=outcome,
             response_headers={"X-Request-Id": rid},  # on whatever answer the pipeline makes
             outbound=outbound,
+            native=native,
         )
         outcome.requested_model, outcome.model, outcome.stream = model_id, model.id, ctx.stream
         outcome.client_ip, outcome.request_bytes = ctx.client_ip, size
@@ -123,16 +125,28 @@ class ChatHandler:
         return await self.pipeline(ctx)
 
 
-class MessagesHandler(ChatHandler):
-    """`POST {base}/messages`: Anthropic Messages in, served as a chat request, the answer turned back
-    into Messages."""
+class DialectHandler(ChatHandler):
+    """A request in another dialect (`dialect`: "messages" or "responses"), served as a chat request
+    made from it, or passed through as it came where the provider speaks it; the model named as the
+    dialect's own clients name it."""
 
-    def _request(self, raw: bytes, counting: bool = False) -> dict[str, Any]:
+    dialect = ""
+
+    def _request(self, raw: bytes) -> dict[str, Any]:
         try:
             body = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
             raise invalid_request(f"Request body is not valid JSON: {exc}") from None
-        return messages.check(body, counting)
+        return self.check(body)
+
+    def check(self, body: Any) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def to_chat(self, body: dict[str, Any]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def answer(self, outcome: Outcome, name: str, body: dict[str, Any], chat: dict[str, Any], raw: bytes) -> Any:
+        raise NotImplementedError
 
     async def __call__(self, request: web.Request, outcome: Outcome) -> web.StreamResponse:
         raw = await self._body(request)
@@ -140,19 +154,50 @@ class MessagesHandler(ChatHandler):
         name = body.get("model")
         model = self.catalog.native(name) if isinstance(name, str) and name else None
         if model is None:
+            models = request.path.rsplit("/" + self.dialect, 1)[0] + "/models"
             raise GatewayError(404, "model_not_found", f"model: {str(name)[:120]!r} is not a model this gateway "
-                               f"serves; its models are listed at {request.path.rsplit('/messages', 1)[0]}/models.",
-                               param="model")
-        chat = messages.to_chat(body)
+                               f"serves; its models are listed at {models}.", param="model")
+        chat = self.to_chat(body)
         chat["model"] = model.id
+        native = Native(self.dialect, body, raw, chat.get("reasoning"), chat.get("verbosity"))
+        outbound = self.answer(outcome, name, body, chat, raw)
+        return await self._run(request, outcome, chat, len(raw), name, model, outbound, native)
+
+
+class MessagesHandler(DialectHandler):
+    """`POST {base}/messages` (and `/v1/messages`): Anthropic Messages."""
+
+    dialect = "messages"
+    check = staticmethod(messages.check)  # type: ignore[assignment]
+    to_chat = staticmethod(messages.to_chat)  # type: ignore[assignment]
+
+    def answer(self, outcome: Outcome, name: str, body: dict[str, Any], chat: dict[str, Any], raw: bytes) -> Any:
         # message_start's input estimate: a token per four bytes of the request, already at hand.
-        outbound = MessagesAnswer(outcome.request_id, name, chat.get("stream") is True, max(1, len(raw) // 4))
-        return await self._run(request, outcome, chat, len(raw), name, model, outbound)
+        return MessagesAnswer(outcome.request_id, name, chat.get("stream") is True, max(1, len(raw) // 4))
 
     async def count_tokens(self, request: web.Request) -> web.Response:
         """An estimate (no provider is asked): see `messages.count_tokens`."""
-        body = self._request(await self._body(request), counting=True)
+        body = messages.check(self._parse(await self._body(request)), counting=True)
         return web.json_response({"input_tokens": messages.count_tokens(body)})
+
+    @staticmethod
+    def _parse(raw: bytes) -> Any:
+        try:
+            return orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise invalid_request(f"Request body is not valid JSON: {exc}") from None
+
+
+class ResponsesHandler(DialectHandler):
+    """`POST {base}/responses`: OpenAI Responses."""
+
+    dialect = "responses"
+    check = staticmethod(responses.check)  # type: ignore[assignment]
+    to_chat = staticmethod(responses.to_chat)  # type: ignore[assignment]
+
+    def answer(self, outcome: Outcome, name: str, body: dict[str, Any], chat: dict[str, Any], raw: bytes) -> Any:
+        namespaced = any(isinstance(t, dict) and t.get("type") == "namespace" for t in body.get("tools") or ())
+        return ResponsesAnswer(outcome.request_id, body, chat.get("stream") is True, namespaced)
 
 
 class ModelsHandler:

@@ -11,7 +11,7 @@ import json
 import re
 from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal
-from typing import Any
+from typing import Any, Callable
 
 import orjson
 
@@ -166,10 +166,10 @@ class Meter:
     """Watches one response on its way out; `usage` and `cost_micros` are set once seen."""
 
     __slots__ = ("prices", "bounds", "stream", "secret", "usage", "doubted", "cost_micros", "finish_reason", "events",
-                 "_pending")
+                 "native", "partial", "_pending")
 
     def __init__(self, prices: Prices, stream: bool, bounds: Bounds = Bounds(UNKNOWN, UNKNOWN),
-                 secret: bytes = b"") -> None:
+                 secret: bytes = b"", native: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> None:
         self.prices = prices
         self.bounds = bounds
         self.stream = stream
@@ -182,6 +182,10 @@ class Meter:
         self.cost_micros = 0
         self.finish_reason: str | None = None
         self.events = 0
+        # A passthrough answer in another dialect: its usage objects are read with `native` (into
+        # chat usage) and left as they are; `partial` is what a stream said before its final count.
+        self.native = native
+        self.partial: dict[str, Any] | None = None
         self._pending = b""
 
     def feed(self, chunk: bytes) -> bytes:
@@ -201,6 +205,8 @@ class Meter:
             # This runs for every read of every stream, and most reads hold neither a finish reason
             # nor usage: `_last`'s two searches each, inline, with no Python call until one is found.
             self.events += data.count(b"data: ")
+            if self.native is not None:
+                return self._read_native(data)
             at = data.rfind(_FINISHES[0])
             at = max(at, data.rfind(_FINISHES[1], at + 1))
             if at >= 0:
@@ -226,6 +232,8 @@ class Meter:
         self.stream = False
         if self.secret and self.secret in body:
             body = body.replace(self.secret, REDACTED)
+        if self.native is not None:
+            return self._read_native(body)
         at = _last(body, _FINISHES)
         if at >= 0:
             self._finish_at(body, at)
@@ -256,6 +264,23 @@ class Meter:
                 return data
         return b"".join((data[:start], encoded, data[end:]))
 
+    def _read_native(self, data: bytes) -> bytes:
+        """Every usage object in `data`, read in order; `data` itself goes out as it came. In a stream
+        only the count of the answer's last event is final (Anthropic's `message_delta`, the
+        Responses terminal event); an earlier one (`message_start`) is kept as `partial`."""
+        at = data.find(b'"usage"')
+        while at >= 0:
+            found = _usage(data, at) if data.startswith(_MARKERS, at) else None
+            if found is not None and isinstance(found[2], dict):
+                usage = self.native(found[2])  # type: ignore[misc]
+                event = data.rfind(b"\n\n", 0, at)
+                if not self.stream or data.find(b"message_start", event + 1, at) < 0:
+                    self._believe(usage)
+                else:
+                    self.partial = usage
+            at = data.find(b'"usage"', at + 7)
+        return data
+
     def observe(self, usage: dict[str, Any]) -> None:
         """Usage a translator saw but the client did not ask to be sent."""
         self._believe(usage)
@@ -273,5 +298,7 @@ class Meter:
     def estimate(self, request_bytes: int, bytes_out: int) -> None:
         """No usage arrived (the client left, or the upstream broke): bill an estimate, marked so."""
         completion = max(self.events - 2, 0) if self.stream else bytes_out // 4
-        self.usage = Usage(prompt=request_bytes // 4, completion=completion, estimated=True)
+        told = self.partial.get("prompt_tokens") if self.partial else None
+        prompt = told if type(told) is int and 0 <= told <= self.bounds.prompt else request_bytes // 4
+        self.usage = Usage(prompt=prompt, completion=completion, estimated=True)
         self.cost_micros = self.prices.cost_micros(self.usage)

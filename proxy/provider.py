@@ -11,6 +11,10 @@ and relays. Per request it does two things:
 
 Relaying an OpenAI-compatible upstream untouched is just the translation that returns what it is fed
 (`Passthrough`). Errors from upstreams go through `error`, which may reword them.
+
+An adapter whose upstream also speaks an inbound dialect (Anthropic Messages, OpenAI Responses) names
+it in `speaks`; a request that came in that dialect is then sent as it came, by `native_request`,
+and its answer relayed untouched (`proxy.dialects.passthrough`).
 """
 
 from __future__ import annotations
@@ -74,6 +78,14 @@ class Provider(Protocol):
     def error(self, status: int, body: bytes) -> tuple[int, bytes]:
         """Our status and body for an upstream's error answer."""
         ...
+
+
+class Native(Protocol):
+    """What an adapter adds to serve inbound dialects natively (optional)."""
+
+    speaks: frozenset[str]  # of "messages", "responses"
+
+    def native_request(self, ctx: Context, upstream_model: str) -> UpstreamRequest: ...
 
 
 class Passthrough:

@@ -23,7 +23,7 @@ from aiohttp import web
 from proxy.context import Context
 from proxy.errors import GatewayError, upstream_error
 from proxy.meter import REDACTED, Meter
-from proxy.provider import Provider, Translation, UnreadableAnswer, error_chunk, error_of
+from proxy.provider import Passthrough, Provider, Translation, UnreadableAnswer, error_chunk, error_of
 from proxy.sse import DONE
 
 log = structlog.get_logger("turnstile.forward")
@@ -46,6 +46,7 @@ class Reply:
         self.ctx = ctx
         self.outcome = ctx.outcome
         self.outbound = ctx.outbound  # the caller's dialect, when not chat completions (proxy.dialects)
+        self.translated = self.outbound  # the same, while the answer is chat to be turned into it
         self.response: web.StreamResponse | None = None
         self.interval = keepalive
         self.loop = loop
@@ -152,8 +153,10 @@ class Reply:
         except ConnectionResetError:
             self.outcome.status = 499
 
-    async def relay(self, provider: Provider, upstream: aiohttp.ClientResponse, meter: Meter) -> web.StreamResponse:
-        """The upstream's answer, translated and metered, as it arrives."""
+    async def relay(self, provider: Provider, upstream: aiohttp.ClientResponse, meter: Meter,
+                    passthrough: bool = False) -> web.StreamResponse:
+        """The upstream's answer, translated and metered, as it arrives; `passthrough`: it is in the
+        caller's dialect already, and goes out as it came."""
         # Keep-alives were for the wait; a stream gets them again once its headers are out.
         self._stop_ticking()
         clean = False
@@ -161,7 +164,11 @@ class Reply:
             if upstream.status >= 400:
                 return await self._upstream_error(provider, upstream)
             content_type = upstream.headers.get("Content-Type", "")
-            translation = provider.translation(self.ctx, content_type)
+            if passthrough:
+                translation: Translation = Passthrough(content_type)
+                self.translated = None
+            else:
+                translation = provider.translation(self.ctx, content_type)
             meter.stream = translation.stream
             json_type = content_type if content_type.startswith("application/json") else "application/json"
             response, clean = await self._relay(provider, upstream, translation, meter, json_type)
@@ -195,8 +202,8 @@ class Reply:
             if usage is not None:
                 meter.observe(usage)
             data = (meter.feed(made) if made else b"") + meter.finish()
-            if self.outbound is not None:
-                data = self.outbound.feed(data) + self.outbound.end()
+            if self.translated is not None:
+                data = self.translated.feed(data) + self.translated.end()
             if self.response is None:
                 return self._whole(status, data, json_type), True
             if data:
@@ -220,8 +227,8 @@ class Reply:
 
     async def _send(self, data: bytes, status: int, json_type: str) -> None:
         """Metered chat bytes, in the caller's dialect."""
-        if self.outbound is not None:
-            data = self.outbound.feed(data)
+        if self.translated is not None:
+            data = self.translated.feed(data)
             if not data:
                 return
         await self._emit(data, status, json_type)
@@ -231,7 +238,9 @@ class Reply:
         if self.response is None:  # a JSON answer too long to hold: relayed as it comes
             await self._begin(status, {"Content-Type": json_type})
         await self._write(data)
-        if data.endswith(DONE) or (self.outbound is not None and self.outbound.over):
+        outbound = self.outbound
+        if data.endswith(DONE) or (outbound is not None and (outbound.over if self.translated is not None
+                                                             else outbound.ended(data))):
             self._over = True
             self._stop_ticking()  # the stream is over; only the connection's end is left
 
@@ -251,8 +260,8 @@ class Reply:
         self._stop_ticking()
         if translation.stream:  # what was translated before the break goes first
             made = meter.feed(exc.made) if isinstance(exc, UnreadableAnswer) and exc.made else b""
-            if made and self.outbound is not None:
-                made = self.outbound.feed(made)
+            if made and self.translated is not None:
+                made = self.translated.feed(made)
             try:
                 await self._write(made + self._error_chunk(f"The {provider.name} provider stopped mid-stream.", 502),
                                   answer=bool(made))

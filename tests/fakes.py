@@ -83,6 +83,7 @@ class Seen:
     path: str
     headers: dict[str, str]
     body: dict[str, Any]
+    raw: bytes = b""
 
 
 @dataclass
@@ -117,6 +118,7 @@ class Upstream:
     raw_json: bytes = b""  # mode "raw": this JSON body as is
     cookie: str = ""  # a Set-Cookie header on every non-stream answer
     one_write: bool = False  # native streams: every event in one write
+    done: bool = False  # native streams: `data: [DONE]` after the events (OpenRouter's Responses)
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=64 * 1024 * 1024)
@@ -124,12 +126,15 @@ class Upstream:
         app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_get("/models", self.list_models)
         app.router.add_post("/v1/messages", self.native)
+        app.router.add_post("/messages", self.native)  # OpenRouter's Messages
+        app.router.add_post("/responses", self.native)  # OpenRouter's and OpenAI's Responses
         app.router.add_post("/models/{action}", self.native)
         return app
 
     async def native(self, request: web.Request) -> web.StreamResponse:
-        body = await request.json()
-        self.seen.append(Seen(request.path_qs, dict(request.headers), body))
+        raw = await request.read()
+        body = json.loads(raw)
+        self.seen.append(Seen(request.path_qs, dict(request.headers), body, raw))
         if self.status != 200:
             return web.Response(status=self.status, body=self.error_body, content_type="application/json")
         gemini = request.path.startswith("/models/")
@@ -143,6 +148,8 @@ class Upstream:
         for event in events:
             data = json.dumps(event).encode()
             frames.append(b"data: " + data + b"\n\n" if gemini else b"event: " + event["type"].encode() + b"\ndata: " + data + b"\n\n")
+        if self.done and not self.cut:
+            frames.append(b"data: [DONE]\n\n")
         for frame in [b"".join(frames)] if self.one_write else frames:
             await resp.write(frame)
         if self.cut:

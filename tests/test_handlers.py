@@ -82,7 +82,7 @@ async def test_default_body_limit_is_4_mib(gateway):
 
 async def test_unknown_path_is_404_in_error_shape(gateway):
     client = await gateway()
-    for path in ("/", "/v1/completions", "/api/gateway/responses", "/api/gateway/chat/completions/x"):
+    for path in ("/", "/v1/completions", "/api/gateway/chat/completions/x"):
         resp = await client.post(path, json=OK)
         assert resp.status == 404, path
         assert_error_shape(await resp.json(), 404, "not_found")

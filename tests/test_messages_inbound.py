@@ -15,6 +15,11 @@ TOOL = {"name": "get_weather", "description": "The weather in a city",
         "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
 
 
+# OpenRouter serves Messages itself: these tests have it take chat completions only, so that the
+# gateway translates (tests/test_passthrough.py has the other way).
+CHAT_ONLY = [{"name": "openrouter", "options": {"dialects": []}}]
+
+
 def sdk(client, base: str = "/api/openrouter", key: str = "anonymous") -> anthropic.AsyncAnthropic:
     return anthropic.AsyncAnthropic(base_url=str(client.make_url(base)), api_key=key, max_retries=0)
 
@@ -26,7 +31,7 @@ def chat_stream(name: str) -> bytes:
 
 @pytest.mark.parametrize("base", BASES)
 async def test_text_non_stream_and_stream_on_every_base(gateway, upstream, base):
-    client = await gateway()
+    client = await gateway(providers=CHAT_ONLY)
     api = sdk(client, base)
     try:
         reply = await api.messages.create(model="claude-sonnet-4-6", max_tokens=100,
@@ -52,7 +57,7 @@ async def test_a_tool_call_streams_as_tool_use_then_the_result_goes_back(gateway
     """Reasoning, then a tool call: a thinking block, then a tool_use block whose input arrives as
     JSON fragments; the second turn sends the tool result back as a tool message."""
     upstream.mode, upstream.raw = "raw", chat_stream("deepseek-chat-stream-reasoning-tool-call.jsonl")
-    client = await gateway()
+    client = await gateway(providers=CHAT_ONLY)
     api = sdk(client)
     try:
         async with api.messages.stream(model="anthropic/claude-sonnet-4.6", max_tokens=1000, tools=[TOOL],
@@ -79,7 +84,7 @@ async def test_a_tool_call_streams_as_tool_use_then_the_result_goes_back(gateway
 
 
 async def test_errors_come_in_anthropics_shape(gateway, upstream):
-    client = await gateway()
+    client = await gateway(providers=CHAT_ONLY)
     api = sdk(client)
     try:
         with pytest.raises(anthropic.NotFoundError) as missing:
@@ -98,7 +103,7 @@ async def test_errors_come_in_anthropics_shape(gateway, upstream):
 async def test_keys_by_x_api_key_and_the_kilo_rules(kilo, upstream, account):
     """Anthropic clients send their key as `x-api-key`: a paid model needs one, as on chat."""
     key = account("alice", "10")
-    client = await kilo()
+    client = await kilo(providers=CHAT_ONLY)
     anonymous, keyed = sdk(client), sdk(client, key=key)
     try:
         with pytest.raises(anthropic.AuthenticationError):
@@ -116,7 +121,7 @@ async def test_keys_by_x_api_key_and_the_kilo_rules(kilo, upstream, account):
 
 
 async def test_count_tokens_and_the_probe(gateway):
-    client = await gateway()
+    client = await gateway(providers=CHAT_ONLY)
     api = sdk(client)
     try:
         counted = await api.messages.count_tokens(model="claude-sonnet-4-6",
@@ -131,7 +136,7 @@ async def test_count_tokens_and_the_probe(gateway):
 
 async def test_an_operator_alias_names_a_model(gateway, upstream):
     """Claude Code asks for `claude-opus-4-8` by default: an operator can point that name at a model."""
-    client = await gateway(models=[{"id": "anthropic/claude-opus-4.7", "aliases": ["claude-opus-4-8"]}])
+    client = await gateway(providers=CHAT_ONLY, models=[{"id": "anthropic/claude-opus-4.7", "aliases": ["claude-opus-4-8"]}])
     resp = await client.post("/v1/messages", headers={"x-api-key": "anonymous"}, json={
         "model": "claude-opus-4-8", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]})
     assert resp.status == 200 and (await resp.json())["model"] == "claude-opus-4-8"
@@ -147,7 +152,7 @@ async def test_a_stream_that_ends_without_done_still_closes_its_message(gateway,
               json.dumps({"id": "c", "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}),
               json.dumps({"id": "c", "choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 1}})]
     upstream.mode, upstream.raw = "raw", b"".join(b"data: " + e.encode() + b"\n\n" for e in events)
-    client = await gateway()
+    client = await gateway(providers=CHAT_ONLY)
     api = sdk(client)
     try:
         async with api.messages.stream(model="claude-sonnet-4-6", max_tokens=10,

@@ -18,6 +18,7 @@ from plugins.providers.common import (
     upstream_status,
 )
 from proxy.context import Context
+from proxy.dialects import passthrough
 from proxy.errors import invalid_request
 from proxy.provider import (
     EventTranslation, Translation, UpstreamRequest, WholeTranslation, error_body, error_of,
@@ -173,6 +174,8 @@ def usage(u: dict[str, Any]) -> dict[str, Any]:
 
 
 class Anthropic:
+    speaks = frozenset({"messages"})
+
     def __init__(self, *, name: str, base_url: str, api_key: str = "", headers: dict[str, str] | None = None) -> None:
         self.name = name
         self.url = base_url.rstrip("/") + "/v1/messages"
@@ -217,6 +220,10 @@ class Anthropic:
                 if isinstance(body.get(key), (int, float)):
                     payload[key] = body[key]
         return UpstreamRequest(self.url, self.headers, orjson.dumps(payload))
+
+    def native_request(self, ctx: Context, upstream_model: str) -> UpstreamRequest:
+        """A Messages request as it came: the client's version and betas, our key, the model's id here."""
+        return UpstreamRequest(self.url, passthrough.headers(ctx, self.headers), passthrough.body(ctx, upstream_model))
 
     @staticmethod
     def _tool(tool: dict[str, Any]) -> dict[str, Any]:

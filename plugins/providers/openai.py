@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from proxy.dialects import passthrough
+from proxy.config import ConfigError
 from proxy.provider import Passthrough, Translation, UpstreamRequest
 
 if TYPE_CHECKING:
@@ -85,13 +87,24 @@ class _Aliased:
         return orjson.dumps(doc), None
 
 
+_DIALECTS = ("messages", "responses")
+
+
 class OpenAICompatible:
+    """`dialects`: the inbound dialects this upstream also serves at `{base_url}/messages` and
+    `{base_url}/responses` (OpenRouter both, OpenAI Responses): requests in them are passed through."""
+
     def __init__(
         self, *, name: str, base_url: str, api_key: str = "", headers: dict[str, str] | None = None,
-        reasoning_alias: bool = False,
+        reasoning_alias: bool = False, dialects: list[str] | tuple[str, ...] = (),
     ) -> None:
+        unknown = [d for d in dialects if d not in _DIALECTS]
+        if unknown:
+            raise ConfigError(f"providers: {name}: unknown dialect {unknown[0]!r} (dialects: {', '.join(_DIALECTS)})")
         self.name = name
-        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.speaks = frozenset(dialects)
+        self.base = base_url.rstrip("/")
+        self.url = self.base + "/chat/completions"
         self.headers = {"Content-Type": "application/json", **(headers or {})}
         if api_key:
             self.headers["Authorization"] = f"Bearer {api_key}"
@@ -104,6 +117,11 @@ class OpenAICompatible:
             options = body.get("stream_options")
             body["stream_options"] = {**options, "include_usage": True} if isinstance(options, dict) else {"include_usage": True}
         return UpstreamRequest(self.url, self.headers, orjson.dumps(body))
+
+    def native_request(self, ctx: Context, upstream_model: str) -> UpstreamRequest:
+        assert ctx.native is not None
+        return UpstreamRequest(f"{self.base}/{ctx.native.dialect}", passthrough.headers(ctx, self.headers),
+                               passthrough.body(ctx, upstream_model))
 
     def translation(self, ctx: Context, content_type: str) -> Translation:
         return self.translator(content_type)

@@ -9,6 +9,7 @@ from typing import Any
 
 import orjson
 
+from proxy.dialects.answer import ChatAnswer
 from proxy.dialects.messages import FORMAT, error_doc, error_event, sse_event
 
 STOP = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use", "function_call": "tool_use",
@@ -35,29 +36,26 @@ def _arguments(raw: Any) -> Any:
     return value if isinstance(value, dict) else {"value": value}
 
 
-class MessagesAnswer:
-    """The chat answer on its way out, turned into Messages. For a stream, `feed` takes whole chat
-    events (what the meter releases) and returns Anthropic events; JSON is turned at `end`."""
+class MessagesAnswer(ChatAnswer):
+    """The chat answer on its way out, turned into Messages."""
+
+    TERMINAL = (b"event: message_stop", b"event: error")
 
     def __init__(self, request_id: str, model: str, stream: bool, input_estimate: int) -> None:
+        super().__init__(stream)
         self.id = "msg_" + request_id
         self.model = model  # the name the client asked for
-        self.stream = stream
         self.input_estimate = input_estimate
-        self._json: list[bytes] = []
-        self._started = False
         self._block: str | None = None  # the open block's kind: thinking, text, tool_use
         self._index = -1  # the open block's index
         self._tools: dict[int, int] = {}  # chat tool-call index -> block index
         self._signature = ""
         self._stop: str | None = None
         self._usage: dict[str, int] | None = None
-        self._done = False
 
     @property
-    def over(self) -> bool:
-        """The stream has ended (message_stop, or an error event): only the connection's end is left."""
-        return self._done
+    def finished(self) -> bool:
+        return self._stop is not None
 
     # JSON
     def body(self, chat: bytes) -> bytes:
@@ -86,36 +84,6 @@ class MessagesAnswer:
         return orjson.dumps({"id": self.id, "type": "message", "role": "assistant", "model": self.model,
                              "content": content, "stop_reason": stop, "stop_sequence": None,
                              "usage": _usage(doc.get("usage"))})
-
-    # stream
-    def feed(self, data: bytes) -> bytes:
-        if not self.stream:
-            self._json.append(data)
-            return b""
-        out: list[bytes] = []
-        for event in data.split(b"\n\n"):
-            if not event.startswith(b"data: "):
-                if event.startswith(b":"):
-                    out.append(event + b"\n\n")  # a keep-alive comment: left as it is
-                continue
-            payload = event[6:]
-            if payload == b"[DONE]":
-                self._finish(out)
-                continue
-            try:
-                chunk = orjson.loads(payload)
-            except orjson.JSONDecodeError:
-                continue
-            self._chunk(chunk, out)
-        return b"".join(out)
-
-    def end(self) -> bytes:
-        if not self.stream:
-            return self.body(b"".join(self._json)) if self._json else b""
-        out: list[bytes] = []
-        if not self._done and self._stop is not None:
-            self._finish(out)
-        return b"".join(out)
 
     def error_body(self, status: int, message: str) -> bytes:
         """An error answer (nothing sent yet) in Anthropic's shape."""
@@ -200,7 +168,7 @@ class MessagesAnswer:
             if finish:
                 self._stop = "tool_use" if self._tools else STOP.get(finish, "end_turn")
 
-    def _finish(self, out: list[bytes]) -> None:
+    def _end_stream(self, out: list[bytes]) -> None:
         if self._done:
             return
         self._done = True

@@ -1,0 +1,129 @@
+"""Passthrough: a Messages or Responses request sent as it came to a provider that speaks that
+dialect, its answer relayed byte for byte (the meter reads the dialect's own usage events).
+
+The only edits to the body: the model (the provider's id for the catalog's model), and what a stage
+changed of the reasoning (an auto model's tier), written the dialect's way. When only the model
+changes, it is spliced into the bytes, so thinking blocks and their signatures go back exactly as
+they were received.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+if TYPE_CHECKING:
+    from proxy.context import Context, Native
+
+_MODEL = re.compile(rb'(?<!\\)"model"\s*:\s*')
+ANTHROPIC_HEADERS = ("anthropic-version", "anthropic-beta")
+
+
+def _splice(raw: bytes, model: str) -> bytes | None:
+    """`raw` with its one `"model"` value replaced; None when the key occurs more than once (a
+    nested object also has one) or its value is not a plain string."""
+    found = _MODEL.findall(raw, 0)
+    if len(found) != 1:
+        return None
+    m = _MODEL.search(raw)
+    assert m is not None
+    start = m.end()
+    if raw[start:start + 1] != b'"':
+        return None
+    end = raw.find(b'"', start + 1)
+    while end > 0 and raw[end - 1:end] == b"\\":  # an escaped quote inside the name
+        end = raw.find(b'"', end + 1)
+    if end < 0:
+        return None
+    return b"".join((raw[:start], orjson.dumps(model), raw[end + 1:]))
+
+
+def _changes(ctx: Context, native: Native) -> dict[str, Any]:
+    """What the stages changed of the request's reasoning, in the dialect's own fields."""
+    body = ctx.body
+    reasoning, verbosity = body.get("reasoning"), body.get("verbosity")
+    if reasoning == native.reasoning and verbosity == native.verbosity:
+        return {}
+    wish = reasoning if isinstance(reasoning, dict) else {}
+    effort = wish.get("effort") if isinstance(wish.get("effort"), str) else None
+    if native.dialect == "messages":
+        # The hosted gateway's frontier tier: adaptive thinking, its verbosity as the effort.
+        config = native.body.get("output_config") if isinstance(native.body.get("output_config"), dict) else {}
+        changes: dict[str, Any] = {}
+        if wish.get("enabled") is False:
+            changes["thinking"] = {"type": "disabled"}
+        elif wish:
+            changes["thinking"] = {"type": "adaptive"}
+        level = verbosity if isinstance(verbosity, str) else effort
+        if level:
+            changes["output_config"] = {**config, "effort": level}
+        return changes
+    changes = {}
+    if wish:
+        old = native.body.get("reasoning") if isinstance(native.body.get("reasoning"), dict) else {}
+        changes["reasoning"] = {**old, "effort": "none" if wish.get("enabled") is False else effort or "medium"}
+    if isinstance(verbosity, str):
+        old_text = native.body.get("text") if isinstance(native.body.get("text"), dict) else {}
+        changes["text"] = {**old_text, "verbosity": verbosity}
+    return changes
+
+
+def body(ctx: Context, upstream_model: str) -> bytes:
+    """The native request's body for the provider, with only what must change changed."""
+    native = ctx.native
+    assert native is not None
+    changes = _changes(ctx, native)
+    if not changes:
+        spliced = _splice(native.raw, upstream_model)
+        if spliced is not None:
+            return spliced
+    return orjson.dumps({**native.body, **changes, "model": upstream_model})
+
+
+def headers(ctx: Context, base: dict[str, str]) -> dict[str, str]:
+    """The provider's own headers (its key), plus the client's Anthropic version and betas for a
+    Messages request: the client's credentials are never forwarded."""
+    native = ctx.native
+    if native is None or native.dialect != "messages":
+        return base
+    given = ctx.request.headers
+    extra = {name: given[name] for name in ANTHROPIC_HEADERS if name in given}
+    return {**base, **extra} if extra else base
+
+
+class MessagesUsage:
+    """Anthropic's usage as it streams: `message_start` gives the input, `message_delta` the
+    cumulative output (and, from some providers, the input again). Chat usage out."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, Any] = {}
+
+    def __call__(self, u: dict[str, Any]) -> dict[str, Any]:
+        self.counts.update((k, v) for k, v in u.items() if v is not None)
+        c = self.counts
+        read, write = _int(c.get("cache_read_input_tokens")), _int(c.get("cache_creation_input_tokens"))
+        prompt = _int(c.get("input_tokens")) + read + write
+        completion = _int(c.get("output_tokens"))
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+                "prompt_tokens_details": {"cached_tokens": read, "cache_write_tokens": write}}
+
+
+def responses_usage(u: dict[str, Any]) -> dict[str, Any]:
+    """Responses usage to chat usage: both count cached tokens inside the input."""
+    pd = u.get("input_tokens_details") if isinstance(u.get("input_tokens_details"), dict) else {}
+    od = u.get("output_tokens_details") if isinstance(u.get("output_tokens_details"), dict) else {}
+    prompt, completion = u.get("input_tokens"), u.get("output_tokens")
+    return {"prompt_tokens": prompt, "completion_tokens": completion,
+            "prompt_tokens_details": {"cached_tokens": _int(pd.get("cached_tokens"))},
+            "completion_tokens_details": {"reasoning_tokens": _int(od.get("reasoning_tokens"))}}
+
+
+def _int(v: Any) -> int:
+    return v if type(v) is int and v > 0 else 0
+
+
+def reader(dialect: str) -> Any:
+    """The usage reader of a dialect's answers, for the meter."""
+    return MessagesUsage() if dialect == "messages" else responses_usage
