@@ -37,8 +37,17 @@ class Model:
     bounds: Bounds  # the most tokens an answer can count: upstream usage beyond them is not believed
 
 
+# The dialects a client may be told to speak for a model (`opencode.ai_sdk_provider`, read by the Kilo
+# CLI): Anthropic Messages, OpenAI Responses, chat completions. The gateway serves each for every
+# model; another (Gemini's own, say) would send the client to a route that does not exist.
+SERVED_DIALECTS = ("anthropic", "openai", "openai-compatible", "openrouter")
+
+
 def _model(row: dict[str, Any]) -> Model:
     entry = {k: v for k, v in row.items() if k not in _PRIVATE}
+    opencode = entry.get("opencode")
+    if isinstance(opencode, dict) and "ai_sdk_provider" in opencode and opencode["ai_sdk_provider"] not in SERVED_DIALECTS:
+        entry["opencode"] = {k: v for k, v in opencode.items() if k != "ai_sdk_provider"}
     model_id = entry["id"]
     free = bool(row.get("free", False)) or is_free_id(model_id)
     entry.setdefault("name", model_id)

@@ -94,3 +94,20 @@ def test_body_is_serialised_once_per_change():
     assert catalog.body is body
     catalog.update([{"id": "x/y", "name": "X", "context_length": 1}])
     assert catalog.body is not body and b'"x/y"' in catalog.body
+
+
+async def test_models_advertise_only_dialects_the_gateway_serves(gateway):
+    """The Kilo CLI speaks to a model in the dialect `opencode.ai_sdk_provider` names: Messages for
+    Claude, Responses for OpenAI's models (both served for every model), never one it lacks."""
+    client = await gateway(models=[{"id": "google/gemini-2.5-flash", "opencode": {"ai_sdk_provider": "google", "family": "gemini"}}])
+    entries = {e["id"]: e for e in (await (await client.get("/api/openrouter/models")).json())["data"]}
+    assert entries["kilo-auto/frontier"]["opencode"]["ai_sdk_provider"] == "anthropic"
+    assert entries["anthropic/claude-sonnet-4.6"]["opencode"]["ai_sdk_provider"] == "anthropic"
+    assert entries["openai/gpt-5.4"]["opencode"]["ai_sdk_provider"] == "openai"
+    assert entries["google/gemini-2.5-flash"]["opencode"] == {"family": "gemini"}
+    served = {"anthropic": "/api/openrouter/messages", "openai": "/api/openrouter/responses"}
+    for entry in entries.values():
+        dialect = entry.get("opencode", {}).get("ai_sdk_provider")
+        assert dialect is None or dialect in served
+    for path in served.values():  # each route exists (a bad body, not a 404)
+        assert (await client.post(path, data=b"{}")).status == 400
