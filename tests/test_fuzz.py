@@ -167,6 +167,44 @@ def test_anthropic_messages_garbage(served, body, stream, auth):
         check_anthropic(*send(port, "POST", "/v1/messages/count_tokens", json.dumps(body).encode(), headers))
 
 
+items = st.fixed_dictionaries(
+    {},
+    optional={"type": st.sampled_from(["message", "function_call", "function_call_output", "reasoning", "item_reference",
+                                       "web_search_call", "x"]) | json_values,
+              "role": st.sampled_from(["user", "assistant", "system", "developer", "x"]) | json_values,
+              "content": st.text(max_size=30) | st.lists(st.fixed_dictionaries(
+                  {"type": st.sampled_from(["input_text", "output_text", "input_image", "input_file", "refusal", "x"])},
+                  optional={"text": json_values, "image_url": json_values, "file_data": json_values, "detail": json_values}),
+                  max_size=3) | json_values,
+              "call_id": json_values, "name": json_values, "arguments": json_values, "output": json_values,
+              "namespace": json_values, "summary": json_values,
+              "encrypted_content": st.sampled_from(["turnstile:", "turnstile:e30=", "turnstile:W3t9XQ==", "gAAA"]) | json_values})
+responses_bodies = st.fixed_dictionaries(
+    {"model": st.sampled_from(["gpt-5.4", "openai/gpt-5.4", "claude-sonnet-4-6", "kilo-auto/frontier", "kilo-auto/balanced",
+                               "minimax/minimax-m2.5:free", "google/gemini-2.5-flash", "gpt-9", ""]) | json_values},
+    optional={"input": st.text(max_size=30) | st.lists(items, max_size=4) | json_values,
+              **{f: json_values for f in ("instructions", "tools", "tool_choice", "reasoning", "text", "max_output_tokens",
+                                          "store", "previous_response_id", "temperature", "parallel_tool_calls",
+                                          "include", "stream", "metadata", "background")}},
+)
+
+
+@FUZZ
+@given(body=responses_bodies, stream=st.booleans(), auth=st.sampled_from(["", "Bearer anonymous", "Bearer tsk_nope"]),
+       base=st.sampled_from(["/v1", "/api/gateway", "/api/openrouter"]))
+def test_responses_garbage(served, body, stream, auth, base):
+    """The Responses route, as the OpenAI SDKs and Codex reach it: never a 5xx, errors in the OpenAI shape."""
+    port, _ = served
+    if stream and isinstance(body, dict):
+        body["stream"] = True
+    headers = {"Content-Type": "application/json", **({"Authorization": auth} if auth else {})}
+    status, answer, content_type = send(port, "POST", base + "/responses", json.dumps(body).encode(), headers)
+    assert status < 500, (status, answer[:300])
+    if status >= 400:
+        assert content_type.startswith("application/json"), (status, answer[:300])
+        assert isinstance(json.loads(answer)["error"]["message"], str)
+
+
 @FUZZ
 @given(raw=st.binary(max_size=2000) | st.text(max_size=2000).map(lambda t: t.encode("utf-8", "surrogatepass")))
 def test_random_bytes(served, raw):
@@ -181,6 +219,10 @@ def test_deep_truncated_and_huge(served, depth, cut, big):
     nested = (b"[" * depth + b"]" * depth)
     body = b'{"model": "openai/gpt-5.4", "messages": ' + nested + b"}"
     check(*send(port, "POST", "/v1/chat/completions", body[: max(len(body) - cut, 0)], {}))
+    for path, field in (("/v1/responses", b"input"), ("/v1/messages", b"messages")):
+        deep = b'{"model": "gpt-5.4", "max_tokens": 5, "' + field + b'": [{"role": "user", "content": ' + nested + b"}]}"
+        status, answer, _ = send(port, "POST", path, deep[: max(len(deep) - cut, 0)], {})
+        assert status < 500 and b"error" in answer, (status, answer[:300])
     huge = json.dumps({"model": "minimax/minimax-m2.5:free", "messages": [{"role": "user", "content": "x" * big}]}).encode()
     check(*send(port, "POST", "/v1/chat/completions", huge, {}))
 
