@@ -4,7 +4,7 @@ The same build gives the same count (within about 1%) however busy the machine i
 moves by ±20% on a shared one.
 
     python deploy/loadtest/instructions.py                       # chat, 1,000 requests, 30 s to 2 min
-    python deploy/loadtest/instructions.py --scenario stream --requests 500   # or anonymous, anthropic, gemini, messages
+    python deploy/loadtest/instructions.py --scenario stream --requests 500   # or anonymous, anthropic, gemini, messages, responses, passthrough
     python deploy/loadtest/instructions.py --floor               # and aiohttp's server and client alone
 
 Needs valgrind (Debian: apt-get install valgrind). The bare relay and Turnstile (full default
@@ -39,11 +39,18 @@ BODIES = {
     "anonymous": '{"model":"minimax/minimax-m2.5:free","messages":[{"role":"user","content":"Say hello"}]}',
     "anthropic": '{"model":"anthropic/claude-sonnet-4.6","stream":true,"messages":[{"role":"user","content":"Say hello"}]}',
     "gemini": '{"model":"google/gemini-2.5-flash","stream":true,"messages":[{"role":"user","content":"Say hello"}]}',
-    # Anthropic Messages in, over the same chat stream as `stream`: the cost of the dialect's translation.
+    # Anthropic Messages and OpenAI Responses in, over the same chat stream as `stream`: the cost of
+    # each dialect's translation.
     "messages": '{"model":"openai/gpt-5.4","stream":true,"max_tokens":100,"messages":[{"role":"user","content":"Say hello"}]}',
+    "responses": '{"model":"openai/gpt-5.4","stream":true,"input":"Say hello"}',
+    # Anthropic Messages in and out (OpenRouter serves them): the passthrough of 50 Anthropic events.
+    "passthrough": '{"model":"openai/gpt-5.4","stream":true,"max_tokens":100,"messages":[{"role":"user","content":"Say hello"}]}',
 }
 # Where each scenario's requests go on Turnstile (the bare relay serves chat completions only).
-PATHS = {"messages": "/v1/messages"}
+PATHS = {"messages": "/v1/messages", "responses": "/v1/responses", "passthrough": "/v1/messages"}
+# The translated scenarios have OpenRouter take chat completions only.
+CHAT_ONLY = '[[providers]]\nname = "openrouter"\noptions = { dialects = [] }\n'
+CONFIG = {"messages": CHAT_ONLY, "responses": CHAT_ONLY}
 # The client, run natively: `n` requests, 8 at a time; anonymous ones from many client addresses.
 CLIENT = """
 import asyncio, os, random, sys, aiohttp
@@ -220,7 +227,7 @@ def main() -> int:
     db.close()
     config = tmp / "turnstile.toml"
     config.write_text(f'[server]\ntrusted_proxies = ["127.0.0.1/32"]\n[keys]\ndb = "{tmp / "keys.db"}"\n'
-                      '[logging]\nformat = "json"\n')
+                      '[logging]\nformat = "json"\n' + CONFIG.get(args.scenario, ""))
     os.environ.update({"BENCH_KEY": key,  # in the environment, not on command lines that `ps` shows
                        "OPENROUTER_API_KEY": "sk-bench", "OPENROUTER_BASE_URL": f"http://127.0.0.1:{mock}/v1",
                        "ANTHROPIC_API_KEY": "sk-bench", "ANTHROPIC_BASE_URL": f"http://127.0.0.1:{mock}",

@@ -7,6 +7,29 @@ from typing import Any
 
 import orjson
 
+# The chat chunk most of a stream is made of: a delta of text only, choices the chunk's last field.
+_CONTENT = b'"delta":{"content":'
+_ENDS = (b'},"finish_reason":null}]}', b'},"logprobs":null,"finish_reason":null}]}')
+
+
+def text_only(payload: bytes) -> tuple[bytes, str] | None:
+    """(the JSON string as sent, its text) of a chunk that is a text delta and nothing else; None
+    for any other chunk. A few byte searches, where parsing the chunk builds five objects."""
+    for end in _ENDS:
+        if payload.endswith(end):
+            break
+    else:
+        return None
+    at = payload.find(_CONTENT)
+    if at < 0 or payload.find(b'"usage"') >= 0 or payload.find(b'"error"') >= 0:
+        return None
+    literal = payload[at + len(_CONTENT):len(payload) - len(end)]
+    try:
+        text = orjson.loads(literal)
+    except orjson.JSONDecodeError:  # more than the text in the delta
+        return None
+    return (literal, text) if type(text) is str else None
+
 
 class ChatAnswer:
     """Subclasses write `body` (a whole chat completion), `_chunk` (one chat chunk of a stream),
@@ -43,6 +66,11 @@ class ChatAnswer:
             if payload == b"[DONE]":
                 self._end_stream(out)
                 continue
+            fast = text_only(payload)
+            if fast is not None:
+                if fast[1] and not self._done:
+                    self._text(fast[0], fast[1], out)
+                continue
             try:
                 chunk = orjson.loads(payload)
             except orjson.JSONDecodeError:
@@ -67,6 +95,10 @@ class ChatAnswer:
         raise NotImplementedError
 
     def body(self, chat: bytes) -> bytes:
+        raise NotImplementedError
+
+    def _text(self, literal: bytes, text: str, out: list[bytes]) -> None:
+        """A text delta: `literal` is `text` as a JSON string, ready to be written."""
         raise NotImplementedError
 
     def _chunk(self, chunk: dict[str, Any], out: list[bytes]) -> None:

@@ -122,10 +122,16 @@ class MessagesAnswer(ChatAnswer):
     def _delta(self, delta: dict[str, Any]) -> bytes:
         return sse_event("content_block_delta", {"type": "content_block_delta", "index": self._index, "delta": delta})
 
-    def _text_delta(self, kind: bytes, key: bytes, text: str) -> bytes:
+    def _text_delta(self, kind: bytes, key: bytes, text: str, literal: bytes = b"") -> bytes:
         """A text or thinking delta, the most frequent event, written without building its object."""
         return b"".join((_DELTA_HEAD, str(self._index).encode(), b',"delta":{"type":"', kind, b'","', key, b'":',
-                         orjson.dumps(text), b"}}\n\n"))
+                         literal or orjson.dumps(text), b"}}\n\n"))
+
+    def _text(self, literal: bytes, text: str, out: list[bytes]) -> None:
+        self._start(out)
+        if self._block != "text":
+            self._open("text", {"type": "text", "text": ""}, out)
+        out.append(self._text_delta(b"text_delta", b"text", text, literal))
 
     def _chunk(self, chunk: dict[str, Any], out: list[bytes]) -> None:
         if self._done:

@@ -79,7 +79,7 @@ class ResponsesAnswer(ChatAnswer):
         self._texts: list[str] = []  # its text (message), summary (reasoning) or arguments (function call)
         self._tools: dict[int, int] = {}  # chat tool-call index -> output index
         self._details: list[dict[str, Any]] = []  # the upstream's reasoning details, carried for the next turn
-        self._head = b""  # the open item's delta events up to `delta`, written once per item
+        self._text_head = b""  # an output_text.delta's fields from item_id to `delta`, for the open message
         self._finish: str | None = None
         self._usage: dict[str, Any] | None = None
 
@@ -163,6 +163,26 @@ class ResponsesAnswer(ChatAnswer):
         out.append(self._event("response.output_item.added", {"output_index": index, "item": item}))
         return index
 
+    def _text(self, literal: bytes, text: str, out: list[bytes]) -> None:
+        self._start(out)
+        if self._open is None or self._open["type"] != "message":
+            self._open_message(out)
+        self._texts.append(text)
+        out.append(b"".join((b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta",'
+                             b'"sequence_number":', str(self._seq).encode(), self._text_head, literal,
+                             b',"logprobs":[]}\n\n')))
+        self._seq += 1
+
+    def _open_message(self, out: list[bytes]) -> None:
+        index = self._open_item({"id": f"msg_{self.rid}_{len(self._items) + (self._open is not None)}",
+                                 "type": "message", "status": "in_progress", "content": [], "role": "assistant"}, out)
+        item_id = self._open["id"]  # type: ignore[index]
+        out.append(self._event("response.content_part.added", {
+            "item_id": item_id, "output_index": index, "content_index": 0,
+            "part": {"type": "output_text", "annotations": [], "logprobs": [], "text": ""}}))
+        self._text_head = b',"item_id":' + orjson.dumps(item_id) + b',"output_index":' + str(index).encode() + \
+            b',"content_index":0,"delta":'
+
     def _delta(self, kind: str, text: str, out: list[bytes], **where: Any) -> None:
         self._texts.append(text)
         out.append(self._event(kind, {"item_id": self._open["id"], "output_index": len(self._items), **where,  # type: ignore[index]
@@ -226,14 +246,7 @@ class ResponsesAnswer(ChatAnswer):
                 self._delta("response.reasoning_summary_text.delta", reasoning, out, summary_index=0)
             content = delta.get("content")
             if content:
-                if self._open is None or self._open["type"] != "message":
-                    index = self._open_item({"id": f"msg_{self.rid}_{len(self._items) + (self._open is not None)}",
-                                             "type": "message", "status": "in_progress", "content": [],
-                                             "role": "assistant"}, out)
-                    out.append(self._event("response.content_part.added", {
-                        "item_id": self._open["id"], "output_index": index, "content_index": 0,  # type: ignore[index]
-                        "part": {"type": "output_text", "annotations": [], "logprobs": [], "text": ""}}))
-                self._delta("response.output_text.delta", content, out, content_index=0)
+                self._text(orjson.dumps(content), content, out)
             for call in delta.get("tool_calls") or ():
                 position = call.get("index", 0)
                 fn = call.get("function") or {}
