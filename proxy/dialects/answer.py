@@ -3,6 +3,8 @@ it (whole server-sent events, or a JSON body held to its end) and goes out in th
 
 from __future__ import annotations
 
+from itertools import repeat
+from operator import itemgetter
 from typing import Any
 
 import orjson
@@ -10,6 +12,19 @@ import orjson
 # The chat chunk most of a stream is made of: a delta of text only, choices the chunk's last field.
 _CONTENT = b'"delta":{"content":'
 _ENDS = (b'},"finish_reason":null}]}', b'},"logprobs":null,"finish_reason":null}]}')
+
+
+def _plain_text(chunk: dict[str, Any]) -> bool:
+    """A chunk that carries text and nothing else that matters."""
+    choices = chunk.get("choices")
+    if chunk.get("usage") or "error" in chunk or not isinstance(choices, list) or len(choices) != 1:
+        return False
+    choice = choices[0]
+    delta = choice.get("delta") if isinstance(choice, dict) else None
+    if not isinstance(delta, dict) or choice.get("finish_reason") or not isinstance(delta.get("content"), str):
+        return False
+    return not any(delta.get(k) for k in ("tool_calls", "reasoning", "reasoning_content", "reasoning_details",
+                                           "function_call", "refusal")) and bool(delta["content"])
 
 
 def text_only(payload: bytes) -> tuple[bytes, str] | None:
@@ -56,28 +71,124 @@ class ChatAnswer:
         if not self.stream:
             self._json.append(data)
             return b""
+        if data.find(b"\r") >= 0:
+            data = data.replace(b"\r\n", b"\n")
         out: list[bytes] = []
-        for event in data.split(b"\n\n"):
-            if not event.startswith(b"data: "):
-                if event.startswith(b":"):
-                    out.append(event + b"\n\n")  # a keep-alive comment: left as it is
-                continue
-            payload = event[6:]
-            if payload == b"[DONE]":
-                self._end_stream(out)
-                continue
-            fast = text_only(payload)
-            if fast is not None:
-                if fast[1] and not self._done:
-                    self._text(fast[0], fast[1], out)
-                continue
-            try:
-                chunk = orjson.loads(payload)
-            except orjson.JSONDecodeError:
-                continue
-            if isinstance(chunk, dict):
-                self._chunk(chunk, out)
+        pos, size = 0, len(data)
+        while pos < size:
+            if self._prefix and data.startswith(self._prefix, pos):
+                end = self._run(data, pos, out)
+                if end > pos:
+                    pos = end
+                    continue
+            cut = data.find(b"\n\n", pos)
+            if cut < 0:
+                cut = size
+            self._chat_event(data[pos:cut], out)
+            pos = cut + 2
         return b"".join(out)
+
+    def _chat_event(self, event: bytes, out: list[bytes]) -> None:
+        if event.startswith(b"data: ") and event.find(b"\n") < 0:
+            payload = event[6:]
+        elif event.startswith(b":"):
+            out.append(event + b"\n\n")  # a keep-alive comment: left as it is
+            return
+        else:  # other fields (`id:`, `event:`), `data:` without its space, data over several lines
+            lines = [line[5:].removeprefix(b" ") for line in event.split(b"\n") if line.startswith(b"data:")]
+            if not lines:
+                return
+            payload = b"\n".join(lines)
+        if payload == b"[DONE]":
+            self._end_stream(out)
+            return
+        fast = text_only(payload)
+        if fast is not None:
+            if fast[1] and not self._done:
+                self._text(fast[0], fast[1], out)
+                if self._prefix is None:
+                    self._learn(payload)
+            return
+        try:
+            chunk = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            return
+        if isinstance(chunk, dict):
+            if self._prefix is None and _plain_text(chunk):
+                self._chunk(chunk, out)
+                self._learn(payload)
+            else:
+                self._chunk(chunk, out)
+
+    # -- runs of text chunks --------------------------------------------------------------------
+    # Upstreams send most of a stream as chunks that differ only in their text: the same bytes before
+    # it (id, model, `"delta":{"content":`) and after it. Learnt from the first such chunk, a run of
+    # them is turned in a few byte operations, whatever its length (see `_run`).
+
+    _prefix: bytes | None = None  # `data: ` and the chunk's bytes before its text's JSON string
+    _suffix = b""  # the bytes after it, with the event's end
+
+    def _learn(self, payload: bytes) -> None:
+        """The prefix and suffix of a text chunk, if its text's JSON string can be found for sure."""
+        at = payload.find(b'"content":"')
+        if at < 0 or payload.find(b'"content":', at + 1) >= 0:
+            self._prefix = b""  # not to be tried again
+            return
+        start = at + 10
+        end = payload.find(b'"', start + 1)
+        while end > 0 and payload[end - 1] == 92:  # an escaped quote (or an escaped backslash: then give up)
+            if payload[end - 2] == 92:
+                self._prefix = b""
+                return
+            end = payload.find(b'"', end + 1)
+        if end < 0:
+            self._prefix = b""
+            return
+        self._prefix = b"data: " + payload[:start]
+        self._suffix = payload[end + 1:] + b"\n\n"
+
+    def _run(self, data: bytes, pos: int, out: list[bytes]) -> int:
+        """Where the run of text chunks at `pos` ends, its events made; `pos` when there is none
+        (the chunk at `pos` then goes the usual way). Each step is one C-level pass over the run:
+        per chunk, Python would cost more than the rest of the request."""
+        head = self._run_head()
+        if head is None:
+            return pos
+        suffix, prefix = self._suffix, self._prefix
+        end = data.rfind(b'"' + suffix, pos)
+        if end < 0:
+            return pos
+        end += 1 + len(suffix)
+        pieces = data[pos:end].split(suffix)
+        pieces.pop()  # what follows the last suffix: nothing
+        n = len(pieces)
+        # Every piece is the prefix and one JSON string: the prefix is where it should be, and the
+        # strings, put in an array, parse as n strings (anything else between would show).
+        if not all(map(bytes.startswith, pieces, repeat(prefix))):
+            return pos
+        strings = list(map(itemgetter(slice(len(prefix), None)), pieces))
+        joined = b",".join(strings)
+        if not joined.startswith(b'"') or joined.count(b',"') != n - 1:
+            return pos
+        try:
+            if len(orjson.loads(b"[" + joined + b"]")) != n:
+                return pos
+        except orjson.JSONDecodeError:
+            return pos
+        tail = self._run_tail
+        out.append(head + (tail + head).join(strings) + tail)
+        self._ran(strings)
+        return end
+
+    _run_tail = b"}}\n\n"
+
+    def _run_head(self) -> bytes | None:
+        """The bytes of a text delta event before its JSON string, for the block open now; None when
+        runs are not made here (the next text chunk goes the usual way)."""
+        return None
+
+    def _ran(self, strings: list[bytes]) -> None:
+        """Text chunks were turned as a run: these are their texts, as JSON strings."""
 
     def end(self) -> bytes:
         """What is left once the chat answer has ended: the whole JSON answer, or the closing events
