@@ -29,6 +29,7 @@ class Native:
     raw: bytes
     reasoning: Any = None
     verbosity: Any = None
+    untranslatable: str | None = None  # why it must be passed through (server tools), if it must
 
 
 @dataclass(slots=True)

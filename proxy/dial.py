@@ -82,6 +82,9 @@ class Dialer:
             provider = route.provider
             outcome.provider = provider.name
             native = ctx.native is not None and ctx.native.dialect in getattr(provider, "speaks", ())
+            if not native and ctx.native is not None and ctx.native.untranslatable:
+                failure = invalid_request(ctx.native.untranslatable, param="tools")
+                continue  # a fallback's provider may take it as it is
             req = self._request(ctx, provider, route.upstream_model, native)
             for attempt in range(self.settings.retries + 1):
                 last_try = attempt == self.settings.retries

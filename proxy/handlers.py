@@ -136,8 +136,16 @@ class DialectHandler(ChatHandler):
         try:
             body = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
+            if str(exc).startswith("depth limit exceeded"):
+                raise invalid_request(_TOO_DEEP) from None
             raise invalid_request(f"Request body is not valid JSON: {exc}") from None
-        return self.check(body)
+        body = self.check(body)
+        if raw.count(b"[") + raw.count(b"{") > MAX_DEPTH and _deeper_than(body, MAX_DEPTH):
+            raise invalid_request(_TOO_DEEP)
+        name = body.get("model")
+        if not isinstance(name, str) or not name.strip():
+            raise invalid_request("Invalid request: `model` is required, a model id as a string.", param="model")
+        return body
 
     def check(self, body: Any) -> dict[str, Any]:
         raise NotImplementedError
@@ -148,6 +156,9 @@ class DialectHandler(ChatHandler):
     def answer(self, outcome: Outcome, name: str, body: dict[str, Any], chat: dict[str, Any], raw: bytes) -> Any:
         raise NotImplementedError
 
+    def untranslatable(self, body: dict[str, Any]) -> str | None:
+        return None
+
     async def __call__(self, request: web.Request, outcome: Outcome) -> web.StreamResponse:
         raw = await self._body(request)
         body = self._request(raw)
@@ -157,10 +168,14 @@ class DialectHandler(ChatHandler):
             models = request.path.rsplit("/" + self.dialect, 1)[0] + "/models"
             raise GatewayError(404, "model_not_found", f"model: {str(name)[:120]!r} is not a model this gateway "
                                f"serves; its models are listed at {models}.", param="model")
-        chat = self.to_chat(body)
+        try:
+            chat = self.to_chat(body)
+            outbound = self.answer(outcome, name, body, chat, raw)
+        except (TypeError, AttributeError, ValueError, KeyError):  # a field of a type the dialect does not have there
+            raise invalid_request(f"Invalid request: a field has a type the {self.dialect.title()} API does not "
+                                  "allow there.") from None
         chat["model"] = model.id
-        native = Native(self.dialect, body, raw, chat.get("reasoning"), chat.get("verbosity"))
-        outbound = self.answer(outcome, name, body, chat, raw)
+        native = Native(self.dialect, body, raw, chat.get("reasoning"), chat.get("verbosity"), self.untranslatable(body))
         return await self._run(request, outcome, chat, len(raw), name, model, outbound, native)
 
 
@@ -170,6 +185,7 @@ class MessagesHandler(DialectHandler):
     dialect = "messages"
     check = staticmethod(messages.check)  # type: ignore[assignment]
     to_chat = staticmethod(messages.to_chat)  # type: ignore[assignment]
+    untranslatable = staticmethod(messages.untranslatable)  # type: ignore[assignment]
 
     def answer(self, outcome: Outcome, name: str, body: dict[str, Any], chat: dict[str, Any], raw: bytes) -> Any:
         # message_start's input estimate: a token per four bytes of the request, already at hand.
@@ -196,8 +212,7 @@ class ResponsesHandler(DialectHandler):
     to_chat = staticmethod(responses.to_chat)  # type: ignore[assignment]
 
     def answer(self, outcome: Outcome, name: str, body: dict[str, Any], chat: dict[str, Any], raw: bytes) -> Any:
-        namespaced = any(isinstance(t, dict) and t.get("type") == "namespace" for t in body.get("tools") or ())
-        return ResponsesAnswer(outcome.request_id, body, chat.get("stream") is True, namespaced)
+        return ResponsesAnswer(outcome.request_id, body, chat.get("stream") is True, responses.namespaced(body))
 
 
 class ModelsHandler:

@@ -17,6 +17,7 @@ import orjson
 
 # Each searched for in its compact form (as OpenAI, OpenRouter and most providers send it) and spaced.
 _MARKERS = (b'"usage":{', b'"usage": {')
+_NATIVE_COUNTS = (b"message_start", b"message_delta", b"response.completed", b"response.incomplete", b"response.failed")
 _FINISHES = (b'"finish_reason":"', b'"finish_reason": "')
 _FINISH = re.compile(rb'"finish_reason"\s*:\s*"([a-z_]+)"')
 HOLD = 16 * 1024  # also longer than any provider key
@@ -166,7 +167,7 @@ class Meter:
     """Watches one response on its way out; `usage` and `cost_micros` are set once seen."""
 
     __slots__ = ("prices", "bounds", "stream", "secret", "usage", "doubted", "cost_micros", "finish_reason", "events",
-                 "native", "partial", "_pending")
+                 "native", "partial", "_parts", "_pending")
 
     def __init__(self, prices: Prices, stream: bool, bounds: Bounds = Bounds(UNKNOWN, UNKNOWN),
                  secret: bytes = b"", native: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> None:
@@ -186,6 +187,7 @@ class Meter:
         # chat usage) and left as they are; `partial` is what a stream said before its final count.
         self.native = native
         self.partial: dict[str, Any] | None = None
+        self._parts: list[bytes] = []  # a passed-through JSON answer, but for its held tail
         self._pending = b""
 
     def feed(self, chunk: bytes) -> bytes:
@@ -218,6 +220,8 @@ class Meter:
             self._pending = data
             return b""
         self._pending = data[-HOLD:]
+        if self.native is not None:  # the whole body is read at its end, for its usage
+            self._parts.append(data[:-HOLD])
         return data[:-HOLD]
 
     def finish(self) -> bytes:
@@ -233,7 +237,7 @@ class Meter:
         if self.secret and self.secret in body:
             body = body.replace(self.secret, REDACTED)
         if self.native is not None:
-            return self._read_native(body)
+            return self._native_whole(body)
         at = _last(body, _FINISHES)
         if at >= 0:
             self._finish_at(body, at)
@@ -265,21 +269,54 @@ class Meter:
         return b"".join((data[:start], encoded, data[end:]))
 
     def _read_native(self, data: bytes) -> bytes:
-        """Every usage object in `data`, read in order; `data` itself goes out as it came. In a stream
-        only the count of the answer's last event is final (Anthropic's `message_delta`, the
-        Responses terminal event); an earlier one (`message_start`) is kept as `partial`."""
-        at = data.find(b'"usage"')
+        """The usage of a passed-through stream, read from the events that carry it in its dialect
+        (Anthropic's `message_start`, then the final count in `message_delta`; the Responses
+        terminal event), each parsed whole: a `usage` key elsewhere (in a tool's schema) is not
+        mistaken for it. `data` itself goes out as it came."""
+        at = data.find(b'"usage":')
         while at >= 0:
-            found = _usage(data, at) if data.startswith(_MARKERS, at) else None
-            if found is not None and isinstance(found[2], dict):
-                usage = self.native(found[2])  # type: ignore[misc]
-                event = data.rfind(b"\n\n", 0, at)
-                if not self.stream or data.find(b"message_start", event + 1, at) < 0:
-                    self._believe(usage)
-                else:
-                    self.partial = usage
-            at = data.find(b'"usage"', at + 7)
+            start = data.rfind(b"\n\n", 0, at)
+            start = 0 if start < 0 else start + 2
+            end = data.find(b"\n\n", at)
+            end = len(data) if end < 0 else end
+            self._native_event(data[start:end])
+            at = data.find(b'"usage":', end)
         return data
+
+    def _native_event(self, event: bytes) -> None:
+        line = event.find(b"data:")
+        if line < 0 or not any(event.find(kind, 0, line + 40) >= 0 for kind in _NATIVE_COUNTS):
+            return  # not an event that counts (a response.created with `"usage":null`, say): not parsed
+        try:
+            doc = orjson.loads(event[line + 5:].split(b"\n", 1)[0])
+        except orjson.JSONDecodeError:
+            return
+        if not isinstance(doc, dict):
+            return
+        kind = doc.get("type")
+        if kind == "message_start":
+            usage = (doc.get("message") or {}).get("usage") if isinstance(doc.get("message"), dict) else None
+            if isinstance(usage, dict):
+                self.partial = self.native(usage)  # type: ignore[misc]
+        elif kind == "message_delta":
+            self._native_usage(doc.get("usage"))
+        elif kind in ("response.completed", "response.incomplete", "response.failed"):
+            response = doc.get("response")
+            self._native_usage(response.get("usage") if isinstance(response, dict) else None)
+
+    def _native_usage(self, usage: Any) -> None:
+        if isinstance(usage, dict):
+            self._believe(self.native(usage))  # type: ignore[misc]
+
+    def _native_whole(self, body: bytes) -> bytes:
+        """A passed-through JSON answer: its top-level usage (Anthropic's message, the Responses object)."""
+        try:
+            doc = orjson.loads(b"".join(self._parts) + body if self._parts else body)
+        except orjson.JSONDecodeError:
+            return body
+        if isinstance(doc, dict):
+            self._native_usage(doc.get("usage"))
+        return body
 
     def observe(self, usage: dict[str, Any]) -> None:
         """Usage a translator saw but the client did not ask to be sent."""

@@ -53,6 +53,7 @@ class Reply:
         self.secrets = secrets  # every provider key, for error bodies
         self.last_write = 0.0
         self._over = False  # the answer's [DONE] was sent: what breaks after it loses nothing
+        self._sse = False  # the answer is a stream of server-sent events
         self._timer: asyncio.TimerHandle | None = None
         self._ticking: asyncio.Task[None] | None = None
 
@@ -182,6 +183,7 @@ class Reply:
     async def _relay(self, provider: Provider, upstream: aiohttp.ClientResponse, translation: Translation,
                      meter: Meter, json_type: str) -> tuple[web.StreamResponse, bool]:
         status = upstream.status
+        self._sse = translation.stream
         await self._settle()
         if translation.stream:
             if self.response is None:
@@ -240,7 +242,7 @@ class Reply:
         await self._write(data)
         outbound = self.outbound
         if data.endswith(DONE) or (outbound is not None and (outbound.over if self.translated is not None
-                                                             else outbound.ended(data))):
+                                                             else self._sse and outbound.ended(data))):
             self._over = True
             self._stop_ticking()  # the stream is over; only the connection's end is left
 

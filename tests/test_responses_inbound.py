@@ -134,9 +134,23 @@ async def test_gemini_upstream_function_call(gateway, upstream):
                                                     "tools": [TOOL], "stream": True})
     events = sse(await resp.read())
     lifecycle_holds(events)
-    assert events[-1]["response"]["output"][-1]["type"] == "function_call"
+    output = events[-1]["response"]["output"]
+    assert [i["type"] for i in output] == ["function_call", "reasoning"]
     assert events[-1]["response"]["usage"]["input_tokens"] > 0
     assert upstream.seen[0].path.startswith("/models/gemini-2.5-flash:streamGenerateContent")
+    # Gemini's thought signature came with the call: it rides in a reasoning item, and goes back with
+    # the call on the next turn, as Gemini requires.
+    upstream.replay = fixture_lines("gemini-stream-text-thought-signature.jsonl")
+    resp = await client.post("/v1/responses", json={"model": "gemini-2.5-flash", "tools": [TOOL], "stream": True, "input": [
+        {"role": "user", "content": "Weather in Paris?"}, *output,
+        {"type": "function_call_output", "call_id": output[0]["call_id"], "output": "Sunny"}]})
+    lifecycle_holds(sse(await resp.read()))
+    turns = upstream.seen[-1].body["contents"]
+    call = next(p for t in turns for p in t["parts"] if "functionCall" in p)
+    signature = next(e for e in fixture_lines("gemini-stream-function-call.jsonl")
+                     for c in e.get("candidates", []) for p in c["content"]["parts"] if "thoughtSignature" in p)
+    assert call["thoughtSignature"] == next(p["thoughtSignature"] for c in signature["candidates"]
+                                            for p in c["content"]["parts"] if "thoughtSignature" in p)
 
 
 async def test_usage_and_cost_reach_the_ledger(kilo, upstream, account, keys_db):

@@ -50,7 +50,9 @@ class ChatAnswer:
     """Subclasses write `body` (a whole chat completion), `_chunk` (one chat chunk of a stream),
     `_end_stream` (the stream's closing events), `error` and `error_body`."""
 
-    TERMINAL: tuple[bytes, ...] = ()  # what only the last event of a stream in the dialect holds
+    # What only the last event of a stream in the dialect holds: an event line (a JSON string cannot
+    # hold a line break), or a data line that starts with its type.
+    TERMINAL: tuple[bytes, ...] = ()
 
     def __init__(self, stream: bool) -> None:
         self.stream = stream
@@ -196,8 +198,11 @@ class ChatAnswer:
         if not self.stream:
             return self.body(b"".join(self._json)) if self._json else b""
         out: list[bytes] = []
-        if not self._done and self.finished:
-            self._end_stream(out)
+        if not self._done:
+            if self.finished:
+                self._end_stream(out)
+            else:  # neither a finish reason nor [DONE]: a cut answer must not look whole
+                out.append(self.error(502, "The provider closed the stream before it was complete."))
         return b"".join(out)
 
     @property

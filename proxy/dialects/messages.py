@@ -50,7 +50,7 @@ def _text(content: Any) -> str:
     if isinstance(content, str):
         return content
     if isinstance(content, list):
-        return "".join(b.get("text", "") for b in content if isinstance(b, dict) and b.get("type") == "text")
+        return "".join(str(b.get("text") or "") for b in content if isinstance(b, dict) and b.get("type") == "text")
     return ""
 
 
@@ -119,7 +119,7 @@ def _assistant(content: Any, out: list[dict[str, Any]]) -> None:
             continue
         kind = block.get("type")
         if kind == "text":
-            text.append(block.get("text", ""))
+            text.append(str(block.get("text") or ""))
         elif kind == "tool_use":
             calls.append({"id": str(block.get("id", "")), "type": "function", "function": {
                 "name": block.get("name", ""), "arguments": orjson.dumps(block.get("input") or {}).decode()}})
@@ -136,10 +136,19 @@ def _assistant(content: Any, out: list[dict[str, Any]]) -> None:
     out.append(message)
 
 
+SERVER_TOOLS = ("Invalid request: this model's provider is reached through chat completions, which has no server "
+                "tools (web search, code execution…): only custom tools (with an `input_schema`) can be used here.")
+
+
+def untranslatable(body: dict[str, Any]) -> str | None:
+    """Why the request cannot be translated (it can still be passed through), or None."""
+    tools = body.get("tools")
+    if isinstance(tools, list) and any(isinstance(t, dict) and "input_schema" not in t for t in tools):
+        return SERVER_TOOLS
+    return None
+
+
 def _tool(tool: Any) -> dict[str, Any]:
-    if not isinstance(tool, dict) or "input_schema" not in tool:
-        raise invalid_request("Invalid request: only custom tools (with an `input_schema`) are supported.",
-                              param="tools")
     fn: dict[str, Any] = {"name": tool.get("name", ""), "parameters": tool.get("input_schema") or {}}
     if tool.get("description"):
         fn["description"] = tool["description"]
@@ -173,8 +182,10 @@ def to_chat(body: dict[str, Any]) -> dict[str, Any]:
         if isinstance(body.get(key), (int, float)) and not isinstance(body.get(key), bool):
             chat[key] = body[key]
     tools = body.get("tools")
-    if isinstance(tools, list) and tools:
-        chat["tools"] = [_tool(t) for t in tools]
+    if isinstance(tools, list) and tools:  # server tools: for a provider that runs them (`untranslatable`)
+        chat["tools"] = [_tool(t) for t in tools if isinstance(t, dict) and "input_schema" in t] or None
+        if chat["tools"] is None:
+            del chat["tools"]
     choice = body.get("tool_choice")
     if isinstance(choice, dict):
         kind = choice.get("type")
@@ -208,6 +219,21 @@ def check(body: Any, counting: bool = False) -> dict[str, Any]:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
         raise invalid_request("messages: must be a non-empty array of objects.", param="messages")
+    for i, m in enumerate(messages):
+        content = m.get("content")
+        if not isinstance(content, (str, list)) or (isinstance(content, list) and not all(isinstance(b, dict) for b in content)):
+            raise invalid_request(f"messages.{i}.content: must be a string or an array of content blocks.",
+                                  param="messages")
+        if m.get("role") not in ("user", "assistant", "system"):
+            raise invalid_request(f"messages.{i}.role: must be \"user\" or \"assistant\".", param="messages")
+    for field, kinds in (("system", (str, list)), ("tools", list), ("stop_sequences", list), ("tool_choice", dict),
+                         ("thinking", dict), ("metadata", dict), ("output_config", dict)):
+        if body.get(field) is not None and not isinstance(body[field], kinds):
+            raise invalid_request(f"{field}: has the wrong type.", param=field)
+    if isinstance(body.get("tools"), list) and not all(isinstance(t, dict) for t in body["tools"]):
+        raise invalid_request("tools: every tool must be an object.", param="tools")
+    if isinstance(body.get("stop_sequences"), list) and not all(isinstance(x, str) for x in body["stop_sequences"]):
+        raise invalid_request("stop_sequences: must be an array of strings.", param="stop_sequences")
     if not counting:
         limit = body.get("max_tokens")
         if type(limit) is not int or limit < 0:

@@ -39,7 +39,7 @@ def _arguments(raw: Any) -> Any:
 class MessagesAnswer(ChatAnswer):
     """The chat answer on its way out, turned into Messages."""
 
-    TERMINAL = (b"event: message_stop", b"event: error")
+    TERMINAL = (b"event: message_stop\n", b"event: error\n", b'data: {"type":"message_stop"')
 
     def __init__(self, request_id: str, model: str, stream: bool, input_estimate: int) -> None:
         super().__init__(stream)
@@ -93,6 +93,8 @@ class MessagesAnswer(ChatAnswer):
 
     def error(self, status: int, message: str) -> bytes:
         """The error that ends a stream: Anthropic's `error` event, then nothing (never a fake end)."""
+        if self._done:
+            return b""
         self._done = True
         return error_event(status, message)
 

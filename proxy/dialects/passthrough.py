@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from proxy.dialects.responses import CARRIED
+
 if TYPE_CHECKING:
     from proxy.context import Context, Native
 
@@ -21,19 +23,26 @@ _MODEL = re.compile(rb'(?<!\\)"model"\s*:\s*')
 ANTHROPIC_HEADERS = ("anthropic-version", "anthropic-beta")
 
 
+_FIRST = re.compile(rb'\s*\{\s*"model"\s*:\s*')  # the body's first key (Claude Code's, Codex's, the SDKs')
+
+
 def _splice(raw: bytes, model: str) -> bytes | None:
-    """`raw` with its one `"model"` value replaced; None when the key occurs more than once (a
-    nested object also has one) or its value is not a plain string."""
-    found = _MODEL.findall(raw, 0)
-    if len(found) != 1:
-        return None
-    m = _MODEL.search(raw)
-    assert m is not None
+    """`raw` with its top-level `"model"` value replaced: the first key, or else the only `"model"`
+    key of the body; None when it cannot be told from the bytes alone (the body is then written anew)."""
+    m = _FIRST.match(raw)
+    if m is None:
+        found = _MODEL.findall(raw)
+        if len(found) != 1:
+            return None
+        m = _MODEL.search(raw)
+        assert m is not None
     start = m.end()
     if raw[start:start + 1] != b'"':
         return None
     end = raw.find(b'"', start + 1)
-    while end > 0 and raw[end - 1:end] == b"\\":  # an escaped quote inside the name
+    while end > 0 and raw[end - 1] == 92:  # an escaped quote, or an escaped backslash: written anew
+        if raw[end - 2] == 92:
+            return None
         end = raw.find(b'"', end + 1)
     if end < 0:
         return None
@@ -70,16 +79,48 @@ def _changes(ctx: Context, native: Native) -> dict[str, Any]:
     return changes
 
 
+# Not the dialect's, but OpenRouter's (fallback models, paid plugins, provider routing): what the chat
+# endpoint keeps from the provider, or prices apart, a passed-through request must not carry either.
+NOT_THE_DIALECTS = ("models", "plugins", "web_search_options", "provider", "route", "transforms")
+
+
+def _server_tool(tool: Any, dialect: str) -> bool:
+    """A tool the provider runs itself, and bills apart (web search, code execution…)."""
+    if not isinstance(tool, dict):
+        return False
+    if dialect == "messages":
+        return "input_schema" not in tool and tool.get("type") not in (None, "custom")
+    return tool.get("type") not in ("function", "namespace", "custom")
+
+
+def _dropped(ctx: Context, native: Native) -> dict[str, Any]:
+    """What of the request the provider must not get: our own reasoning items (only we can read
+    them), and, for a free model, the tools the provider runs and bills itself."""
+    changes: dict[str, Any] = {}
+    given = native.body.get("input")
+    if native.dialect == "responses" and isinstance(given, list) and native.raw.find(b'"' + CARRIED.encode()) >= 0:
+        changes["input"] = [i for i in given if not (isinstance(i, dict) and i.get("type") == "reasoning"
+                                                     and str(i.get("encrypted_content", "")).startswith(CARRIED))]
+    tools = native.body.get("tools")
+    if ctx.model.free and isinstance(tools, list) and any(_server_tool(t, native.dialect) for t in tools):
+        changes["tools"] = [t for t in tools if not _server_tool(t, native.dialect)]
+    return changes
+
+
 def body(ctx: Context, upstream_model: str) -> bytes:
     """The native request's body for the provider, with only what must change changed."""
     native = ctx.native
     assert native is not None
-    changes = _changes(ctx, native)
-    if not changes:
+    changes = _changes(ctx, native) | _dropped(ctx, native)
+    drop = [k for k in NOT_THE_DIALECTS if k in native.body]
+    if not changes and not drop:
         spliced = _splice(native.raw, upstream_model)
         if spliced is not None:
             return spliced
-    return orjson.dumps({**native.body, **changes, "model": upstream_model})
+    doc = {k: v for k, v in native.body.items() if k not in drop}
+    doc.update(changes)
+    doc["model"] = upstream_model
+    return orjson.dumps(doc)
 
 
 def headers(ctx: Context, base: dict[str, str]) -> dict[str, str]:

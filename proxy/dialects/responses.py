@@ -45,6 +45,17 @@ def check(body: Any) -> dict[str, Any]:
         raise invalid_request("Invalid request: every `input` item must be an object.", param="input")
     if body.get("stream") is not None and not isinstance(body.get("stream"), bool):
         raise invalid_request("Invalid request: `stream` must be a boolean.", param="stream")
+    for field, kinds in (("instructions", str), ("tools", list), ("tool_choice", (str, dict)), ("reasoning", dict),
+                         ("text", dict), ("metadata", dict), ("include", list)):
+        if body.get(field) is not None and not isinstance(body[field], kinds):
+            raise invalid_request(f"Invalid request: `{field}` has the wrong type.", param=field)
+    for tool in body.get("tools") or ():
+        if not isinstance(tool, dict) or not isinstance(tool.get("type"), str):
+            raise invalid_request("Invalid request: every tool must be an object with a `type`.", param="tools")
+        if tool["type"] == "function" and not (isinstance(tool.get("name"), str) and tool["name"]):
+            raise invalid_request("Invalid request: a function tool needs a `name`.", param="tools")
+    if body.get("store") is not None and not isinstance(body.get("store"), bool):
+        raise invalid_request("Invalid request: `store` must be a boolean.", param="store")
     limit = body.get("max_output_tokens")
     if limit is not None and (type(limit) is not int or limit < 1):
         raise invalid_request("Invalid request: `max_output_tokens` must be a whole number of 1 or more.",
@@ -186,6 +197,18 @@ def _tools(tools: list[Any]) -> list[dict[str, Any]]:
             for inner in tool["tools"]:
                 if isinstance(inner, dict) and inner.get("type", "function") == "function":
                     function(inner, str(tool.get("name", "")))
+    return out
+
+
+def namespaced(body: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    """Each flattened namespace function's chat name -> (namespace, its own name)."""
+    out: dict[str, tuple[str, str]] = {}
+    for tool in body.get("tools") or ():
+        if isinstance(tool, dict) and tool.get("type") == "namespace" and isinstance(tool.get("tools"), list):
+            for inner in tool["tools"]:
+                if isinstance(inner, dict) and inner.get("type", "function") == "function":
+                    out[f"{tool.get('name', '')}{NAMESPACED}{inner.get('name', '')}"] = (str(tool.get("name", "")),
+                                                                                       str(inner.get("name", "")))
     return out
 
 

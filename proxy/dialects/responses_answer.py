@@ -13,9 +13,11 @@ from typing import Any
 import orjson
 
 from proxy.dialects.answer import ChatAnswer
-from proxy.dialects.responses import CARRIED, NAMESPACED
+from proxy.dialects.responses import CARRIED
 from proxy.errors import GatewayError
 
+_CODES = {429: "rate_limit_exceeded", 402: "insufficient_quota", 401: "invalid_api_key", 403: "permission_denied",
+          404: "model_not_found"}
 _INCOMPLETE = {"length": "max_output_tokens", "content_filter": "content_filter"}
 
 
@@ -40,20 +42,17 @@ def error_doc(status: int, message: str, code: str | None = None) -> bytes:
     return orjson.dumps({"error": {k: v for k, v in error.body()["error"].items()}})
 
 
-def _split(name: str) -> tuple[str, str | None]:
-    """A chat tool name back into (name, namespace) for a namespace's function."""
-    namespace, sep, inner = name.partition(NAMESPACED)
-    return (inner, namespace) if sep and inner and namespace else (name, None)
-
-
 class ResponsesAnswer(ChatAnswer):
-    TERMINAL = (b"response.completed", b"response.incomplete", b"response.failed")
+    TERMINAL = (b"event: response.completed\n", b"event: response.incomplete\n", b"event: response.failed\n",
+                b'data: {"type":"response.completed"', b'data: {"type":"response.incomplete"',
+                b'data: {"type":"response.failed"')
 
-    def __init__(self, request_id: str, body: dict[str, Any], stream: bool, namespaced: bool = False) -> None:
+    def __init__(self, request_id: str, body: dict[str, Any], stream: bool,
+                 namespaced: dict[str, tuple[str, str]] | None = None) -> None:
         super().__init__(stream)
         self.rid = request_id
         self.id = "resp_" + request_id
-        self.namespaced = namespaced
+        self.namespaced = namespaced or {}  # a namespace function's chat name -> (namespace, name)
         self.created_at = int(time.time())
         text = body.get("text") if isinstance(body.get("text"), dict) else {}
         reasoning = body.get("reasoning") if isinstance(body.get("reasoning"), dict) else {}
@@ -77,7 +76,8 @@ class ResponsesAnswer(ChatAnswer):
         self._items: list[dict[str, Any]] = []  # finished output items
         self._open: dict[str, Any] | None = None  # the item being streamed
         self._texts: list[str] = []  # its text (message), summary (reasoning) or arguments (function call)
-        self._tools: dict[int, int] = {}  # chat tool-call index -> output index
+        self._calls: dict[int, dict[str, Any]] = {}  # chat tool-call index -> what is known of the call
+        self._order: list[int] = []  # the calls' indexes, in the order they came
         self._details: list[dict[str, Any]] = []  # the upstream's reasoning details, carried for the next turn
         self._text_head = b""  # an output_text.delta's fields from item_id to `delta`, for the open message
         self._finish: str | None = None
@@ -107,10 +107,8 @@ class ResponsesAnswer(ChatAnswer):
     def _call_item(self, fid: str, call_id: str, name: str, arguments: str, status: str) -> dict[str, Any]:
         item: dict[str, Any] = {"id": fid, "type": "function_call", "status": status, "arguments": arguments,
                                 "call_id": call_id, "name": name}
-        if self.namespaced:
-            item["name"], namespace = _split(name)
-            if namespace is not None:
-                item["namespace"] = namespace
+        if name in self.namespaced:
+            item["namespace"], item["name"] = self.namespaced[name]
         return item
 
     def _terminal(self) -> tuple[str, dict[str, Any]]:
@@ -200,11 +198,12 @@ class ResponsesAnswer(ChatAnswer):
             part = {"type": "output_text", "annotations": [], "logprobs": [], "text": text}
             out.append(self._event("response.output_text.done", {**where, "content_index": 0, "text": text, "logprobs": []}))
             out.append(self._event("response.content_part.done", {**where, "content_index": 0, "part": part}))
-            item = {**item, "status": "completed", "content": [part]}
+            item = {**item, "status": "incomplete" if self._finish == "length" else "completed", "content": [part]}
         elif kind == "reasoning":
-            part = {"type": "summary_text", "text": text}
-            out.append(self._event("response.reasoning_summary_text.done", {**where, "summary_index": 0, "text": text}))
-            out.append(self._event("response.reasoning_summary_part.done", {**where, "summary_index": 0, "part": part}))
+            if self._texts:
+                part = {"type": "summary_text", "text": text}
+                out.append(self._event("response.reasoning_summary_text.done", {**where, "summary_index": 0, "text": text}))
+                out.append(self._event("response.reasoning_summary_part.done", {**where, "summary_index": 0, "part": part}))
             item = self._reasoning_item(item["id"], text, self._details)
             self._details = []
         else:
@@ -248,17 +247,53 @@ class ResponsesAnswer(ChatAnswer):
             if content:
                 self._text(orjson.dumps(content), content, out)
             for call in delta.get("tool_calls") or ():
-                position = call.get("index", 0)
-                fn = call.get("function") or {}
-                if position not in self._tools:
-                    index = len(self._items) + (self._open is not None)
-                    self._open_item(self._call_item(f"fc_{self.rid}_{index}", call.get("id") or f"call_{self.rid}_{index}",
-                                                    fn.get("name") or "", "", "in_progress"), out)
-                    self._tools[position] = len(self._items)
-                if fn.get("arguments") and self._open is not None and self._tools[position] == len(self._items):
-                    self._delta("response.function_call_arguments.delta", fn["arguments"], out)
+                if isinstance(call, dict):
+                    self._call(call, out)
             if choice.get("finish_reason"):
                 self._finish = choice["finish_reason"]
+
+    def _call(self, call: dict[str, Any], out: list[bytes]) -> None:
+        """A tool call's piece. Its item opens once its name is known (arguments that come first wait);
+        a new id at a known index, or no index, is a call of its own; arguments for a call already
+        closed (an upstream that interleaves calls) still reach its item in the final output."""
+        fn = call.get("function") if isinstance(call.get("function"), dict) else {}
+        given_id, position = call.get("id"), call.get("index")
+        last = self._order[-1] if self._order else None
+        if not isinstance(position, int):
+            position = last if last is not None and (not given_id or self._calls[last]["id"] in (None, given_id)) else len(self._calls)
+        elif position in self._calls and given_id and self._calls[position]["id"] not in (None, given_id):
+            position = max(self._calls) + 1 + len(self._calls)
+        state = self._calls.get(position)
+        if state is None:
+            state = self._calls[position] = {"id": None, "name": "", "args": [], "item": None, "sent": 0}
+            self._order.append(position)
+        if given_id and not state["id"]:
+            state["id"] = given_id
+        if fn.get("name") and not state["name"]:
+            state["name"] = str(fn["name"])
+        if isinstance(fn.get("arguments"), str) and fn["arguments"]:
+            state["args"].append(fn["arguments"])
+        if state["item"] is None:
+            if state["name"]:
+                self._open_call(state, out)
+        elif state["item"] == len(self._items) and self._open is not None:  # the open item
+            self._flush_args(state, out)
+        else:  # closed already: its final item gets the whole arguments
+            done = self._items[state["item"]]
+            done["arguments"] = "".join(state["args"]) or "{}"
+
+    def _open_call(self, state: dict[str, Any], out: list[bytes]) -> None:
+        index = len(self._items) + (self._open is not None)
+        call_id = state["id"] or f"call_{self.rid}_{index}"
+        self._open_item(self._call_item(f"fc_{self.rid}_{index}", call_id, state["name"], "", "in_progress"), out)
+        state["item"] = len(self._items)
+        self._flush_args(state, out)
+
+    def _flush_args(self, state: dict[str, Any], out: list[bytes]) -> None:
+        pending = state["args"][state["sent"]:]
+        if pending:
+            state["sent"] = len(state["args"])
+            self._delta("response.function_call_arguments.delta", "".join(pending), out)
 
     def _merge(self, detail: dict[str, Any]) -> None:
         """Reasoning details arrive in pieces (text, then the signature): one detail per index."""
@@ -273,12 +308,25 @@ class ResponsesAnswer(ChatAnswer):
                 return
         self._details.append(dict(detail))
 
+    def _settle(self, out: list[bytes]) -> None:
+        """Before the terminal event: calls whose name never came get their items, the open item
+        closes, and reasoning details no reasoning item carried (Gemini's signature, which comes
+        with its function call) get one of their own, for the next turn."""
+        self._start(out)
+        for position in self._order:
+            state = self._calls[position]
+            if state["item"] is None:
+                self._open_call(state, out)
+        self._close(out)
+        if self._details:
+            self._open_item({"id": f"rs_{self.rid}_{len(self._items)}", "type": "reasoning", "summary": []}, out)
+            self._close(out)
+
     def _end_stream(self, out: list[bytes]) -> None:
         if self._done:
             return
         self._done = True
-        self._start(out)
-        self._close(out)
+        self._settle(out)
         status, extra = self._terminal()
         out.append(self._event(f"response.{status}", {"response": self._response(
             status, output=self._items, usage=usage(self._usage), **extra)}))
@@ -287,13 +335,17 @@ class ResponsesAnswer(ChatAnswer):
         return error_doc(status, message)
 
     def error(self, status: int, message: str) -> bytes:
-        """The end of a stream that failed: an `error` event, then `response.failed` (what Codex reads)."""
+        """The end of a stream that failed: what was streamed of the open item closes it, then an
+        `error` event and `response.failed` (what Codex reads)."""
+        if self._done:
+            return b""
         self._done = True
-        code = {429: "rate_limit_exceeded", 402: "insufficient_quota"}.get(status, "server_error" if status >= 500 else "invalid_request")
-        error = self._event("error", {"error": {"type": code, "code": code, "message": message, "param": None}})
-        if self._open is not None:  # what was streamed of the open item is kept in the output
-            self._items.append({**self._open, "status": "incomplete"})
-            self._open = None
-        failed = self._event("response.failed", {"response": self._response(
-            "failed", output=self._items, error={"code": code, "message": message}, usage=usage(self._usage))})
-        return error + failed
+        out: list[bytes] = []
+        self._settle(out)
+        code = _CODES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+        if status == 400 and "context" in message.lower() and ("length" in message.lower() or "window" in message.lower()):
+            code = "context_length_exceeded"
+        out.append(self._event("error", {"error": {"type": code, "code": code, "message": message, "param": None}}))
+        out.append(self._event("response.failed", {"response": self._response(
+            "failed", output=self._items, error={"code": code, "message": message}, usage=usage(self._usage))}))
+        return b"".join(out)
