@@ -150,3 +150,42 @@ async def test_server_tools_pass_through_and_are_refused_only_where_translated(g
     doc = await resp.json()
     assert resp.status == 400 and doc["type"] == "error" and "server tools" in doc["error"]["message"]
     assert len(upstream.seen) == 1
+
+
+def chat_chunk(delta: dict, finish=None, **extra) -> bytes:
+    doc = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "m", **extra,
+           "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+    return b"data: " + json.dumps(doc, separators=(",", ":")).encode() + b"\n\n"
+
+
+STREAMS = {
+    "text": [chat_chunk({"content": w}) for w in ["a", "b\\\"c", "é\n", "", "d"]],
+    "text, refusal, text": [chat_chunk({"content": "a"}), chat_chunk({"content": "b"}), chat_chunk({"refusal": "no"}),
+                            chat_chunk({"content": "c"})],
+    "text, reasoning, tool": [chat_chunk({"content": "a"}), chat_chunk({"content": "b"}),
+                              chat_chunk({"content": "c", "reasoning": "r"}), chat_chunk({"content": "d"}),
+                              chat_chunk({"tool_calls": [{"index": 0, "id": "t", "function": {"name": "f", "arguments": "{}"}}]}),
+                              chat_chunk({"content": "e"})],
+    "other ids and usage": [chat_chunk({"content": "a"}), chat_chunk({"content": "b"}, id="chatcmpl-2"),
+                            chat_chunk({"content": "c"}, usage={"prompt_tokens": 1}), chat_chunk({"content": "d"}),
+                            chat_chunk({"content": "e"}, finish="stop")],
+}
+
+
+@pytest.mark.parametrize("name", STREAMS)
+@pytest.mark.parametrize("dialect", ["messages", "responses"])
+def test_runs_of_text_chunks_make_what_chunk_by_chunk_makes(name, dialect):
+    """Whatever a stream holds, turning its runs of text chunks at once gives the bytes the chunk by
+    chunk way gives."""
+    events = STREAMS[name] + [chat_chunk({}, finish="stop"), b"data: [DONE]\n\n"]
+
+    def made(runs: bool, reads: list[bytes]) -> bytes:
+        answer = MessagesAnswer("r", "m", True, 5) if dialect == "messages" else ResponsesAnswer("r", {"model": "m"}, True)
+        if not runs:
+            answer._prefix = b""  # never learnt: every chunk goes the usual way
+        return b"".join(answer.feed(r) for r in reads) + answer.end()
+
+    slow = made(False, events)
+    assert made(True, [b"".join(events)]) == slow
+    assert made(True, events) == slow
+    assert made(True, [b"".join(events[:2]), b"".join(events[2:])]) == slow

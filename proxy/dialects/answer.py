@@ -3,7 +3,6 @@ it (whole server-sent events, or a JSON body held to its end) and goes out in th
 
 from __future__ import annotations
 
-from itertools import repeat
 from operator import itemgetter
 from typing import Any
 
@@ -27,9 +26,10 @@ def _plain_text(chunk: dict[str, Any]) -> bool:
                                            "function_call", "refusal")) and bool(delta["content"])
 
 
-def text_only(payload: bytes) -> tuple[bytes, str] | None:
-    """(the JSON string as sent, its text) of a chunk that is a text delta and nothing else; None
-    for any other chunk. A few byte searches, where parsing the chunk builds five objects."""
+def text_only(payload: bytes) -> tuple[bytes, str, bytes] | None:
+    """(the JSON string as sent, its text, what follows it) of a chunk that is a text delta and
+    nothing else; None for any other chunk. A few byte searches, where parsing the chunk builds
+    five objects."""
     for end in _ENDS:
         if payload.endswith(end):
             break
@@ -43,7 +43,7 @@ def text_only(payload: bytes) -> tuple[bytes, str] | None:
         text = orjson.loads(literal)
     except orjson.JSONDecodeError:  # more than the text in the delta
         return None
-    return (literal, text) if type(text) is str else None
+    return (literal, text, end) if type(text) is str else None
 
 
 class ChatAnswer:
@@ -108,8 +108,9 @@ class ChatAnswer:
         if fast is not None:
             if fast[1] and not self._done:
                 self._text(fast[0], fast[1], out)
-                if self._prefix is None:
-                    self._learn(payload)
+                if self._prefix is None:  # its prefix and suffix are where text_only found them
+                    self._prefix = b"data: " + payload[:len(payload) - len(fast[0]) - len(fast[2])]
+                    self._suffix = fast[2] + b"\n\n"
             return
         try:
             chunk = orjson.loads(payload)
@@ -152,7 +153,14 @@ class ChatAnswer:
     def _run(self, data: bytes, pos: int, out: list[bytes]) -> int:
         """Where the run of text chunks at `pos` ends, its events made; `pos` when there is none
         (the chunk at `pos` then goes the usual way). Each step is one C-level pass over the run:
-        per chunk, Python would cost more than the rest of the request."""
+        per chunk, Python would cost more than the rest of the request.
+
+        The run is `P s S P s S … P s S` (P, S: the learnt prefix and suffix; s: each text as a JSON
+        string). Split where each prefix ends (`"content":`, short enough to search fast), each
+        piece is `s S P`; cut that tail off and the strings are left. They are checked by parsing
+        them as one array: a piece that was not `s S P` (another kind of chunk, a different
+        prefix or suffix) leaves bytes that are not one JSON string (a cut string, a `,"key"`, a
+        line break), and the run is not made."""
         head = self._run_head()
         if head is None:
             return pos
@@ -161,22 +169,21 @@ class ChatAnswer:
         if end < 0:
             return pos
         end += 1 + len(suffix)
-        pieces = data[pos:end].split(suffix)
-        pieces.pop()  # what follows the last suffix: nothing
-        n = len(pieces)
-        # Every piece is the prefix and one JSON string: the prefix is where it should be, and the
-        # strings, put in an array, parse as n strings (anything else between would show).
-        if not all(map(bytes.startswith, pieces, repeat(prefix))):
-            return pos
-        strings = list(map(itemgetter(slice(len(prefix), None)), pieces))
+        pieces = data[pos + len(prefix):end].split(prefix[-11:])
+        strings = list(map(itemgetter(slice(None, 11 - len(prefix) - len(suffix))), pieces[:-1]))
+        strings.append(pieces[-1][:-len(suffix)])
         joined = b",".join(strings)
-        if not joined.startswith(b'"') or joined.count(b',"') != n - 1:
+        if not joined.startswith(b'"') or joined.count(b',"') != len(strings) - 1:
             return pos
         try:
-            if len(orjson.loads(b"[" + joined + b"]")) != n:
+            if len(orjson.loads(b"[" + joined + b"]")) != len(strings):
                 return pos
         except orjson.JSONDecodeError:
             return pos
+        if strings.count(b'""'):  # an empty text makes no event
+            strings = [x for x in strings if x != b'""']
+            if not strings:
+                return end
         tail = self._run_tail
         out.append(head + (tail + head).join(strings) + tail)
         self._ran(strings)

@@ -14,6 +14,7 @@ from proxy.dialects.messages import FORMAT, error_doc, error_event, sse_event
 
 STOP = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use", "function_call": "tool_use",
         "content_filter": "refusal"}
+_MESSAGE_STOP = b'event: message_stop\ndata: {"type":"message_stop"}\n\n'
 _DELTA_HEAD = b'event: content_block_delta\ndata: {"type":"content_block_delta","index":'
 
 
@@ -101,18 +102,23 @@ class MessagesAnswer(ChatAnswer):
     def _start(self, out: list[bytes]) -> None:
         if not self._started:
             self._started = True
-            out.append(sse_event("message_start", {"type": "message_start", "message": {
-                "id": self.id, "type": "message", "role": "assistant", "model": self.model, "content": [],
-                "stop_reason": None, "stop_sequence": None,
-                "usage": {"input_tokens": self.input_estimate, "cache_creation_input_tokens": 0,
-                          "cache_read_input_tokens": 0, "output_tokens": 1}}}))
+            out.append(b"".join((
+                b'event: message_start\ndata: {"type":"message_start","message":{"id":', orjson.dumps(self.id),
+                b',"type":"message","role":"assistant","model":', orjson.dumps(self.model),
+                b',"content":[],"stop_reason":null,"stop_sequence":null,"usage":{"input_tokens":',
+                str(self.input_estimate).encode(),
+                b',"cache_creation_input_tokens":0,"cache_read_input_tokens":0,"output_tokens":1}}}\n\n')))
 
     def _open(self, kind: str, block: dict[str, Any], out: list[bytes]) -> None:
         self._close(out)
         self._index += 1
         self._block = kind
-        out.append(sse_event("content_block_start", {"type": "content_block_start", "index": self._index,
-                                                  "content_block": block}))
+        if kind == "text":  # the usual block, written without building its object
+            out.append(b'event: content_block_start\ndata: {"type":"content_block_start","index":%d,'
+                       b'"content_block":{"type":"text","text":""}}\n\n' % self._index)
+        else:
+            out.append(sse_event("content_block_start", {"type": "content_block_start", "index": self._index,
+                                                      "content_block": block}))
 
     def _close(self, out: list[bytes]) -> None:
         if self._block is None:
@@ -120,7 +126,7 @@ class MessagesAnswer(ChatAnswer):
         if self._block == "thinking":
             out.append(self._delta({"type": "signature_delta", "signature": self._signature}))
             self._signature = ""
-        out.append(sse_event("content_block_stop", {"type": "content_block_stop", "index": self._index}))
+        out.append(b'event: content_block_stop\ndata: {"type":"content_block_stop","index":%d}\n\n' % self._index)
         self._block = None
 
     def _delta(self, delta: dict[str, Any]) -> bytes:
@@ -197,7 +203,7 @@ class MessagesAnswer(ChatAnswer):
         out.append(sse_event("message_delta", {"type": "message_delta",
                                             "delta": {"stop_reason": self._stop or "end_turn", "stop_sequence": None},
                                             "usage": usage}))
-        out.append(sse_event("message_stop", {"type": "message_stop"}))
+        out.append(_MESSAGE_STOP)
 
 
 
