@@ -189,3 +189,18 @@ def test_runs_of_text_chunks_make_what_chunk_by_chunk_makes(name, dialect):
     assert made(True, [b"".join(events)]) == slow
     assert made(True, events) == slow
     assert made(True, [b"".join(events[:2]), b"".join(events[2:])]) == slow
+
+
+def test_messages_tool_use_waits_for_its_name_and_splits_calls_without_index():
+    answer = MessagesAnswer("r1", "m", True, 5)
+    out = answer.feed(chunks(call(0, arguments='{"a"'), call(0, id="c0", name="f"), call(0, arguments=":1}"),
+                             {"tool_calls": [{"id": "c1", "function": {"name": "g", "arguments": "{}"}}]})) + answer.end()
+    events = [json.loads(e.split(b"data: ", 1)[1]) for e in out.split(b"\n\n") if b"data: " in e]
+    starts = [e["content_block"] for e in events if e["type"] == "content_block_start"]
+    assert [(b["id"], b["name"]) for b in starts] == [("c0", "f"), ("c1", "g")]
+    args: dict[int, str] = {}
+    for e in events:
+        if e["type"] == "content_block_delta":
+            args[e["index"]] = args.get(e["index"], "") + e["delta"]["partial_json"]
+    assert [json.loads(a) for a in args.values()] == [{"a": 1}, {}]
+    assert events[-2]["delta"]["stop_reason"] == "tool_use"
