@@ -12,6 +12,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from proxy.dialects.responses import carried
 from proxy.errors import GatewayError, invalid_request
 
 FORMAT = "anthropic-claude-v1"  # reasoning_details format of Anthropic thinking, as OpenRouter names it
@@ -127,7 +128,11 @@ def _assistant(content: Any, out: list[dict[str, Any]]) -> None:
             details.append({"type": "reasoning.text", "text": block.get("thinking", ""),
                             "signature": block.get("signature"), "format": FORMAT, "index": i})
         elif kind == "redacted_thinking":
-            details.append({"type": "reasoning.encrypted", "data": block.get("data"), "format": FORMAT, "index": i})
+            carried_details = carried(block.get("data"))
+            if carried_details:  # another provider's, carried by the gateway: given back as it was
+                details.extend(carried_details)
+            else:
+                details.append({"type": "reasoning.encrypted", "data": block.get("data"), "format": FORMAT, "index": i})
     message: dict[str, Any] = {"role": "assistant", "content": "".join(text) if text or not calls else None}
     if calls:
         message["tool_calls"] = calls

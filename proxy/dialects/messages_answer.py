@@ -5,11 +5,13 @@ after the stream began as an `error` event."""
 
 from __future__ import annotations
 
+import base64
 from typing import Any
 
 import orjson
 
 from proxy.dialects.answer import ChatAnswer
+from proxy.dialects.responses import CARRIED
 from proxy.dialects.messages import FORMAT, error_doc, error_event, sse_event
 
 STOP = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use", "function_call": "tool_use",
@@ -27,6 +29,14 @@ def _usage(chat: Any) -> dict[str, int]:
     prompt = int(u.get("prompt_tokens") or 0)
     return {"input_tokens": max(prompt - read - write, 0), "cache_creation_input_tokens": write,
             "cache_read_input_tokens": read, "output_tokens": int(u.get("completion_tokens") or 0)}
+
+
+def _redacted(detail: dict[str, Any]) -> str:
+    """A redacted_thinking block's data: Anthropic's own as it came; another provider's (Gemini's
+    thought signature) carried whole, for the gateway to give back to it next turn."""
+    if detail.get("format") == FORMAT:
+        return str(detail.get("data") or "")
+    return CARRIED + base64.b64encode(orjson.dumps([detail])).decode()
 
 
 def _arguments(raw: Any) -> Any:
@@ -73,8 +83,8 @@ class MessagesAnswer(ChatAnswer):
         for d in message.get("reasoning_details") or []:
             if isinstance(d, dict) and d.get("type") == "reasoning.text":
                 content.append({"type": "thinking", "thinking": d.get("text") or "", "signature": d.get("signature") or ""})
-            elif isinstance(d, dict) and d.get("type") == "reasoning.encrypted" and d.get("format") == FORMAT:
-                content.append({"type": "redacted_thinking", "data": d.get("data") or ""})
+            elif isinstance(d, dict) and d.get("type") == "reasoning.encrypted" and d.get("data"):
+                content.append({"type": "redacted_thinking", "data": _redacted(d)})
         reasoning = message.get("reasoning") or message.get("reasoning_content")
         if not content and reasoning:
             content.append({"type": "thinking", "thinking": reasoning, "signature": ""})
@@ -170,6 +180,9 @@ class MessagesAnswer(ChatAnswer):
             for d in delta.get("reasoning_details") or []:
                 if isinstance(d, dict) and d.get("signature"):
                     self._signature = d["signature"]
+                if isinstance(d, dict) and d.get("type") == "reasoning.encrypted" and d.get("data"):
+                    self._open("redacted_thinking", {"type": "redacted_thinking", "data": _redacted(d)}, out)
+                    self._close(out)
                 if isinstance(d, dict) and not reasoning and d.get("type") == "reasoning.text" and d.get("text"):
                     reasoning = d["text"]
             if reasoning:

@@ -101,10 +101,23 @@ def _dropped(ctx: Context, native: Native) -> dict[str, Any]:
     if native.dialect == "responses" and isinstance(given, list) and native.raw.find(b'"' + CARRIED.encode()) >= 0:
         changes["input"] = [i for i in given if not (isinstance(i, dict) and i.get("type") == "reasoning"
                                                      and str(i.get("encrypted_content", "")).startswith(CARRIED))]
+    turns = native.body.get("messages")
+    if native.dialect == "messages" and isinstance(turns, list) and native.raw.find(b'"' + CARRIED.encode()) >= 0:
+        changes["messages"] = [_without_carried(m) for m in turns]
     tools = native.body.get("tools")
     if ctx.model.free and isinstance(tools, list) and any(_server_tool(t, native.dialect) for t in tools):
         changes["tools"] = [t for t in tools if not _server_tool(t, native.dialect)]
     return changes
+
+
+def _without_carried(message: Any) -> Any:
+    """A turn without the redacted thinking blocks the gateway made (another provider's signatures)."""
+    content = message.get("content") if isinstance(message, dict) else None
+    if not isinstance(content, list):
+        return message
+    kept = [b for b in content if not (isinstance(b, dict) and b.get("type") == "redacted_thinking"
+                                       and str(b.get("data", "")).startswith(CARRIED))]
+    return {**message, "content": kept}
 
 
 def body(ctx: Context, upstream_model: str) -> bytes:

@@ -110,9 +110,9 @@ def _content(content: Any) -> Any:
     return parts
 
 
-def carried(item: dict[str, Any]) -> list[dict[str, Any]]:
-    """The reasoning details a gateway-made reasoning item carries (none for another's)."""
-    blob = item.get("encrypted_content")
+def carried(blob: Any) -> list[dict[str, Any]]:
+    """The reasoning details a gateway-made reasoning item (its `encrypted_content`) or redacted
+    thinking block (its `data`) carries; none for another's."""
     if not isinstance(blob, str) or not blob.startswith(CARRIED):
         return []
     try:
@@ -164,7 +164,7 @@ def _input(items: list[dict[str, Any]], messages: list[dict[str, Any]]) -> None:
             messages.append({"role": "tool", "tool_call_id": str(item.get("call_id", "")),
                              "content": output if isinstance(output, str) else _text(output)})
         elif kind == "reasoning":
-            details = carried(item)
+            details = carried(item.get("encrypted_content"))
             if details:  # the next assistant turn's own reasoning, given back as it came
                 _assistant(messages).setdefault("reasoning_details", []).extend(details)
         elif kind == "item_reference":
