@@ -161,8 +161,7 @@ class ChatAnswer:
         them as one array: a piece that was not `s S P` (another kind of chunk, a different
         prefix or suffix) leaves bytes that are not one JSON string (a cut string, a `,"key"`, a
         line break), and the run is not made."""
-        head = self._run_head()
-        if head is None:
+        if not self._runs():
             return pos
         suffix, prefix = self._suffix, self._prefix
         end = data.rfind(b'"' + suffix, pos)
@@ -176,28 +175,26 @@ class ChatAnswer:
         if not joined.startswith(b'"') or joined.count(b',"') != len(strings) - 1:
             return pos
         try:
-            if len(orjson.loads(b"[" + joined + b"]")) != len(strings):
-                return pos
+            texts = orjson.loads(b"[" + joined + b"]")
         except orjson.JSONDecodeError:
+            return pos
+        if len(texts) != len(strings):
             return pos
         if strings.count(b'""'):  # an empty text makes no event
             strings = [x for x in strings if x != b'""']
+            texts = [t for t in texts if t]
             if not strings:
                 return end
-        tail = self._run_tail
-        out.append(head + (tail + head).join(strings) + tail)
-        self._ran(strings)
+        out.append(self._run_events(strings, texts))
         return end
 
-    _run_tail = b"}}\n\n"
+    def _runs(self) -> bool:
+        """Whether the next text chunks may be turned as a run now (a text block or item is open)."""
+        return False
 
-    def _run_head(self) -> bytes | None:
-        """The bytes of a text delta event before its JSON string, for the block open now; None when
-        runs are not made here (the next text chunk goes the usual way)."""
-        return None
-
-    def _ran(self, strings: list[bytes]) -> None:
-        """Text chunks were turned as a run: these are their texts, as JSON strings."""
+    def _run_events(self, strings: list[bytes], texts: list[str]) -> bytes:
+        """The events of a run of text chunks: `strings` are the texts as their JSON strings."""
+        raise NotImplementedError
 
     def end(self) -> bytes:
         """What is left once the chat answer has ended: the whole JSON answer, or the closing events

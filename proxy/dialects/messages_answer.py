@@ -64,8 +64,6 @@ class MessagesAnswer(ChatAnswer):
         self._signature = ""
         self._stop: str | None = None
         self._usage: dict[str, int] | None = None
-        self._head_index = -1  # the block index `_head` was made for
-        self._head = b""
 
     @property
     def finished(self) -> bool:
@@ -148,13 +146,12 @@ class MessagesAnswer(ChatAnswer):
         return b"".join((_DELTA_HEAD, str(self._index).encode(), b',"delta":{"type":"', kind, b'","', key, b'":',
                          literal or orjson.dumps(text), b"}}\n\n"))
 
-    def _run_head(self) -> bytes | None:
-        if self._block != "text" or self._done:
-            return None
-        if self._head_index != self._index:
-            self._head_index = self._index
-            self._head = _DELTA_HEAD + str(self._index).encode() + b',"delta":{"type":"text_delta","text":'
-        return self._head
+    def _runs(self) -> bool:
+        return self._block == "text" and not self._done
+
+    def _run_events(self, strings: list[bytes], texts: list[str]) -> bytes:
+        head = _DELTA_HEAD + str(self._index).encode() + b',"delta":{"type":"text_delta","text":'
+        return head + (b"}}\n\n" + head).join(strings) + b"}}\n\n"
 
     def _text(self, literal: bytes, text: str, out: list[bytes]) -> None:
         self._start(out)

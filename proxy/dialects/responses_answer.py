@@ -171,6 +171,17 @@ class ResponsesAnswer(ChatAnswer):
                              b',"logprobs":[]}\n\n')))
         self._seq += 1
 
+    def _runs(self) -> bool:
+        return self._open is not None and self._open["type"] == "message" and not self._done
+
+    def _run_events(self, strings: list[bytes], texts: list[str]) -> bytes:
+        self._texts.extend(texts)
+        template = (b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta","sequence_number":%d'
+                    + self._text_head.replace(b"%", b"%%") + b'%s,"logprobs":[]}\n\n')
+        seq = self._seq
+        self._seq += len(strings)
+        return b"".join([template % pair for pair in zip(range(seq, seq + len(strings)), strings)])
+
     def _open_message(self, out: list[bytes]) -> None:
         index = self._open_item({"id": f"msg_{self.rid}_{len(self._items) + (self._open is not None)}",
                                  "type": "message", "status": "in_progress", "content": [], "role": "assistant"}, out)
