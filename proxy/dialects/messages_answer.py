@@ -16,6 +16,9 @@ from proxy.dialects.messages import FORMAT, error_doc, error_event, sse_event
 
 STOP = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use", "function_call": "tool_use",
         "content_filter": "refusal"}
+_MESSAGE_DELTA = (b'event: message_delta\ndata: {"type":"message_delta","delta":{"stop_reason":"%s","stop_sequence":null},'
+                  b'"usage":{"input_tokens":%d,"cache_creation_input_tokens":%d,"cache_read_input_tokens":%d,'
+                  b'"output_tokens":%d}}\n\n')
 _MESSAGE_STOP = b'event: message_stop\ndata: {"type":"message_stop"}\n\n'
 _DELTA_HEAD = b'event: content_block_delta\ndata: {"type":"content_block_delta","index":'
 
@@ -243,10 +246,8 @@ class MessagesAnswer(ChatAnswer):
         self._close(out)
         usage = self._usage or {"input_tokens": self.input_estimate, "cache_creation_input_tokens": 0,
                                 "cache_read_input_tokens": 0, "output_tokens": 0}
-        out.append(sse_event("message_delta", {"type": "message_delta",
-                                            "delta": {"stop_reason": self._stop or "end_turn", "stop_sequence": None},
-                                            "usage": usage}))
-        out.append(_MESSAGE_STOP)
+        out.append(_MESSAGE_DELTA % ((self._stop or "end_turn").encode(), usage["input_tokens"], usage["cache_creation_input_tokens"],
+                                     usage["cache_read_input_tokens"], usage["output_tokens"]) + _MESSAGE_STOP)
 
 
 
