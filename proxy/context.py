@@ -30,6 +30,7 @@ class Native:
     reasoning: Any = None
     verbosity: Any = None
     untranslatable: str | None = None  # why it must be passed through (server tools), if it must
+    images: bool = False  # it holds images: a model that takes none is refused it, in the dialect's shape
 
 
 @dataclass(slots=True)

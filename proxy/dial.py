@@ -27,6 +27,12 @@ log = structlog.get_logger("turnstile.forward")
 USER_AGENT = "turnstile"
 
 
+def _takes_images(entry: dict) -> bool:
+    """Whether the catalog says the model reads images (a model it says nothing of is given them)."""
+    modalities = (entry.get("architecture") or {}).get("input_modalities") if isinstance(entry.get("architecture"), dict) else None
+    return not isinstance(modalities, list) or "image" in modalities
+
+
 @dataclass(slots=True)
 class Opened:
     provider: Provider
@@ -85,6 +91,9 @@ class Dialer:
             if not native and ctx.native is not None and ctx.native.untranslatable:
                 failure = invalid_request(ctx.native.untranslatable, param="tools")
                 continue  # a fallback's provider may take it as it is
+            if ctx.native is not None and ctx.native.images and not _takes_images(ctx.model.entry):
+                failure = invalid_request(f"Invalid request: {ctx.model.id} does not take images.", param="messages")
+                continue  # nor may a fallback
             req = self._request(ctx, provider, route.upstream_model, native)
             for attempt in range(self.settings.retries + 1):
                 last_try = attempt == self.settings.retries

@@ -125,6 +125,11 @@ class ChatHandler:
         return await self.pipeline(ctx)
 
 
+def _has_images(chat: dict[str, Any]) -> bool:
+    return any(isinstance(p, dict) and p.get("type") == "image_url"
+               for m in chat["messages"] if isinstance(m.get("content"), list) for p in m["content"])
+
+
 class DialectHandler(ChatHandler):
     """A request in another dialect (`dialect`: "messages" or "responses"), served as a chat request
     made from it, or passed through as it came where the provider speaks it; the model named as the
@@ -175,7 +180,8 @@ class DialectHandler(ChatHandler):
             raise invalid_request(f"Invalid request: a field has a type the {self.dialect.title()} API does not "
                                   "allow there.") from None
         chat["model"] = model.id
-        native = Native(self.dialect, body, raw, chat.get("reasoning"), chat.get("verbosity"), self.untranslatable(body))
+        native = Native(self.dialect, body, raw, chat.get("reasoning"), chat.get("verbosity"), self.untranslatable(body),
+                        raw.find(b"image") >= 0 and _has_images(chat))
         return await self._run(request, outcome, chat, len(raw), name, model, outbound, native)
 
 

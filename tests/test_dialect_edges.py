@@ -204,3 +204,21 @@ def test_messages_tool_use_waits_for_its_name_and_splits_calls_without_index():
             args[e["index"]] = args.get(e["index"], "") + e["delta"]["partial_json"]
     assert [json.loads(a) for a in args.values()] == [{"a": 1}, {}]
     assert events[-2]["delta"]["stop_reason"] == "tool_use"
+
+
+async def test_images_for_a_model_that_takes_none_are_a_400_in_the_dialect(gateway, upstream):
+    client = await gateway(providers=CHAT_ONLY)
+    image = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="}}
+    resp = await client.post("/v1/messages", json={"model": "deepseek/deepseek-v3.2", "max_tokens": 5, "messages": [
+        {"role": "user", "content": [image, {"type": "text", "text": "what is it?"}]}]})
+    doc = await resp.json()
+    assert resp.status == 400 and doc["type"] == "error" and "does not take images" in doc["error"]["message"]
+    resp = await client.post("/v1/responses", json={"model": "deepseek/deepseek-v3.2", "input": [{"role": "user", "content": [
+        {"type": "input_image", "image_url": "data:image/png;base64,iVBORw0KGgo="}]}]})
+    assert resp.status == 400 and "does not take images" in (await resp.json())["error"]["message"]
+    assert not upstream.seen
+    resp = await client.post("/v1/messages", json={"model": "claude-sonnet-4-6", "max_tokens": 5, "messages": [
+        {"role": "user", "content": [image, {"type": "text", "text": "what is it?"}]}]})
+    assert resp.status == 200
+    assert upstream.seen[0].body["messages"][0]["content"][0] == {
+        "type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}

@@ -117,3 +117,26 @@ async def test_messages_to_gemini_tool_call_over_two_turns_keeps_the_thought_sig
     parts = [p for t in upstream.seen[-1].body["contents"] for p in t["parts"]]
     sent = next(p for p in parts if "functionCall" in p)
     assert sent["thoughtSignature"] == signature and any("functionResponse" in p for p in parts)
+
+
+async def test_responses_to_anthropic_tool_call_over_two_turns(gateway, upstream):
+    upstream.replay = fixture_lines("anthropic-messages-stream-tool-use.jsonl")
+    client = await gateway(native=True)
+    tool = {"type": "function", "name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}
+    resp = await client.post("/v1/responses", json={"model": "claude-sonnet-4-6", "stream": True, "tools": [tool],
+                                                    "input": "Weather in Paris?"})
+    events = sse(await resp.read())
+    lifecycle_holds(events)
+    output = events[-1]["response"]["output"]
+    call = next(i for i in output if i["type"] == "function_call")
+    assert call["call_id"].startswith("toolu_") and json.loads(call["arguments"])
+    upstream.replay = fixture_lines("anthropic-messages-stream-text.jsonl")
+    resp = await client.post("/v1/responses", json={"model": "claude-sonnet-4-6", "stream": True, "tools": [tool], "input": [
+        {"role": "user", "content": "Weather in Paris?"}, *output,
+        {"type": "function_call_output", "call_id": call["call_id"], "output": "18C"}]})
+    lifecycle_holds(sse(await resp.read()))
+    turns = upstream.seen[-1].body["messages"]
+    assert [t["role"] for t in turns] == ["user", "assistant", "user"]
+    use = next(b for b in turns[1]["content"] if b["type"] == "tool_use")
+    assert use["id"] == call["call_id"] and use["input"] == json.loads(call["arguments"])
+    assert turns[2]["content"][0] == {"type": "tool_result", "tool_use_id": call["call_id"], "content": "18C"}
