@@ -13,6 +13,7 @@ from aiohttp import web
 
 if TYPE_CHECKING:
     from proxy.catalog import Catalog, Model
+    from proxy.errors import GatewayError
     from proxy.keys import Account
     from proxy.outcome import Outcome
 
@@ -29,8 +30,9 @@ class Native:
     raw: bytes
     reasoning: Any = None
     verbosity: Any = None
-    untranslatable: str | None = None  # why it must be passed through (server tools), if it must
+    untranslatable: GatewayError | None = None  # why it must be passed through (server tools…), if it must
     images: bool = False  # it holds images: a model that takes none is refused it, in the dialect's shape
+    hosted_tools: bool = False  # it has tools other than functions (web search, a namespace, a shell…)
 
 
 @dataclass(slots=True)

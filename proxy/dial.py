@@ -17,7 +17,7 @@ from aiohttp import web
 
 from proxy import retry
 from proxy.config import UpstreamSettings
-from proxy.context import Context
+from proxy.context import Context, Native
 from proxy.errors import GatewayError, invalid_request, upstream_error
 from proxy.provider import Provider, UpstreamRequest
 from proxy.routing import Router
@@ -25,6 +25,12 @@ from proxy.routing import Router
 log = structlog.get_logger("turnstile.forward")
 
 USER_AGENT = "turnstile"
+
+
+def _takes(provider: Provider, native: Native) -> bool:
+    """Whether the provider is sent the request as it came: it speaks its dialect (and takes it)."""
+    takes = getattr(provider, "takes", None)
+    return takes(native) if takes is not None else native.dialect in getattr(provider, "speaks", ())
 
 
 def _takes_images(entry: dict) -> bool:
@@ -87,9 +93,9 @@ class Dialer:
                 continue
             provider = route.provider
             outcome.provider = provider.name
-            native = ctx.native is not None and ctx.native.dialect in getattr(provider, "speaks", ())
+            native = ctx.native is not None and _takes(provider, ctx.native)
             if not native and ctx.native is not None and ctx.native.untranslatable:
-                failure = invalid_request(ctx.native.untranslatable, param="tools")
+                failure = ctx.native.untranslatable
                 continue  # a fallback's provider may take it as it is
             if ctx.native is not None and ctx.native.images and not _takes_images(ctx.model.entry):
                 failure = invalid_request(f"Invalid request: {ctx.model.id} does not take images.", param="messages")

@@ -130,6 +130,12 @@ def _has_images(chat: dict[str, Any]) -> bool:
                for m in chat["messages"] if isinstance(m.get("content"), list) for p in m["content"])
 
 
+def _hosted_tools(body: dict[str, Any]) -> bool:
+    tools = body.get("tools")
+    return isinstance(tools, list) and any(isinstance(t, dict) and t.get("type", "function") not in ("function", "custom")
+                                           and "input_schema" not in t for t in tools)
+
+
 class DialectHandler(ChatHandler):
     """A request in another dialect (`dialect`: "messages" or "responses"), served as a chat request
     made from it, or passed through as it came where the provider speaks it; the model named as the
@@ -161,7 +167,7 @@ class DialectHandler(ChatHandler):
     def answer(self, outcome: Outcome, name: str, body: dict[str, Any], chat: dict[str, Any], raw: bytes) -> Any:
         raise NotImplementedError
 
-    def untranslatable(self, body: dict[str, Any]) -> str | None:
+    def untranslatable(self, body: dict[str, Any]) -> GatewayError | None:
         return None
 
     async def __call__(self, request: web.Request, outcome: Outcome) -> web.StreamResponse:
@@ -173,15 +179,22 @@ class DialectHandler(ChatHandler):
             models = request.path.rsplit("/" + self.dialect, 1)[0] + "/models"
             raise GatewayError(404, "model_not_found", f"model: {str(name)[:120]!r} is not a model this gateway "
                                f"serves; its models are listed at {models}.", param="model")
+        untranslatable = self.untranslatable(body)
         try:
-            chat = self.to_chat(body)
+            try:
+                chat = self.to_chat(body)
+            except GatewayError as exc:
+                # What has no chat form may still go as it is to a provider that speaks the dialect:
+                # refused only if the request is to be translated (`proxy.dial`).
+                untranslatable = exc
+                chat = {"model": name, "messages": [{"role": "user", "content": ""}], "stream": body.get("stream") is True}
             outbound = self.answer(outcome, name, body, chat, raw)
         except (TypeError, AttributeError, ValueError, KeyError):  # a field of a type the dialect does not have there
             raise invalid_request(f"Invalid request: a field has a type the {self.dialect.title()} API does not "
                                   "allow there.") from None
         chat["model"] = model.id
-        native = Native(self.dialect, body, raw, chat.get("reasoning"), chat.get("verbosity"), self.untranslatable(body),
-                        raw.find(b"image") >= 0 and _has_images(chat))
+        native = Native(self.dialect, body, raw, chat.get("reasoning"), chat.get("verbosity"), untranslatable,
+                        raw.find(b"image") >= 0 and _has_images(chat), _hosted_tools(body))
         return await self._run(request, outcome, chat, len(raw), name, model, outbound, native)
 
 

@@ -87,6 +87,9 @@ class Native(Protocol):
 
     def native_request(self, ctx: Context, upstream_model: str) -> UpstreamRequest: ...
 
+    # Optional: `takes(native) -> bool`, for an adapter that takes only some requests in a dialect it
+    # speaks (the others are translated); without it, every request in a dialect it `speaks`.
+
 
 class Passthrough:
     """An OpenAI-compatible answer, relayed as it comes."""

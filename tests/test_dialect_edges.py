@@ -10,7 +10,7 @@ import pytest
 from proxy.app import LEDGER
 from proxy.dialects.messages_answer import MessagesAnswer
 from proxy.dialects.responses_answer import ResponsesAnswer
-from tests.fakes import fixture_lines
+from tests.fakes import fixture_json, fixture_lines
 from tests.test_billing import ledger_rows
 from tests.test_messages_inbound import CHAT_ONLY
 from tests.test_responses_inbound import lifecycle_holds, sse
@@ -97,12 +97,12 @@ async def test_passthrough_forwards_neither_openrouter_extras_nor_our_own_reason
     theirs = {"type": "reasoning", "summary": [], "encrypted_content": "gAAAA"}
     resp = await client.post("/api/gateway/responses", json={
         "model": "minimax/minimax-m2.5:free", "stream": True, "models": ["openai/o3-pro"], "plugins": [{"id": "web"}],
-        "provider": {"order": ["x"]}, "tools": [{"type": "web_search"}, {"type": "function", "name": "f", "parameters": {}}],
+        "provider": {"order": ["x"]}, "tools": [{"type": "function", "name": "f", "parameters": {}}],
         "input": [{"role": "user", "content": "hi"}, ours, theirs, {"role": "user", "content": "again"}]})
     assert resp.status == 200
     sent = upstream.seen[0].body
     assert not {"models", "plugins", "provider"} & set(sent)
-    assert sent["tools"] == [{"type": "function", "name": "f", "parameters": {}}]  # a free model: no paid server tools
+    assert sent["tools"] == [{"type": "function", "name": "f", "parameters": {}}]
     assert sent["input"] == [{"role": "user", "content": "hi"}, theirs, {"role": "user", "content": "again"}]
 
 
@@ -222,3 +222,36 @@ async def test_images_for_a_model_that_takes_none_are_a_400_in_the_dialect(gatew
     assert resp.status == 200
     assert upstream.seen[0].body["messages"][0]["content"][0] == {
         "type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
+
+
+async def test_codex_requests_with_hosted_tools_are_translated_for_openrouter(gateway, upstream):
+    """OpenRouter's Responses API refuses OpenAI's own tool kinds (namespace, web_search): Codex's
+    request goes to it as chat completions, a request with functions only as it came."""
+    upstream.replay, upstream.done = fixture_lines("openai-responses-stream-text-with-usage.jsonl"), True
+    client = await gateway()
+    codex = fixture_json("codex-0.171.0-responses-request.json")["body"]
+    resp = await client.post("/v1/responses", json=codex)
+    lifecycle_holds(sse(await resp.read()))
+    resp = await client.post("/v1/responses", json={"model": "gpt-5.4", "stream": True, "input": "hi", "tools": [
+        {"type": "function", "name": "f", "parameters": {"type": "object"}}]})
+    assert resp.status == 200 and (await resp.read()).endswith(b"data: [DONE]\n\n")
+    assert [s.path for s in upstream.seen] == ["/chat/completions", "/responses"]
+
+
+@pytest.mark.parametrize("block", [
+    {"type": "search_result", "source": "https://example.com", "title": "t", "content": [{"type": "text", "text": "x"}]},
+    {"type": "document", "source": {"type": "url", "url": "https://example.com/a.pdf"}},
+    {"type": "image", "source": {"type": "file", "file_id": "file_1"}},
+])
+async def test_blocks_without_a_chat_form_pass_through_or_are_refused(gateway, upstream, block):
+    upstream.replay = fixture_lines("anthropic-messages-stream-text.jsonl")
+    body = {"model": "claude-sonnet-4-6", "max_tokens": 10, "stream": True,
+            "messages": [{"role": "user", "content": [block, {"type": "text", "text": "and?"}]}]}
+    client = await gateway()
+    resp = await client.post("/v1/messages", json=body)
+    assert resp.status == 200 and upstream.seen[-1].body["messages"] == body["messages"]
+    client = await gateway(providers=CHAT_ONLY)
+    resp = await client.post("/v1/messages", json=body)
+    doc = await resp.json()
+    assert resp.status == 400 and doc["type"] == "error" and doc["error"]["message"]
+    assert len(upstream.seen) == 1

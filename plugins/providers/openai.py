@@ -17,7 +17,7 @@ from proxy.config import ConfigError
 from proxy.provider import Passthrough, Translation, UpstreamRequest
 
 if TYPE_CHECKING:
-    from proxy.context import Context
+    from proxy.context import Context, Native
 
 # Fields that only mean something to the gateway: never sent upstream.
 _GATEWAY_ONLY = ("models",)
@@ -92,17 +92,21 @@ _DIALECTS = ("messages", "responses")
 
 class OpenAICompatible:
     """`dialects`: the inbound dialects this upstream also serves at `{base_url}/messages` and
-    `{base_url}/responses` (OpenRouter both, OpenAI Responses): requests in them are passed through."""
+    `{base_url}/responses` (OpenRouter both, OpenAI Responses): requests in them are passed through.
+    `hosted_tools`: its Responses API takes OpenAI's own tools (web search, namespaces, shell…), as
+    OpenAI's does; a Responses request with such tools for an upstream without them is translated
+    (functions kept, namespaces flattened), since OpenRouter refuses them (openai/codex#12114)."""
 
     def __init__(
         self, *, name: str, base_url: str, api_key: str = "", headers: dict[str, str] | None = None,
-        reasoning_alias: bool = False, dialects: list[str] | tuple[str, ...] = (),
+        reasoning_alias: bool = False, dialects: list[str] | tuple[str, ...] = (), hosted_tools: bool = False,
     ) -> None:
         unknown = [d for d in dialects if d not in _DIALECTS]
         if unknown:
             raise ConfigError(f"providers: {name}: unknown dialect {unknown[0]!r} (dialects: {', '.join(_DIALECTS)})")
         self.name = name
         self.speaks = frozenset(dialects)
+        self.hosted_tools = hosted_tools
         self.base = base_url.rstrip("/")
         self.url = self.base + "/chat/completions"
         self.headers = {"Content-Type": "application/json", **(headers or {})}
@@ -117,6 +121,10 @@ class OpenAICompatible:
             options = body.get("stream_options")
             body["stream_options"] = {**options, "include_usage": True} if isinstance(options, dict) else {"include_usage": True}
         return UpstreamRequest(self.url, self.headers, orjson.dumps(body))
+
+    def takes(self, native: Native) -> bool:
+        return native.dialect in self.speaks and (self.hosted_tools or native.dialect != "responses"
+                                                  or not native.hosted_tools)
 
     def native_request(self, ctx: Context, upstream_model: str) -> UpstreamRequest:
         assert ctx.native is not None

@@ -66,22 +66,28 @@ def _media(source: Any) -> str | None:
     return None
 
 
-def _part(block: dict[str, Any]) -> dict[str, Any] | None:
+def _part(block: dict[str, Any]) -> dict[str, Any]:
+    """A user block as a chat part; a 400 naming what has none (an unknown block, a source that
+    cannot be sent on), rather than a turn that silently loses it."""
     kind = block.get("type")
     if kind == "text":
-        return {"type": "text", "text": block.get("text", "")}
+        return {"type": "text", "text": str(block.get("text") or "")}
     if kind == "image":
         url = _media(block.get("source"))
-        return {"type": "image_url", "image_url": {"url": url}} if url else None
+        if not url:
+            raise invalid_request("Invalid request: an image needs a `base64` or `url` source.", param="messages")
+        return {"type": "image_url", "image_url": {"url": url}}
     if kind == "document":
         source = block.get("source") or {}
         if isinstance(source, dict) and source.get("type") == "text":
-            return {"type": "text", "text": source.get("data", "")}
+            return {"type": "text", "text": str(source.get("data") or "")}
         url = _media(source)
         if url and url.startswith("data:"):
             return {"type": "file", "file": {"filename": block.get("title") or "document.pdf", "file_data": url}}
-        return None
-    return None
+        raise invalid_request("Invalid request: a document needs a `base64` or `text` source here (not a URL or a "
+                              "file id).", param="messages")
+    raise invalid_request(f"Invalid request: content blocks of type {str(kind)[:40]!r} are not supported here.",
+                          param="messages")
 
 
 def _user(content: Any, out: list[dict[str, Any]]) -> None:
@@ -101,9 +107,7 @@ def _user(content: Any, out: list[dict[str, Any]]) -> None:
         elif block.get("type") == "mid_conv_system":
             out.append({"role": "system", "content": _text(block.get("content"))})
         else:
-            part = _part(block)
-            if part is not None:
-                parts.append(part)
+            parts.append(_part(block))
     if parts:
         out.append({"role": "user", "content": parts})
 
@@ -145,11 +149,11 @@ SERVER_TOOLS = ("Invalid request: this model's provider is reached through chat 
                 "tools (web search, code execution…): only custom tools (with an `input_schema`) can be used here.")
 
 
-def untranslatable(body: dict[str, Any]) -> str | None:
+def untranslatable(body: dict[str, Any]) -> GatewayError | None:
     """Why the request cannot be translated (it can still be passed through), or None."""
     tools = body.get("tools")
     if isinstance(tools, list) and any(isinstance(t, dict) and "input_schema" not in t for t in tools):
-        return SERVER_TOOLS
+        return invalid_request(SERVER_TOOLS, param="tools")
     return None
 
 
@@ -176,6 +180,8 @@ def to_chat(body: dict[str, Any]) -> dict[str, Any]:
             messages.append({"role": "system", "content": _text(content)})
         else:
             raise invalid_request(f"Invalid request: unknown message role {str(role)[:40]!r}.", param="messages")
+    if not any(m["role"] != "system" for m in messages):
+        raise invalid_request("messages: no turn has any content this gateway can send on.", param="messages")
     chat: dict[str, Any] = {"model": body["model"], "messages": messages,
                             "max_completion_tokens": body["max_tokens"]}
     if body.get("stream") is True:
