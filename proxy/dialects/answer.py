@@ -59,6 +59,8 @@ class ChatAnswer:
         self._json: list[bytes] = []
         self._started = False
         self._done = False
+        self._calls: dict[int, dict[str, Any]] = {}  # chat tool-call index -> what is known of the call
+        self._order: list[int] = []  # the calls' indexes, in the order they came
 
     @property
     def over(self) -> bool:
@@ -216,6 +218,40 @@ class ChatAnswer:
 
     def body(self, chat: bytes) -> bytes:
         raise NotImplementedError
+
+    @staticmethod
+    def _chat_message(chat: bytes) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any] | None]:
+        """(the completion, its first choice, that choice's message) of a whole chat answer; the
+        message is None when the answer is an error."""
+        doc = orjson.loads(chat)
+        if "error" in doc and "choices" not in doc:
+            return doc, {}, None
+        choice = (doc.get("choices") or [{}])[0]
+        return doc, choice, choice.get("message") or {}
+
+    def _call_state(self, call: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        """The call a tool-call piece belongs to, updated with it: (its position, what is known of
+        it: id, name, arguments not yet sent). A new id at a known index, or no index, is a call of
+        its own; its name may come after its first arguments."""
+        calls = self._calls
+        fn = call.get("function") if isinstance(call.get("function"), dict) else {}
+        given_id, position = call.get("id"), call.get("index")
+        last = self._order[-1] if self._order else None
+        if not isinstance(position, int):
+            position = last if last is not None and (not given_id or calls[last]["id"] in (None, given_id)) else len(calls)
+        elif position in calls and given_id and calls[position]["id"] not in (None, given_id):
+            position = max(calls) + 1 + len(calls)
+        state = calls.get(position)
+        if state is None:
+            state = calls[position] = {"id": None, "name": "", "args": [], "at": None, "sent": 0}
+            self._order.append(position)
+        if given_id and not state["id"]:
+            state["id"] = given_id
+        if fn.get("name") and not state["name"]:
+            state["name"] = str(fn["name"])
+        if isinstance(fn.get("arguments"), str) and fn["arguments"]:
+            state["args"].append(fn["arguments"])
+        return position, state
 
     def _text(self, literal: bytes, text: str, out: list[bytes]) -> None:
         """A text delta: `literal` is `text` as a JSON string, ready to be written."""

@@ -62,8 +62,6 @@ class MessagesAnswer(ChatAnswer):
         self.input_estimate = input_estimate
         self._block: str | None = None  # the open block's kind: thinking, text, tool_use
         self._index = -1  # the open block's index
-        self._calls: dict[int, dict[str, Any]] = {}  # chat tool-call index -> what is known of the call
-        self._order: list[int] = []
         self._signature = ""
         self._stop: str | None = None
         self._usage: dict[str, int] | None = None
@@ -74,12 +72,9 @@ class MessagesAnswer(ChatAnswer):
 
     # JSON
     def body(self, chat: bytes) -> bytes:
-        doc = orjson.loads(chat)
-        if "error" in doc and "choices" not in doc:
-            err = doc.get("error") or {}
-            return error_doc(502, str(err.get("message") or "The provider sent an error."))
-        choice = (doc.get("choices") or [{}])[0]
-        message = choice.get("message") or {}
+        doc, choice, message = self._chat_message(chat)
+        if message is None:
+            return error_doc(502, str((doc.get("error") or {}).get("message") or "The provider sent an error."))
         content: list[dict[str, Any]] = []
         for d in message.get("reasoning_details") or []:
             if isinstance(d, dict) and d.get("type") == "reasoning.text":
@@ -201,39 +196,25 @@ class MessagesAnswer(ChatAnswer):
                 self._stop = "tool_use" if self._calls else STOP.get(finish, "end_turn")
 
     def _call(self, call: dict[str, Any], out: list[bytes]) -> None:
-        """A tool call's piece: its block opens once its name is known (arguments that come first
-        wait for it); a new id at a known index, or no index, is a call of its own."""
-        fn = call.get("function") if isinstance(call.get("function"), dict) else {}
-        given_id, position = call.get("id"), call.get("index")
-        last = self._order[-1] if self._order else None
-        if not isinstance(position, int):
-            position = last if last is not None and (not given_id or self._calls[last]["id"] in (None, given_id)) else len(self._calls)
-        elif position in self._calls and given_id and self._calls[position]["id"] not in (None, given_id):
-            position = max(self._calls) + 1 + len(self._calls)
-        state = self._calls.get(position)
-        if state is None:
-            state = self._calls[position] = {"id": None, "name": "", "args": [], "block": None}
-            self._order.append(position)
-        if given_id and not state["id"]:
-            state["id"] = given_id
-        if fn.get("name") and not state["name"]:
-            state["name"] = str(fn["name"])
-        if isinstance(fn.get("arguments"), str) and fn["arguments"]:
-            state["args"].append(fn["arguments"])
-        if state["block"] is None:
+        """A tool call's piece: its block opens once its name is known."""
+        position, state = self._call_state(call)
+        if state["at"] is None:
             if state["name"]:
                 self._open_call(position, state, out)
-        elif state["block"] == self._index and self._block == "tool_use" and state["args"]:
-            out.append(self._delta({"type": "input_json_delta", "partial_json": "".join(state["args"])}))
-            state["args"] = []
+        elif state["at"] == self._index and self._block == "tool_use":
+            self._send_args(state, out)
+
+    def _send_args(self, state: dict[str, Any], out: list[bytes]) -> None:
+        pending = state["args"][state["sent"]:]
+        if pending:
+            state["sent"] = len(state["args"])
+            out.append(self._delta({"type": "input_json_delta", "partial_json": "".join(pending)}))
 
     def _open_call(self, position: int, state: dict[str, Any], out: list[bytes]) -> None:
         self._open("tool_use", {"type": "tool_use", "id": state["id"] or f"toolu_{self.id}_{position}",
                                 "name": state["name"], "input": {}}, out)
-        state["block"] = self._index
-        if state["args"]:
-            out.append(self._delta({"type": "input_json_delta", "partial_json": "".join(state["args"])}))
-            state["args"] = []
+        state["at"] = self._index
+        self._send_args(state, out)
 
     def _end_stream(self, out: list[bytes]) -> None:
         if self._done:
@@ -241,7 +222,7 @@ class MessagesAnswer(ChatAnswer):
         self._done = True
         self._start(out)
         for position in self._order:  # a call whose name never came still gets its block
-            if self._calls[position]["block"] is None:
+            if self._calls[position]["at"] is None:
                 self._open_call(position, self._calls[position], out)
         self._close(out)
         usage = self._usage or {"input_tokens": self.input_estimate, "cache_creation_input_tokens": 0,

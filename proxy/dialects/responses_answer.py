@@ -76,8 +76,6 @@ class ResponsesAnswer(ChatAnswer):
         self._items: list[dict[str, Any]] = []  # finished output items
         self._open: dict[str, Any] | None = None  # the item being streamed
         self._texts: list[str] = []  # its text (message), summary (reasoning) or arguments (function call)
-        self._calls: dict[int, dict[str, Any]] = {}  # chat tool-call index -> what is known of the call
-        self._order: list[int] = []  # the calls' indexes, in the order they came
         self._details: list[dict[str, Any]] = []  # the upstream's reasoning details, carried for the next turn
         self._text_head = b""  # an output_text.delta's fields from item_id to `delta`, for the open message
         self._finish: str | None = None
@@ -121,12 +119,9 @@ class ResponsesAnswer(ChatAnswer):
     # -- JSON -----------------------------------------------------------------------------------
 
     def body(self, chat: bytes) -> bytes:
-        doc = orjson.loads(chat)
-        if "error" in doc and "choices" not in doc:
-            err = doc.get("error") or {}
-            return error_doc(502, str(err.get("message") or "The provider sent an error."))
-        choice = (doc.get("choices") or [{}])[0]
-        message = choice.get("message") or {}
+        doc, choice, message = self._chat_message(chat)
+        if message is None:
+            return error_doc(502, str((doc.get("error") or {}).get("message") or "The provider sent an error."))
         output: list[dict[str, Any]] = []
         details = [d for d in message.get("reasoning_details") or [] if isinstance(d, dict)]
         summary = message.get("reasoning") or message.get("reasoning_content") or "".join(
@@ -264,40 +259,22 @@ class ResponsesAnswer(ChatAnswer):
                 self._finish = choice["finish_reason"]
 
     def _call(self, call: dict[str, Any], out: list[bytes]) -> None:
-        """A tool call's piece. Its item opens once its name is known (arguments that come first wait);
-        a new id at a known index, or no index, is a call of its own; arguments for a call already
+        """A tool call's piece: its item opens once its name is known; arguments for a call already
         closed (an upstream that interleaves calls) still reach its item in the final output."""
-        fn = call.get("function") if isinstance(call.get("function"), dict) else {}
-        given_id, position = call.get("id"), call.get("index")
-        last = self._order[-1] if self._order else None
-        if not isinstance(position, int):
-            position = last if last is not None and (not given_id or self._calls[last]["id"] in (None, given_id)) else len(self._calls)
-        elif position in self._calls and given_id and self._calls[position]["id"] not in (None, given_id):
-            position = max(self._calls) + 1 + len(self._calls)
-        state = self._calls.get(position)
-        if state is None:
-            state = self._calls[position] = {"id": None, "name": "", "args": [], "item": None, "sent": 0}
-            self._order.append(position)
-        if given_id and not state["id"]:
-            state["id"] = given_id
-        if fn.get("name") and not state["name"]:
-            state["name"] = str(fn["name"])
-        if isinstance(fn.get("arguments"), str) and fn["arguments"]:
-            state["args"].append(fn["arguments"])
-        if state["item"] is None:
+        _, state = self._call_state(call)
+        if state["at"] is None:
             if state["name"]:
                 self._open_call(state, out)
-        elif state["item"] == len(self._items) and self._open is not None:  # the open item
+        elif state["at"] == len(self._items) and self._open is not None:  # the open item
             self._flush_args(state, out)
-        else:  # closed already: its final item gets the whole arguments
-            done = self._items[state["item"]]
-            done["arguments"] = "".join(state["args"]) or "{}"
+        else:
+            self._items[state["at"]]["arguments"] = "".join(state["args"]) or "{}"
 
     def _open_call(self, state: dict[str, Any], out: list[bytes]) -> None:
         index = len(self._items) + (self._open is not None)
         call_id = state["id"] or f"call_{self.rid}_{index}"
         self._open_item(self._call_item(f"fc_{self.rid}_{index}", call_id, state["name"], "", "in_progress"), out)
-        state["item"] = len(self._items)
+        state["at"] = len(self._items)
         self._flush_args(state, out)
 
     def _flush_args(self, state: dict[str, Any], out: list[bytes]) -> None:
@@ -326,7 +303,7 @@ class ResponsesAnswer(ChatAnswer):
         self._start(out)
         for position in self._order:
             state = self._calls[position]
-            if state["item"] is None:
+            if state["at"] is None:
                 self._open_call(state, out)
         self._close(out)
         if self._details:
