@@ -187,6 +187,12 @@ def to_chat(body: dict[str, Any]) -> dict[str, Any]:
     if body.get("stream") is True:
         chat["stream"] = True
         chat["stream_options"] = {"include_usage": True}
+    if _OPTIONAL & body.keys():  # any of the fields below (a bare request has none: nothing to look up)
+        _options(body, chat)
+    return chat
+
+
+def _options(body: dict[str, Any], chat: dict[str, Any]) -> None:
     if body.get("stop_sequences"):
         chat["stop"] = body["stop_sequences"]
     for key in ("temperature", "top_p"):
@@ -220,36 +226,45 @@ def to_chat(body: dict[str, Any]) -> dict[str, Any]:
     user = (body.get("metadata") or {}).get("user_id") if isinstance(body.get("metadata"), dict) else None
     if isinstance(user, str) and user:
         chat["user"] = hashlib.sha256(user.encode("utf-8", "surrogateescape")).hexdigest()[:32]
-    return chat
+
+
+_TYPES = {"system": (str, list), "tools": list, "stop_sequences": list, "tool_choice": dict, "thinking": dict,
+          "metadata": dict, "output_config": dict}
+_ROLES = frozenset(("user", "assistant", "system"))
+_OPTIONAL = frozenset(("stop_sequences", "temperature", "top_p", "tools", "tool_choice", "thinking", "output_config",
+                       "metadata"))
 
 
 def check(body: Any, counting: bool = False) -> dict[str, Any]:
     """The Messages body, or a 400 saying what is wrong with it."""
-    if not isinstance(body, dict):
+    if type(body) is not dict:
         raise invalid_request("Request body must be a JSON object.")
     messages = body.get("messages")
-    if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
+    if type(messages) is not list or not messages:
         raise invalid_request("messages: must be a non-empty array of objects.", param="messages")
     for i, m in enumerate(messages):
+        if type(m) is not dict:
+            raise invalid_request("messages: must be a non-empty array of objects.", param="messages")
         content = m.get("content")
-        if not isinstance(content, (str, list)) or (isinstance(content, list) and not all(isinstance(b, dict) for b in content)):
+        if type(content) is not str and (type(content) is not list or not all(type(b) is dict for b in content)):
             raise invalid_request(f"messages.{i}.content: must be a string or an array of content blocks.",
                                   param="messages")
-        if m.get("role") not in ("user", "assistant", "system"):
+        if m.get("role") not in _ROLES:
             raise invalid_request(f"messages.{i}.role: must be \"user\" or \"assistant\".", param="messages")
-    for field, kinds in (("system", (str, list)), ("tools", list), ("stop_sequences", list), ("tool_choice", dict),
-                         ("thinking", dict), ("metadata", dict), ("output_config", dict)):
-        if body.get(field) is not None and not isinstance(body[field], kinds):
+    for field in _TYPES.keys() & body.keys():  # the optional fields present, only
+        value = body[field]
+        if value is not None and not isinstance(value, _TYPES[field]):
             raise invalid_request(f"{field}: has the wrong type.", param=field)
-    if isinstance(body.get("tools"), list) and not all(isinstance(t, dict) for t in body["tools"]):
-        raise invalid_request("tools: every tool must be an object.", param="tools")
-    if isinstance(body.get("stop_sequences"), list) and not all(isinstance(x, str) for x in body["stop_sequences"]):
-        raise invalid_request("stop_sequences: must be an array of strings.", param="stop_sequences")
+        if field == "tools" and value and not all(isinstance(t, dict) for t in value):
+            raise invalid_request("tools: every tool must be an object.", param="tools")
+        if field == "stop_sequences" and value and not all(isinstance(x, str) for x in value):
+            raise invalid_request("stop_sequences: must be an array of strings.", param="stop_sequences")
     if not counting:
         limit = body.get("max_tokens")
         if type(limit) is not int or limit < 0:
             raise invalid_request("max_tokens: Field required, a whole number of 0 or more.", param="max_tokens")
-        if body.get("stream") is not None and not isinstance(body.get("stream"), bool):
+        stream = body.get("stream")
+        if stream is not None and type(stream) is not bool:
             raise invalid_request("stream: must be a boolean.", param="stream")
     return body
 
