@@ -75,6 +75,9 @@ async def test_dialect_against_upstream(kilo, upstream, account, keys_db, dialec
     await client.app[LEDGER].flush()
     (row,) = ledger_rows(keys_db)
     assert row["provider"] == provider and row["estimated"] == 0 and row["prompt_tokens"] > 0 and row["cost_micros"] > 0
+    gen = await client.get(f"/api/gateway/generation?id={resp.headers['X-Request-Id']}", headers=headers)
+    data = (await gen.json())["data"]
+    assert (data["provider_name"], data["tokens_prompt"], data["streamed"]) == (provider, row["prompt_tokens"], stream)
     # an upstream error before the first byte
     upstream.status = 429
     upstream.error_body = b'{"error": {"message": "slow down", "code": 429, "type": "rate_limit_error"}}'
