@@ -2,7 +2,7 @@
 
 A tier picks by the `x-kilocode-mode` header (`modes`, `default`), by the account's balance
 (`paid`, `free`) or by a sticky weighted split (`weights`), and may inject `reasoning` and
-`verbosity`. Reads ctx.request headers, ctx.account, ctx.client_ip; writes ctx.model and ctx.body.
+`verbosity`; `dialects` names the model for requests that came as Messages or Responses. Reads ctx.request headers, ctx.account, ctx.client_ip; writes ctx.model and ctx.body.
 """
 
 from __future__ import annotations
@@ -28,12 +28,14 @@ DEFAULT_TIERS: dict[str, dict[str, Any]] = {
         "reasoning": {"enabled": True, "effort": "medium"},
         "verbosity": "medium",
     },
-    "kilo-auto/balanced": {"default": "openai/gpt-5.3-codex", "reasoning": {"enabled": True, "effort": "low"}},
+    # The hosted gateway's balanced tier picks by the API called: Messages callers get Claude Haiku.
+    "kilo-auto/balanced": {"default": "openai/gpt-5.3-codex", "reasoning": {"enabled": True, "effort": "low"},
+                           "dialects": {"messages": "anthropic/claude-haiku-4.5"}},
     "kilo-auto/free": {"weights": {"minimax/minimax-m2.5:free": 80, "stepfun/step-3.5-flash:free": 20}},
     "kilo-auto/small": {"paid": "google/gemma-4-31b-it", "free": "google/gemma-4-26b-a4b-it:free"},
 }
 
-_KEYS = {"name", "modes", "default", "weights", "paid", "free", "reasoning", "verbosity"}
+_KEYS = {"name", "modes", "default", "weights", "paid", "free", "reasoning", "verbosity", "dialects"}
 _CLAW_FEATURES = ("kiloclaw", "openclaw")
 
 
@@ -50,6 +52,8 @@ class _Tier:
         self.free: str | None = spec.get("free")
         self.reasoning: dict[str, Any] | None = spec.get("reasoning")
         self.verbosity: str | None = spec.get("verbosity")
+        # The model for a request in another dialect ("messages", "responses"), over the rest.
+        self.dialects: dict[str, str] = dict(spec.get("dialects", {}))
         weights = spec.get("weights", {})
         if not all(isinstance(w, int) and w >= 0 for w in weights.values()):
             raise ConfigError(f"{where}: weights must be whole numbers")
@@ -65,7 +69,7 @@ class _Tier:
             raise ConfigError(f"{where}: give exactly one of default/modes, paid+free, or weights")
         if self.modes and not self.default:
             raise ConfigError(f"{where}: `modes` needs a `default` for unknown and absent modes")
-        targets = [*self.modes.values(), self.default, self.paid, self.free, *weights]
+        targets = [*self.modes.values(), self.default, self.paid, self.free, *weights, *self.dialects.values()]
         for target in filter(None, targets):
             if catalog.get(target) is None:
                 raise ConfigError(f"{where}: target model {target!r} is not in the catalog")
@@ -74,6 +78,8 @@ class _Tier:
             catalog.update([{**base, "id": tier_id, "name": spec.get("name", tier_id), "routes": {}}])
 
     def pick(self, ctx: Context) -> str:
+        if ctx.native is not None and ctx.native.dialect in self.dialects:
+            return self.dialects[ctx.native.dialect]
         if self.buckets:
             return self._weighted(ctx)
         if self.paid and self.free:

@@ -255,3 +255,16 @@ async def test_blocks_without_a_chat_form_pass_through_or_are_refused(gateway, u
     doc = await resp.json()
     assert resp.status == 400 and doc["type"] == "error" and doc["error"]["message"]
     assert len(upstream.seen) == 1
+
+
+async def test_balanced_picks_haiku_for_messages_callers(kilo, upstream, account):
+    upstream.replay = fixture_lines("anthropic-messages-stream-text.jsonl")
+    key = account("alice", "10")
+    client = await kilo()
+    resp = await client.post("/v1/messages", headers={"x-api-key": key}, json={
+        "model": "kilo-auto/balanced", "max_tokens": 10, "stream": True, "messages": [{"role": "user", "content": "hi"}]})
+    assert resp.status == 200 and (await resp.read()).endswith(b'"message_stop"}\n\n')
+    resp = await client.post("/v1/chat/completions", headers={"Authorization": f"Bearer {key}"}, json={
+        "model": "kilo-auto/balanced", "messages": [{"role": "user", "content": "hi"}]})
+    assert resp.status == 200
+    assert [s.body["model"] for s in upstream.seen] == ["anthropic/claude-haiku-4.5", "openai/gpt-5.3-codex"]
