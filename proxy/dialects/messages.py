@@ -126,6 +126,8 @@ def _assistant(content: Any, out: list[dict[str, Any]]) -> None:
         if kind == "text":
             text.append(str(block.get("text") or ""))
         elif kind == "tool_use":
+            if not isinstance(block.get("input", {}), dict):
+                raise invalid_request("Invalid request: a tool_use block's `input` must be an object.", param="messages")
             calls.append({"id": str(block.get("id", "")), "type": "function", "function": {
                 "name": block.get("name", ""), "arguments": orjson.dumps(block.get("input") or {}).decode()}})
         elif kind == "thinking":  # carried as it came, signature and all, for the next turn
