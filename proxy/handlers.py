@@ -150,7 +150,11 @@ class DialectHandler(ChatHandler):
             if str(exc).startswith("depth limit exceeded"):
                 raise invalid_request(_TOO_DEEP) from None
             raise invalid_request(f"Request body is not valid JSON: {exc}") from None
-        body = self.check(body)
+        try:
+            body = self.check(body)
+        except (TypeError, AttributeError, ValueError, KeyError):  # a value of a type no field of the dialect has
+            raise invalid_request(f"Invalid request: a field has a type the {self.dialect.title()} API does not "
+                                  "allow there.") from None
         if raw.count(b"[") + raw.count(b"{") > MAX_DEPTH and _deeper_than(body, MAX_DEPTH):
             raise invalid_request(_TOO_DEEP)
         name = body.get("model")

@@ -268,3 +268,18 @@ async def test_balanced_picks_haiku_for_messages_callers(kilo, upstream, account
         "model": "kilo-auto/balanced", "messages": [{"role": "user", "content": "hi"}]})
     assert resp.status == 200
     assert [s.body["model"] for s in upstream.seen] == ["anthropic/claude-haiku-4.5", "openai/gpt-5.3-codex"]
+
+
+@pytest.mark.parametrize("path,body", [
+    ("/v1/messages", {"model": "claude-sonnet-4-6", "max_tokens": 5, "messages": [{"role": [], "content": ""}]}),
+    ("/v1/messages", {"model": "claude-sonnet-4-6", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}],
+                      "tool_choice": {"type": []}}),
+    ("/v1/responses", {"model": "gpt-5.4", "input": [{"role": {}, "content": "x"}]}),
+    ("/v1/responses", {"model": "gpt-5.4", "input": "x", "tool_choice": {"type": []},
+                       "tools": [{"type": "function", "name": "f"}]}),
+])
+async def test_unhashable_values_where_names_go_are_never_a_500(gateway, upstream, path, body):
+    """A list or an object where a name is looked up (found by the fuzzer): refused, or ignored."""
+    client = await gateway(providers=CHAT_ONLY)
+    resp = await client.post(path, json=body)
+    assert resp.status in (200, 400), await resp.text()

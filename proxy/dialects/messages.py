@@ -251,7 +251,8 @@ def check(body: Any, counting: bool = False) -> dict[str, Any]:
         if type(content) is not str and (type(content) is not list or not all(type(b) is dict for b in content)):
             raise invalid_request(f"messages.{i}.content: must be a string or an array of content blocks.",
                                   param="messages")
-        if m.get("role") not in _ROLES:
+        role = m.get("role")
+        if type(role) is not str or role not in _ROLES:
             raise invalid_request(f"messages.{i}.role: must be \"user\" or \"assistant\".", param="messages")
     for field in _TYPES.keys() & body.keys():  # the optional fields present, only
         value = body[field]
