@@ -1,4 +1,6 @@
-"""Free models for everyone, paid models for accounts with balance.
+"""Free models for everyone, paid models for accounts with balance: a paid request reserves the most
+it may cost against the balance before it goes on (given back once its real cost is debited), and
+is refused with 402 when nothing is left to reserve.
 
 A free request cannot carry extras that the provider bills per request (OpenRouter's web search
 plugins, web_search_options): they are dropped. Reads ctx.model (already resolved from
@@ -11,6 +13,7 @@ from aiohttp import web
 
 from proxy.context import Context
 from proxy.errors import GatewayError
+from proxy.keys import KeyStore
 from proxy.pipeline import Next
 
 
@@ -23,7 +26,9 @@ class FreeGate:
         title: str = "Paid Model - Credits Required",
         message: str = "This is a paid model. To use paid models, you need to add credits.",
         buy_credits_url: str = "",
+        keys: KeyStore | None = None,
     ) -> None:
+        self.keys = keys  # where a paid request reserves its most cost before it is sent
         self.title = title
         self.message = message
         self.buy_credits_url = buy_credits_url
@@ -38,9 +43,23 @@ class FreeGate:
             raise GatewayError(
                 401, "paid_model_auth_required", "You need to sign in to use this model.", code="PAID_MODEL_AUTH_REQUIRED"
             )
-        if account.balance_micros <= 0:
+        reserved = self.keys.reserve(account.id, _most(ctx)) if self.keys is not None else account.balance_micros
+        if not reserved or reserved < 0:
             extra: dict[str, object] = {
                 "title": self.title, "balance": account.balance, "buyCreditsUrl": self.buy_credits_url or None,
             }
             raise GatewayError(402, "usage_limit_exceeded", self.message, extra=extra)
+        if self.keys is not None:
+            ctx.outcome.account_id, ctx.outcome.reserved_micros = account.id, reserved
         return await call_next(ctx)
+
+
+def _most(ctx: Context) -> int:
+    """The most the request may cost: its prompt, and as many output tokens as it allows (else as
+    many as the model gives)."""
+    body, model = ctx.body, ctx.model
+    asked = body.get("max_completion_tokens") or body.get("max_tokens")
+    top = model.entry.get("top_provider")
+    limit = top.get("max_completion_tokens") if isinstance(top, dict) else None
+    output = asked if type(asked) is int and asked > 0 else limit if type(limit) is int and limit > 0 else model.bounds.completion
+    return model.prices.most_micros(ctx.outcome.request_bytes, output)

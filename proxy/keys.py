@@ -230,7 +230,9 @@ class KeyStore:
     """Live keys by hash, in memory; reloaded when the database changes.
 
     Debits of this process that the ledger has not written yet are kept aside (`unflushed`) and
-    taken off every balance it loads, so a balance never jumps back up between two writes.
+    taken off every balance it loads, so a balance never jumps back up between two writes. So are
+    the reservations of requests in flight (`reserved`): a paid request reserves its estimated cost
+    before it is sent, and gives it back once its real cost is debited.
     """
 
     def __init__(self, path: str, refresh_interval: float = 1.0) -> None:
@@ -239,6 +241,7 @@ class KeyStore:
         self._by_hash: dict[str, Account] = {}
         self._by_id: dict[int, Account] = {}
         self.unflushed: dict[int, int] = {}
+        self.reserved: dict[int, int] = {}
         self.lock = asyncio.Lock()  # one reload or ledger write at a time
         self._db: sqlite3.Connection | None = None
         self._version = -1
@@ -258,6 +261,30 @@ class KeyStore:
         if account is not None:
             account.balance_micros -= micros
 
+    def reserve(self, account_id: int, micros: int) -> int | None:
+        """Sets aside up to `micros` of the account's balance for a request about to be sent: what
+        is left of the balance when that is less. None (refuse the request) when nothing is left.
+        So a paid request is admitted only while reservations have not used the balance up, and
+        the overspend is at most what the last admitted request costs beyond what was left."""
+        account = self._by_id.get(account_id)
+        if account is None or account.balance_micros <= 0:
+            return None
+        amount = max(min(micros, account.balance_micros), 1)
+        account.balance_micros -= amount
+        self.reserved[account_id] = self.reserved.get(account_id, 0) + amount
+        return amount
+
+    def release(self, account_id: int, micros: int) -> None:
+        """Gives a reservation back (its request's real cost has been debited, or it cost nothing)."""
+        left = self.reserved.get(account_id, 0) - micros
+        if left > 0:
+            self.reserved[account_id] = left
+        else:
+            self.reserved.pop(account_id, None)
+        account = self._by_id.get(account_id)
+        if account is not None:
+            account.balance_micros += micros
+
     def _read_if_changed(self) -> list[tuple[str, Account]] | None:
         with self._db_lock:  # the connection is never closed under a thread still reading it
             return self._read_locked()
@@ -276,7 +303,7 @@ class KeyStore:
 
     def _install(self, rows: list[tuple[str, Account]]) -> None:
         for _, account in rows:
-            account.balance_micros -= self.unflushed.get(account.id, 0)
+            account.balance_micros -= self.unflushed.get(account.id, 0) + self.reserved.get(account.id, 0)
         self._by_hash = dict(rows)
         self._by_id = {a.id: a for _, a in rows}
 

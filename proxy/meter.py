@@ -117,6 +117,12 @@ class Prices:
 
         return cls(d("prompt"), d("completion"), d("input_cache_read"), d("input_cache_write"), d("request"))
 
+    def most_micros(self, request_bytes: int, max_output: int) -> int:
+        """What a request may cost at most, to reserve before it is sent: a prompt of a token per
+        three bytes of the request (tokenizers average three to four), and every output token it
+        allows."""
+        return self.cost_micros(Usage(prompt=request_bytes // 3, completion=max_output))
+
     def cost_micros(self, u: Usage) -> int:
         """Cached reads and writes are part of `prompt_tokens` (OpenAI, OpenRouter): they are billed
         at their own price, the rest of the prompt at the prompt price. Reasoning is part of

@@ -44,6 +44,7 @@ class Outcome:
     cost_micros: int = 0
     finish_reason: str | None = None
     billable: bool = False  # it reached the last stage: it gets a ledger row
+    reserved_micros: int = 0  # what the request set aside of its account's balance (given back when recorded)
     response_headers: dict[str, str] | None = None  # what every answer to the request carries (the limits left)
 
     def settle(self, meter: Meter) -> None:
@@ -97,6 +98,8 @@ class Recorder:
             self.metrics.observe(outcome, now - outcome.started_at, error)
         if outcome.billable:
             self._bill(outcome)
+        if outcome.reserved_micros and outcome.account_id is not None:  # after the debit: never neither
+            self.ledger.keys.release(outcome.account_id, outcome.reserved_micros)
 
     def _bill(self, o: Outcome) -> None:
         usage = o.usage

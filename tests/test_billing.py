@@ -157,7 +157,8 @@ async def test_two_gateways_one_store_no_lost_debit(kilo, upstream, account, key
 
     async def one(client, i: int) -> int:
         resp = await client.post("/v1/chat/completions", headers=auth,
-                                 json={"model": SONNET, "messages": [{"role": "user", "content": "x"}], "stream": i % 2 == 0})
+                                 json={"model": SONNET, "messages": [{"role": "user", "content": "x"}], "stream": i % 2 == 0,
+                                       "max_tokens": 2000})  # each reserves at most $0.03 of the $100
         await resp.read()
         return resp.status
 
@@ -328,3 +329,30 @@ async def test_the_ledger_writer_survives_a_database_error(kilo, upstream, accou
     assert len(ledger_rows(keys_db)) == 10
     assert balance(keys_db) == 10_000_000 - sum(r["cost_micros"] for r in ledger_rows(keys_db))
     assert any(e["event"] in ("ledger_write_failed", "keys_reload_failed") for e in logged)
+
+
+async def test_concurrent_streams_overspend_at_most_one_request(kilo, upstream, account, keys_db):
+    """50 paid streams at once, $0.00153 each, on a $0.005 key (before reservations: all 50 were
+    served and the balance ended at -$0.0715). Each reserves the most it may cost before it is
+    sent; once nothing is left they get 402. By construction the balance ends no lower than minus
+    one request's most cost."""
+    upstream.mode, upstream.delay = "usage", 0.05  # streams that overlap
+    upstream.usage = {"prompt_tokens": 10, "completion_tokens": 100, "total_tokens": 110}
+    key = account("small", "0.005")
+    client = await kilo()
+    body = {"model": SONNET, "stream": True, "max_tokens": 100, "messages": [{"role": "user", "content": "x"}]}
+
+    async def one() -> int:
+        resp = await client.post("/v1/chat/completions", headers={"Authorization": f"Bearer {key}"}, json=body)
+        await resp.read()
+        return resp.status
+
+    statuses = await asyncio.gather(*(one() for _ in range(50)))
+    await client.app[LEDGER].flush()
+    rows = ledger_rows(keys_db)
+    served = statuses.count(200)
+    assert set(statuses) == {200, 402} and served == len(rows) and 1 <= served <= 4
+    assert all(r["cost_micros"] == 1530 for r in rows)
+    most = (len(json.dumps(body)) // 3) * 3 + 100 * 15  # micro-dollars: the prompt bound and 100 output tokens
+    assert balance(keys_db) == 5000 - served * 1530 >= -most
+    assert client.app[LEDGER].keys.reserved == {}  # every reservation given back

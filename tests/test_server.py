@@ -29,7 +29,9 @@ async def test_sigterm_under_load_loses_no_ledger_row(upstream: Upstream, accoun
     url = f"http://127.0.0.1:{port}"
     async with aiohttp.ClientSession() as session:
         await wait_up(session, url)
-        body = {"model": "anthropic/claude-sonnet-4.6", "messages": [{"role": "user", "content": "x"}], "stream": True}
+        # (max_tokens: each reserves $0.015 of the $100, not the most a Sonnet answer can cost)
+        body = {"model": "anthropic/claude-sonnet-4.6", "messages": [{"role": "user", "content": "x"}], "stream": True,
+                "max_tokens": 1000}
 
         async def one() -> str | None:
             try:
