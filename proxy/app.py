@@ -158,6 +158,7 @@ def create_app(config: Config, env: Mapping[str, str] = os.environ) -> web.Appli
     app = web.Application(client_max_size=config.server.max_body_bytes)
     ids = request_ids()
     record = Recorder(logs.access_writer(), metrics, ledger)
+    forwarder.recorder = record
 
     def endpoint(handler: Handler, route: str, render: Render = GatewayError.response) -> Handler:
         return wrap(handler, route, config.server.max_body_bytes, ids, record, render)

@@ -18,6 +18,7 @@ from proxy.dialects import passthrough
 from proxy.errors import GatewayError
 from proxy.meter import Meter
 from proxy.metrics import Metrics
+from proxy.outcome import Recorder
 from proxy.reply import Reply
 from proxy.routing import Router
 
@@ -31,6 +32,7 @@ class Forwarder:
         self.secret_of = {name: key.encode() for name, key in secrets.items() if len(key) >= 8}
         self.secrets = tuple(set(self.secret_of.values()))
         self.metrics: Metrics | None = None
+        self.recorder: Recorder | None = None  # for the journal's row of an answer that has begun
         # The app's loop, taken once: `asyncio.get_running_loop()` makes a getpid system call each time.
         self.loop: asyncio.AbstractEventLoop | None = None
 
@@ -48,7 +50,9 @@ class Forwarder:
         outcome = ctx.outcome
         outcome.billable = True
         outcome.account_id = ctx.account.id if ctx.account is not None else None
-        reply = Reply(ctx, self.settings.keepalive_interval, self.loop, self.secrets)
+        recorder = self.recorder
+        begun = None if recorder is None else lambda: recorder.provisional(outcome, ctx.model.prices)
+        reply = Reply(ctx, self.settings.keepalive_interval, self.loop, self.secrets, begun)
         meter: Meter | None = None
         if ctx.stream:
             reply.keep_alive()

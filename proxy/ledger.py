@@ -1,9 +1,10 @@
 """The ledger: one row per request that reached a provider, written in batches off the hot path,
 debiting each account by the rows' cost in the same transaction.
 
-A graceful stop writes everything; a crash loses at most one `flush_interval` of rows. Several
-gateway processes may share one database: debits are `balance = balance - ?` in a write
-transaction, so none is lost.
+A graceful stop writes everything; a crash loses nothing: every row is in the process's journal
+before the batch that writes it (`proxy/journal.py`), read back at the next start. Several gateway
+processes may share one database: debits are `balance = balance - ?` in a write transaction, so
+none is lost.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any, AsyncIterator, NamedTuple
 import structlog
 from aiohttp import web
 
+from proxy import journal
 from proxy.keys import KeyStore, connect, ip_secret
 
 log = structlog.get_logger("turnstile.ledger")
@@ -138,13 +140,21 @@ class Ledger:
         self._read_lock = asyncio.Lock()
         self.secret = b""
         self._db_lock = threading.Lock()
+        self.journal: journal.Journal | None = None  # opened with the database
 
     def _locked(self, fn: Any, *args: Any) -> Any:
         """Runs in a worker thread; the connections close only between two such calls."""
         with self._db_lock:
             return fn(*args)
 
+    def provisional(self, row: Row) -> None:
+        """A request whose answer has begun: its row as it would be if the process died now."""
+        if self.journal is not None:
+            self.journal.provisional(row)
+
     def record(self, row: Row) -> None:
+        if self.journal is not None:
+            self.journal.final(row)
         self.rows.append(row)
         if row.account_id is not None and row.cost_micros:
             self.keys.debit(row.account_id, row.cost_micros)
@@ -159,6 +169,8 @@ class Ledger:
                 return 0
             rows, self.rows = self.rows, []
             debits, self.keys.unflushed = self.keys.unflushed, {}
+            if self.journal is not None:  # the rows from here on go to a new journal
+                self.journal.rotate()
             assert self._db is not None
             try:
                 await asyncio.to_thread(self._locked, _write, self._db, rows, debits)
@@ -168,6 +180,8 @@ class Ledger:
                 for account, micros in debits.items():
                     self.keys.unflushed[account] = self.keys.unflushed.get(account, 0) + micros
                 return 0
+            if self.journal is not None:
+                self.journal.committed()
             try:
                 await self.keys.refresh()  # balances now include what was just written
             except Exception as exc:  # noqa: BLE001 (written already: the next reload catches up)
@@ -187,6 +201,10 @@ class Ledger:
         self._db = connect(self.keys.path)
         self._reader = connect(self.keys.path)
         self.secret = ip_secret(self._db)
+        if journal.recover(self._db, self.keys.path, _INSERTS[1], len(COLUMNS)):
+            await self.keys.refresh()  # the recovered debits
+        self.journal = journal.Journal(self.keys.path)
+        self.journal.open()
         task = asyncio.create_task(self._loop())
         yield
         # A write runs in a thread that cancelling cannot stop: take the lock first, so that none is
@@ -201,9 +219,11 @@ class Ledger:
                 break
             await asyncio.sleep(0.2 * (attempt + 1))
         if self.rows:
-            log.error("ledger_rows_lost_on_stop", rows=len(self.rows))
+            log.error("ledger_rows_left_in_the_journal", rows=len(self.rows))  # read back at the next start
         else:
             log.info("ledger_flushed_on_stop", rows=written)
+        if self.journal is not None:
+            self.journal.close(empty=not self.rows)
         with self._db_lock:  # after any thread still using a connection
             self._db.close()
             self._reader.close()

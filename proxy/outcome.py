@@ -15,7 +15,7 @@ import structlog
 
 from proxy.errors import GatewayError
 from proxy.ledger import Ledger, Row, ip_hash
-from proxy.meter import Meter, Usage
+from proxy.meter import Meter, Prices, Usage
 from proxy.metrics import Metrics
 
 log = structlog.get_logger("turnstile.forward")
@@ -101,9 +101,18 @@ class Recorder:
         if outcome.reserved_micros and outcome.account_id is not None:  # after the debit: never neither
             self.ledger.keys.release(outcome.account_id, outcome.reserved_micros)
 
+    def provisional(self, o: Outcome, prices: Prices) -> None:
+        """The row of a request whose answer has just begun, as it stands: into the ledger's journal,
+        so that the process dying before the answer ends does not leave it unbilled (its usage
+        then estimated from the request, as for any answer cut short)."""
+        usage = Usage(prompt=o.request_bytes // 4, estimated=True)
+        self.ledger.provisional(self._row(o, usage, prices.cost_micros(usage)))
+
     def _bill(self, o: Outcome) -> None:
-        usage = o.usage
-        self.ledger.record(Row(
+        self.ledger.record(self._row(o, o.usage, o.cost_micros))
+
+    def _row(self, o: Outcome, usage: Usage | None, cost_micros: int) -> Row:
+        return Row(
             request_id=o.request_id,
             account_id=o.account_id,
             ip_hash=None if o.account_id is not None else ip_hash(self.ledger.secret, o.client_ip),
@@ -115,7 +124,7 @@ class Recorder:
             reasoning_tokens=usage.reasoning if usage else 0,
             cached_tokens=usage.cached if usage else 0,
             cache_write_tokens=usage.cache_write if usage else 0,
-            cost_micros=o.cost_micros,
+            cost_micros=cost_micros,
             estimated=bool(usage and usage.estimated),
             status=o.status,
             ttfb_ms=round((o.first_byte_at - o.started_at) * 1000, 2) if o.first_byte_at else None,
@@ -123,4 +132,4 @@ class Recorder:
             finish_reason=o.finish_reason,
             streamed=o.stream,
             created_at=time.time(),
-        ))
+        )

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Callable
 
 import aiohttp
 import structlog
@@ -42,7 +43,7 @@ _UNREADABLE = (ValueError, KeyError, TypeError, AttributeError, RecursionError)
 
 class Reply:
     def __init__(self, ctx: Context, keepalive: float, loop: asyncio.AbstractEventLoop,
-                 secrets: tuple[bytes, ...] = ()) -> None:
+                 secrets: tuple[bytes, ...] = (), begun: Callable[[], None] | None = None) -> None:
         self.ctx = ctx
         self.outcome = ctx.outcome
         self.outbound = ctx.outbound  # the caller's dialect, when not chat completions (proxy.dialects)
@@ -51,6 +52,7 @@ class Reply:
         self.interval = keepalive
         self.loop = loop
         self.secrets = secrets  # every provider key, for error bodies
+        self.begun = begun  # called when the first byte of the answer is written (the journal's provisional row)
         self.last_write = 0.0
         self._over = False  # the answer's [DONE] was sent: what breaks after it loses nothing
         self._sse = False  # the answer is a stream of server-sent events
@@ -116,6 +118,8 @@ class Reply:
         outcome = self.outcome
         if answer and not outcome.first_byte_at:
             outcome.first_byte_at = now
+            if self.begun is not None:
+                self.begun()
         self.last_write = now
         assert self.response is not None
         await self.response.write(data)
