@@ -51,7 +51,8 @@ class Forwarder:
         outcome.billable = True
         outcome.account_id = ctx.account.id if ctx.account is not None else None
         recorder = self.recorder
-        begun = None if recorder is None else lambda: recorder.provisional(outcome, ctx.model.prices)
+        # A paid answer's provisional row, for the journal (a free one has nothing to bill).
+        begun = None if recorder is None or ctx.model.free else lambda: recorder.provisional(outcome, ctx.model.prices)
         reply = Reply(ctx, self.settings.keepalive_interval, self.loop, self.secrets, begun)
         meter: Meter | None = None
         if ctx.stream:

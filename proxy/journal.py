@@ -50,7 +50,7 @@ class Journal:
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
 
     def provisional(self, row: tuple[Any, ...]) -> None:
-        line = orjson.dumps(tuple(row)) + b"\n"
+        line = orjson.dumps(row) + b"\n"
         self.inflight[row[0]] = line
         self._append(line)
 

@@ -147,7 +147,7 @@ class Ledger:
         with self._db_lock:
             return fn(*args)
 
-    def provisional(self, row: Row) -> None:
+    def provisional(self, row: tuple[Any, ...]) -> None:
         """A request whose answer has begun: its row as it would be if the process died now."""
         if self.journal is not None:
             self.journal.provisional(row)
