@@ -76,6 +76,21 @@ def _keys(args: argparse.Namespace) -> int:
     return 0
 
 
+def _migrate(args: argparse.Namespace) -> int:
+    import os
+
+    from proxy import keys
+
+    path = args.db or keys.db_path(configuration.load(args.config).keys.db)
+    db = keys.connect(path)  # which migrates
+    try:
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+    finally:
+        db.close()
+    print(f"{os.path.abspath(path)}: schema version {version} (this gateway's: {keys.SCHEMA_VERSION})")
+    return 0
+
+
 def _usage(args: argparse.Namespace) -> int:
     import json
 
@@ -137,6 +152,12 @@ def parser() -> argparse.ArgumentParser:
     revoke = actions.add_parser("revoke", help="revoke an account's key")
     revoke.add_argument("id", type=int)
     keys.set_defaults(run=_keys)
+
+    migrate = sub.add_parser("migrate", help="bring the key database to this gateway's schema (serve does it too)")
+    migrate.add_argument("--config", default=os.environ.get("TURNSTILE_CONFIG") or None,
+                         help="config file whose [keys] db to use (default: $TURNSTILE_CONFIG)")
+    migrate.add_argument("--db", help="SQLite file (default: TURNSTILE_KEYS_DB, else the config's [keys] db)")
+    migrate.set_defaults(run=_migrate)
 
     usage = sub.add_parser("usage", help="requests, tokens and cost from the ledger")
     usage.add_argument("--config", default=os.environ.get("TURNSTILE_CONFIG") or None,

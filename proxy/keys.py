@@ -64,6 +64,37 @@ CREATE INDEX IF NOT EXISTS ledger_account ON ledger (account_id, created_at);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
+# The schema's versions: MIGRATIONS[n - 1] takes a database from version n - 1 to n (SQLite's
+# `user_version`). Version 1 is the schema above, which databases made before versions were kept
+# already have (every statement of it is IF NOT EXISTS). A new version is a new entry, never an
+# edit of an old one.
+MIGRATIONS: list[str] = [_SCHEMA]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def migrate(db: sqlite3.Connection) -> tuple[int, int]:
+    """Brings the database to SCHEMA_VERSION, each step in its own transaction: (from, to). A
+    database newer than this gateway is refused (DatabaseError) rather than used half-understood."""
+    found = db.execute("PRAGMA user_version").fetchone()[0]
+    if found > SCHEMA_VERSION:
+        raise DatabaseError(f"the key database is at schema version {found}, newer than this gateway's "
+                            f"{SCHEMA_VERSION}: upgrade the gateway")
+    for version in range(found + 1, SCHEMA_VERSION + 1):
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            if db.execute("PRAGMA user_version").fetchone()[0] < version:  # another process may have done it
+                for statement in MIGRATIONS[version - 1].split(";"):
+                    if statement.strip():
+                        db.execute(statement)
+                db.execute(f"PRAGMA user_version = {version}")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+        if found:
+            log.info("key_database_migrated", version=version)
+    return found, SCHEMA_VERSION
+
 
 ANONYMOUS = "anonymous"
 
@@ -188,7 +219,7 @@ def _open(path: str) -> sqlite3.Connection:
                 raise
             time.sleep(0.02)
     db.execute("PRAGMA synchronous=NORMAL")  # with WAL: durable at checkpoints, no fsync per batch
-    db.executescript(_SCHEMA)
+    migrate(db)
     db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('ip_secret', ?)", (secrets.token_hex(32),))
     return db
 

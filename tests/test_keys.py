@@ -116,3 +116,26 @@ def test_processes_opening_a_new_database_together_all_succeed(tmp_path):
         os.close(go_r)
         os.close(go_w)
         assert [os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in pids] == [0, 0, 0]
+
+
+def test_the_schema_is_versioned_and_migrate_brings_a_database_to_it(tmp_path, capsys):
+    import sqlite3
+
+    from proxy import keys
+    from proxy.cli import main
+
+    old = tmp_path / "old.db"  # made before versions were kept: the tables, user_version 0
+    db = sqlite3.connect(old)
+    db.executescript(keys.MIGRATIONS[0])
+    db.execute("INSERT INTO accounts (name, key_hash, key_hint, balance_micros, created_at) VALUES ('a', 'h', 'x', 5, 0)")
+    db.commit()
+    db.close()
+    assert main(["migrate", "--db", str(old)]) == 0
+    assert f"schema version {keys.SCHEMA_VERSION}" in capsys.readouterr().out
+    db = sqlite3.connect(old)
+    assert db.execute("PRAGMA user_version").fetchone()[0] == keys.SCHEMA_VERSION
+    assert db.execute("SELECT balance_micros FROM accounts").fetchone()[0] == 5  # kept
+    db.execute(f"PRAGMA user_version = {keys.SCHEMA_VERSION + 1}")  # from a newer gateway
+    db.close()
+    assert main(["migrate", "--db", str(old)]) == 2
+    assert "newer than this gateway" in capsys.readouterr().err
