@@ -5,19 +5,23 @@ batch write, so that a process killed at any moment (`kill -9`, the OOM killer) 
   client (its cost estimated from the request, as for an answer cut short), and the real one when
   it is recorded. A line is a `write` system call: once it returns, the kernel has it, whatever
   happens to the process.
-- Each batch write starts a new journal (carrying the provisional rows of requests still in
-  flight) and removes the old one once its rows are committed.
-- At start-up, the journals of processes that are gone are read back: for each request, its last
-  row, inserted unless the ledger already has it, its account debited only then.
+- Each successful batch write starts a new journal file (carrying the provisional rows of requests
+  still in flight) and removes the old ones. While writes fail, the same file grows.
+- At start-up, the journals of runs that are over are read back: for each request, its last row,
+  inserted unless the ledger already has it, its account debited only then.
 
-Each process has its own file (`<database>.journal.<pid>`): workers never write to each other's.
+Each run of a process has its own files (`<database>.journal.<run>.<turn>`) and holds an exclusive
+`flock` on `<database>.journal.<run>.lock` while it lives: a run whose lock can be taken is over,
+whatever its pid was (a container's PID 1 is PID 1 again after a restart).
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import glob
 import os
+import secrets
 import sqlite3
 from typing import Any
 
@@ -27,26 +31,27 @@ import structlog
 log = structlog.get_logger("turnstile.ledger")
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's: alive
-        return True
-    return True
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 class Journal:
     def __init__(self, database: str) -> None:
-        self.base = f"{database}.journal.{os.getpid()}"
-        self.path = self.base
-        self._fd = -1
+        self.run = f"{os.getpid()}-{secrets.token_hex(4)}"
+        self.base = f"{database}.journal.{self.run}"
         self._turn = 0
+        self.path = f"{self.base}.0"
+        self._fd = -1
+        self._lock = -1
+        self.failed = False  # a write failed: logged once, the request goes on
         self.inflight: dict[str, bytes] = {}  # provisional lines of requests not yet recorded
-        self.written: list[str] = []  # older journals, removed once their rows are committed
+        self.written: list[str] = []  # older files, removed once their rows are committed
 
     def open(self) -> None:
+        self._lock = os.open(f"{self.base}.lock", os.O_WRONLY | os.O_CREAT, 0o600)
+        fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
 
     def provisional(self, row: tuple[Any, ...]) -> None:
@@ -59,58 +64,123 @@ class Journal:
         self._append(orjson.dumps(tuple(row)) + b"\n")
 
     def _append(self, line: bytes) -> None:
-        if self._fd >= 0:
-            os.write(self._fd, line)
-
-    def rotate(self) -> None:
-        """A new journal for the rows after this point; the old one is removed by `committed`."""
+        """Never fails the request: a journal that cannot be written is logged (once), and the row
+        still goes to the ledger's next batch as before."""
         if self._fd < 0:
             return
-        os.close(self._fd)
+        try:
+            _write_all(self._fd, line)
+        except OSError as exc:
+            if not self.failed:
+                self.failed = True
+                log.error("ledger_journal_write_failed", path=self.path, error=str(exc))
+            return
+        self.failed = False
+
+    def rotate(self) -> None:
+        """Before a batch write: the rows after this point go to a new file, and the current one is
+        removed by `committed` once the batch is in. Not while an earlier batch failed (its file
+        stays current until a write succeeds), nor when no new file can be opened."""
+        if self._fd < 0 or self.written:
+            return
+        path = f"{self.base}.{self._turn + 1}"
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            if self.inflight:
+                _write_all(fd, b"".join(self.inflight.values()))
+        except OSError as exc:
+            log.error("ledger_journal_rotate_failed", path=path, error=str(exc))
+            return
+        old, self._fd = self._fd, fd
+        os.close(old)
         self.written.append(self.path)
         self._turn += 1
-        self.path = f"{self.base}.{self._turn}"
-        self.open()
-        if self.inflight:
-            os.write(self._fd, b"".join(self.inflight.values()))
+        self.path = path
 
     def committed(self) -> None:
-        """The rows of every journal before the current one are in the database."""
+        """The rows of every file before the current one are in the database."""
         for path in self.written:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
         self.written.clear()
 
     def close(self, empty: bool) -> None:
-        """At a graceful stop; `empty`: every row is written, nothing is in flight."""
+        """At a graceful stop; `empty`: every row is written, nothing is in flight (the files go)."""
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
         if empty and not self.inflight:
             self.written.append(self.path)
             self.committed()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(f"{self.base}.lock")
+        if self._lock >= 0:
+            os.close(self._lock)
+            self._lock = -1
+
+
+def _over(lock_path: str) -> int:
+    """An open, locked descriptor of a run's lock file if that run is over; -1 if it lives."""
+    try:
+        fd = os.open(lock_path, os.O_WRONLY | os.O_CREAT, 0o600)
+    except OSError:
+        return -1
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return -1
+    return fd
+
+
+def _turn(path: str) -> int:
+    tail = path.rsplit(".", 1)[-1]
+    return int(tail) if tail.isdigit() else -1
 
 
 def recover(db: sqlite3.Connection, database: str, insert: str, columns: int) -> int:
-    """Reads back the journals of processes that are gone (a crash): for each request its last row,
+    """Reads back the journals of runs that are over (a crash): for each request its last row,
     inserted unless the ledger has it, its account debited only then. Returns the rows inserted."""
-    paths = []
-    for path in sorted(glob.glob(glob.escape(database) + ".journal.*")):
-        pid = path[len(database) + len(".journal."):].split(".", 1)[0]
-        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
-            paths.append(path)
-    if not paths:
-        return 0
+    prefix = database + ".journal."
+    runs: dict[str, list[str]] = {}
+    for path in glob.glob(glob.escape(prefix) + "*"):
+        run, _, turn = path[len(prefix):].rpartition(".")
+        if run and turn.isdigit():
+            runs.setdefault(run, []).append(path)
+    inserted = 0
+    for run, paths in runs.items():
+        lock = _over(f"{prefix}{run}.lock")
+        if lock < 0:
+            continue  # a live run's (another worker's): not ours to read
+        try:
+            inserted += _replay(db, sorted(paths, key=_turn), insert, columns)
+            for path in paths:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(f"{prefix}{run}.lock")
+        finally:
+            os.close(lock)
+    if inserted:
+        log.warning("ledger_recovered_from_journal", rows=inserted)
+    return inserted
+
+
+def _replay(db: sqlite3.Connection, paths: list[str], insert: str, columns: int) -> int:
     last: dict[str, list[Any]] = {}
-    for path in paths:
-        with open(path, "rb") as f:
-            for line in f:
-                try:
-                    row = orjson.loads(line)
-                except orjson.JSONDecodeError:  # a line cut by the crash
-                    continue
-                if isinstance(row, list) and len(row) == columns:
-                    last[row[0]] = row
+    for path in paths:  # in the order they were written: a later line of a request wins
+        try:
+            with open(path, "rb") as f:
+                lines = f.read().split(b"\n")
+        except FileNotFoundError:
+            continue
+        for line in lines:
+            try:
+                row = orjson.loads(line)
+            except orjson.JSONDecodeError:  # a line cut by the crash
+                continue
+            if isinstance(row, list) and len(row) == columns and isinstance(row[0], str):
+                last[row[0]] = row
     inserted = 0
     db.execute("BEGIN IMMEDIATE")
     try:
@@ -124,8 +194,4 @@ def recover(db: sqlite3.Connection, database: str, insert: str, columns: int) ->
         db.execute("ROLLBACK")
         raise
     db.execute("COMMIT")
-    for path in paths:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-    log.warning("ledger_recovered_from_journal", rows=inserted, journals=len(paths))
     return inserted

@@ -153,9 +153,9 @@ class Ledger:
             self.journal.provisional(row)
 
     def record(self, row: Row) -> None:
+        self.rows.append(row)
         if self.journal is not None:
             self.journal.final(row)
-        self.rows.append(row)
         if row.account_id is not None and row.cost_micros:
             self.keys.debit(row.account_id, row.cost_micros)
 

@@ -98,10 +98,12 @@ class Recorder:
         self.access(fields)
         if self.metrics is not None:
             self.metrics.observe(outcome, now - outcome.started_at, error)
-        if outcome.billable:
-            self._bill(outcome)
-        if outcome.reserved_micros and outcome.account_id is not None:  # after the debit: never neither
-            self.ledger.keys.release(outcome.account_id, outcome.reserved_micros)
+        try:
+            if outcome.billable:
+                self._bill(outcome)
+        finally:
+            if outcome.reserved_micros and outcome.account_id is not None:  # after the debit: never neither
+                self.ledger.keys.release(outcome.account_id, outcome.reserved_micros)
 
     def provisional(self, o: Outcome, prices: Prices) -> None:
         """The row of a request whose answer has just begun, as it stands: into the ledger's journal,

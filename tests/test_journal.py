@@ -5,6 +5,7 @@ debited once."""
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import sqlite3
 
@@ -63,3 +64,55 @@ async def test_kill_9_mid_load_loses_no_billing(upstream: Upstream, account, key
     assert balance == 100_000_000 - sum(rows.values())
     assert b"ledger_recovered_from_journal" in output
     assert not list(tmp_path.glob("keys.db.journal.*"))
+
+
+def _db(path):
+    from proxy import keys
+
+    db = keys.connect(str(path))
+    keys.create(db, "a", "10")
+    return db
+
+
+def test_a_run_that_ended_is_read_back_whatever_its_pid_and_a_live_one_is_not(tmp_path):
+    """A container's PID 1 is PID 1 again after a restart: runs are told apart by their lock, not pid."""
+    from proxy import journal
+    from proxy.ledger import COLUMNS, _INSERTS
+
+    path = tmp_path / "keys.db"
+    db = _db(path)
+    row = lambda rid, cost: (rid, 1, None, "m", "m", "p", 1, 2, 0, 0, 0, cost, False, 200, 1.0, 2.0, "stop", True, 1.0)
+    crashed, live = journal.Journal(str(path)), journal.Journal(str(path))
+    crashed.open()
+    live.open()
+    crashed.provisional(row("a", 5))
+    crashed.final(row("a", 7))
+    live.provisional(row("b", 9))
+    for turn in (2, 10):  # read in the order written, 2 before 10 (not as text)
+        with open(f"{crashed.base}.{turn}", "wb") as f:
+            f.write(orjson_line(row("c", turn)))
+    os.close(crashed._fd)
+    os.close(crashed._lock)  # the crashed run's lock goes with its process
+    assert journal.recover(db, str(path), _INSERTS[1], len(COLUMNS)) == 2
+    found = dict(db.execute("SELECT request_id, cost_micros FROM ledger"))
+    assert found == {"a": 7, "c": 10}  # b's run lives: not read
+    assert db.execute("SELECT balance_micros FROM accounts").fetchone()[0] == 10_000_000 - 17
+    assert sorted(p.name for p in tmp_path.glob("keys.db.journal.*")) == sorted(
+        [os.path.basename(live.path), os.path.basename(live.base) + ".lock"])
+    live.close(empty=False)
+
+
+def orjson_line(row) -> bytes:
+    import orjson
+
+    return orjson.dumps(row) + b"\n"
+
+
+def test_a_journal_that_cannot_be_written_never_fails_the_request(tmp_path):
+    from proxy import journal
+
+    j = journal.Journal(str(tmp_path / "keys.db"))
+    j.open()
+    os.close(j._fd)  # the disk is gone, say
+    j.final(("a", 1, None, "m", "m", "p", 1, 2, 0, 0, 0, 3, False, 200, 1.0, 2.0, "stop", True, 1.0))
+    assert j.failed
