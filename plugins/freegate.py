@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from proxy.catalog import Model
 from proxy.context import Context
 from proxy.errors import GatewayError
 from proxy.keys import KeyStore
@@ -56,10 +57,20 @@ class FreeGate:
 
 def _most(ctx: Context) -> int:
     """The most the request may cost: its prompt, and as many output tokens as it allows (else as
-    many as the model gives)."""
-    body, model = ctx.body, ctx.model
+    many as the model gives), at the prices of its model or of the dearest model its own `models`
+    list may fall back to."""
+    body = ctx.body
     asked = body.get("max_completion_tokens") or body.get("max_tokens")
+    asked = asked if type(asked) is int and asked > 0 else 0
+    models = [ctx.model]
+    fallbacks = body.get("models")
+    if isinstance(fallbacks, list):
+        models += [m for m in map(ctx.catalog.get, (f for f in fallbacks if isinstance(f, str))) if m is not None]
+    return max(_model_most(m, ctx.outcome.request_bytes, asked) for m in models)
+
+
+def _model_most(model: Model, request_bytes: int, asked: int) -> int:
     top = model.entry.get("top_provider")
     limit = top.get("max_completion_tokens") if isinstance(top, dict) else None
-    output = asked if type(asked) is int and asked > 0 else limit if type(limit) is int and limit > 0 else model.bounds.completion
-    return model.prices.most_micros(ctx.outcome.request_bytes, output)
+    output = asked or (limit if type(limit) is int and limit > 0 else model.bounds.completion)
+    return model.prices.most_micros(request_bytes, output)

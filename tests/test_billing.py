@@ -356,3 +356,18 @@ async def test_concurrent_streams_overspend_at_most_one_request(kilo, upstream, 
     most = (len(json.dumps(body)) // 3) * 3 + 100 * 15  # micro-dollars: the prompt bound and 100 output tokens
     assert balance(keys_db) == 5000 - served * 1530 >= -most
     assert client.app[LEDGER].keys.reserved == {}  # every reservation given back
+
+
+async def test_a_request_reserves_at_the_price_of_the_dearest_model_it_may_fall_back_to(kilo, upstream, account):
+    upstream.mode, upstream.delay = "usage", 0.2  # in flight while the second request comes
+    upstream.usage = usage(0)
+    key = account("small", "0.05")
+    client = await kilo()
+    cheap = {"model": "minimax/minimax-m2.7", "stream": True, "max_tokens": 1000, "messages": [{"role": "user", "content": "x"}]}
+    first = asyncio.create_task(client.post("/v1/chat/completions", headers={"Authorization": f"Bearer {key}"},
+                                            json={**cheap, "models": ["anthropic/claude-opus-4.7"]}))
+    await asyncio.sleep(0.05)
+    reserved = client.app[LEDGER].keys.reserved[1]
+    opus = 1000 * 25  # micro-dollars: 1,000 output tokens at Opus's $25 per million (more than MiniMax's)
+    assert reserved >= opus
+    await (await first).read()
