@@ -82,6 +82,9 @@ def _migrate(args: argparse.Namespace) -> int:
     from proxy import keys
 
     path = args.db or keys.db_path(configuration.load(args.config).keys.db)
+    if not os.path.exists(path):  # a mistyped path is not a new database
+        print(f"turnstile: no key database at {os.path.abspath(path)}", file=sys.stderr)
+        return 1
     db = keys.connect(path)  # which migrates
     try:
         version = db.execute("PRAGMA user_version").fetchone()[0]

@@ -188,9 +188,12 @@ def check(path: str) -> None:
     where = os.path.abspath(path)
     if os.path.exists(path):
         try:
-            sqlite3.connect(f"file:{path}?mode=rw", uri=True).execute("PRAGMA schema_version").fetchone()
+            version = sqlite3.connect(f"file:{path}?mode=rw", uri=True).execute("PRAGMA user_version").fetchone()[0]
         except sqlite3.Error as exc:
             raise DatabaseError(f"cannot open the key database {where}: {exc}") from None
+        if version > SCHEMA_VERSION:
+            raise DatabaseError(f"the key database {where} is at schema version {version}, newer than this "
+                                f"gateway's {SCHEMA_VERSION}: upgrade the gateway")
         return
     folder = os.path.dirname(where)
     if not os.path.isdir(folder):

@@ -139,3 +139,7 @@ def test_the_schema_is_versioned_and_migrate_brings_a_database_to_it(tmp_path, c
     db.close()
     assert main(["migrate", "--db", str(old)]) == 2
     assert "newer than this gateway" in capsys.readouterr().err
+    keys_check = __import__("pytest").raises(keys.DatabaseError, keys.check, str(old))
+    assert "newer than this gateway" in str(keys_check.value)  # check-config says so too
+    assert main(["migrate", "--db", str(tmp_path / "typo.db")]) == 1  # not created
+    assert not (tmp_path / "typo.db").exists()
