@@ -46,10 +46,17 @@ class FreeGate:
             )
         reserved = self.keys.reserve(account.id, _most(ctx)) if self.keys is not None else account.balance_micros
         if not reserved or reserved < 0:
+            held = self.keys.reserved.get(account.id, 0) if self.keys is not None else 0
             extra: dict[str, object] = {
-                "title": self.title, "balance": account.balance, "buyCreditsUrl": self.buy_credits_url or None,
+                "title": self.title, "balance": (account.balance_micros + held) / 1_000_000,
+                "buyCreditsUrl": self.buy_credits_url or None,
             }
-            raise GatewayError(402, "usage_limit_exceeded", self.message, extra=extra)
+            message = self.message
+            if account.balance_micros + held > 0:  # credit there is, all held by requests in flight
+                extra["reserved"] = held / 1_000_000
+                message = ("This key's balance is held by its requests in progress, each reserving the most it may "
+                           "cost: retry when they end, or ask for fewer output tokens (max_tokens).")
+            raise GatewayError(402, "usage_limit_exceeded", message, extra=extra)
         if self.keys is not None:
             ctx.outcome.account_id, ctx.outcome.reserved_micros = account.id, reserved
         return await call_next(ctx)

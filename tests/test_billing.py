@@ -347,7 +347,13 @@ async def test_concurrent_streams_overspend_at_most_one_request(kilo, upstream, 
         await resp.read()
         return resp.status
 
-    statuses = await asyncio.gather(*(one() for _ in range(50)))
+    async def refused() -> dict:
+        resp = await client.post("/v1/chat/completions", headers={"Authorization": f"Bearer {key}"}, json=body)
+        return await resp.json()
+
+    statuses, held = await asyncio.gather(asyncio.gather(*(one() for _ in range(50))), refused())
+    # refused while credit is held by requests in flight: it says so
+    assert "held by its requests in progress" in held["error"]["message"] and held["error"]["reserved"] > 0
     await client.app[LEDGER].flush()
     rows = ledger_rows(keys_db)
     served = statuses.count(200)
