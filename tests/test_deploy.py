@@ -78,3 +78,15 @@ def test_dockerfile_copies_what_exists():
         if line.startswith("COPY") and "--from" not in line:
             for source in line.split()[1:-1]:
                 assert (DEPLOY.parent / source).exists(), source
+
+
+def test_kubernetes_runs_the_image_the_docs_build_and_shares_no_sqlite_file():
+    deployment = yaml.safe_load((K8S / "deployment.yaml").read_text())
+    image = deployment["spec"]["template"]["spec"]["containers"][0]["image"]
+    built = (DEPLOY / "Dockerfile").read_text().splitlines()[1]
+    docs = (DEPLOY.parent / "docs" / "operating.md").read_text()
+    assert f"-t {image}" in built and f"docker build -f deploy/Dockerfile -t {image} ." in docs
+    # one pod on a ReadWriteOnce volume: SQLite is not safe on a filesystem shared across nodes
+    assert deployment["spec"]["replicas"] == 1 and deployment["spec"]["strategy"]["type"] == "Recreate"
+    pvc = yaml.safe_load((K8S / "pvc.yaml").read_text())
+    assert pvc["spec"]["accessModes"] == ["ReadWriteOnce"]
