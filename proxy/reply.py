@@ -304,11 +304,12 @@ class Reply:
                     body, content_type = worded, "application/json"
         await self._settle()
         if self.outbound is not None:  # in the caller's dialect: the error's message, reworded
-            message = error_of(body)[1] or body.decode("utf-8", "replace")[:1000]
+            err, message = error_of(body)
+            message = message or body.decode("utf-8", "replace")[:1000]
             if self.response is not None:
                 await self._end_with(self.outbound.error(status, message), status)
                 return self.response
-            return self._whole(status, self.outbound.error_body(status, message), "application/json", answer=False)
+            return self._whole(status, self.outbound.error_body(status, message, err), "application/json", answer=False)
         if self.response is not None:  # the stream already started: the error travels in it
             await self._end_with(error_chunk(body.decode("utf-8", "replace")[:1000], status), status)
             return self.response

@@ -283,3 +283,15 @@ async def test_unhashable_values_where_names_go_are_never_a_500(gateway, upstrea
     client = await gateway(providers=CHAT_ONLY)
     resp = await client.post(path, json=body)
     assert resp.status in (200, 400), await resp.text()
+
+
+async def test_a_responses_error_keeps_the_providers_code_and_param(gateway, upstream):
+    """Codex acts on an error's code (invalid_encrypted_content: drop stale reasoning and retry)."""
+    upstream.status = 400
+    upstream.error_body = json.dumps(fixture_json("openai-responses-error-400-unsupported-parameter.json")).encode()
+    expected = fixture_json("openai-responses-error-400-unsupported-parameter.json")["error"]
+    client = await gateway()
+    resp = await client.post("/v1/responses", json={"model": "gpt-5.4", "input": "hi"})
+    error = (await resp.json())["error"]
+    assert resp.status == 400 and (error["code"], error["param"]) == (expected["code"], expected["param"])
+    assert error["message"] == expected["message"]

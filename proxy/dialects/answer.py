@@ -266,5 +266,7 @@ class ChatAnswer:
     def error(self, status: int, message: str) -> bytes:
         raise NotImplementedError
 
-    def error_body(self, status: int, message: str) -> bytes:
+    def error_body(self, status: int, message: str, upstream: dict[str, Any] | None = None) -> bytes:
+        """An error answer (nothing sent yet) in the dialect's shape; `upstream`: the provider's own
+        `error` object, whose `code` and `param` a client may act on."""
         raise NotImplementedError

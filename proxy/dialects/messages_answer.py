@@ -95,7 +95,7 @@ class MessagesAnswer(ChatAnswer):
                              "content": content, "stop_reason": stop, "stop_sequence": None,
                              "usage": _usage(doc.get("usage"))})
 
-    def error_body(self, status: int, message: str) -> bytes:
+    def error_body(self, status: int, message: str, upstream: dict[str, Any] | None = None) -> bytes:
         """An error answer (nothing sent yet) in Anthropic's shape."""
         return error_doc(status, message)
 

@@ -38,8 +38,7 @@ def usage(chat: Any) -> dict[str, Any]:
 
 def error_doc(status: int, message: str, code: str | None = None) -> bytes:
     """An error answer in the OpenAI shape (what the OpenAI SDKs and Codex read)."""
-    error = GatewayError(status, code or "upstream_error", message)
-    return orjson.dumps({"error": {k: v for k, v in error.body()["error"].items()}})
+    return orjson.dumps({"error": GatewayError(status, code or "upstream_error", message).body()["error"]})
 
 
 class ResponsesAnswer(ChatAnswer):
@@ -319,8 +318,14 @@ class ResponsesAnswer(ChatAnswer):
         out.append(self._event(f"response.{status}", {"response": self._response(
             status, output=self._items, usage=usage(self._usage), **extra)}))
 
-    def error_body(self, status: int, message: str) -> bytes:
-        return error_doc(status, message)
+    def error_body(self, status: int, message: str, upstream: dict[str, Any] | None = None) -> bytes:
+        """The provider's `code` and `param` kept (Codex acts on `context_length_exceeded`,
+        `invalid_encrypted_content`…)."""
+        error = GatewayError(status, "upstream_error", message).body()["error"]
+        for key in ("code", "param"):  # the provider's, null included, when it gave one
+            if upstream and key in upstream and (upstream[key] is None or isinstance(upstream[key], str)):
+                error[key] = upstream[key]
+        return orjson.dumps({"error": error})
 
     def error(self, status: int, message: str) -> bytes:
         """The end of a stream that failed: what was streamed of the open item closes it, then an
