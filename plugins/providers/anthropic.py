@@ -19,6 +19,7 @@ from plugins.providers.common import (
 )
 from proxy.context import Context
 from proxy.dialects import passthrough
+from proxy.dialects.messages import chat_usage as usage
 from proxy.errors import invalid_request
 from proxy.provider import (
     EventTranslation, Translation, UpstreamRequest, WholeTranslation, error_body, error_of,
@@ -156,21 +157,6 @@ def _thinking(wish: dict[str, Any], model: str, payload: dict[str, Any]) -> None
     payload["thinking"] = {"type": "enabled", "budget_tokens": budget}
     if max_tokens <= budget:
         payload["max_tokens"] = budget + 1024
-
-
-def usage(u: dict[str, Any]) -> dict[str, Any]:
-    read = u.get("cache_read_input_tokens") or 0
-    write = u.get("cache_creation_input_tokens") or 0
-    prompt = (u.get("input_tokens") or 0) + read + write
-    completion = u.get("output_tokens") or 0
-    out: dict[str, Any] = {
-        "prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-        "prompt_tokens_details": {"cached_tokens": read, "cache_write_tokens": write},
-    }
-    thinking = (u.get("output_tokens_details") or {}).get("thinking_tokens")
-    if thinking:
-        out["completion_tokens_details"] = {"reasoning_tokens": thinking}
-    return out
 
 
 class Anthropic:

@@ -45,6 +45,22 @@ def error_event(status: int, message: str) -> bytes:
     return sse_event("error", {"type": "error", "error": {"type": error_type(status), "message": message}})
 
 
+def chat_usage(u: dict[str, Any]) -> dict[str, Any]:
+    """Anthropic's usage (input tokens without the cache reads and writes) as OpenAI's."""
+    read = u.get("cache_read_input_tokens") or 0
+    write = u.get("cache_creation_input_tokens") or 0
+    prompt = (u.get("input_tokens") or 0) + read + write
+    completion = u.get("output_tokens") or 0
+    out: dict[str, Any] = {
+        "prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": read, "cache_write_tokens": write},
+    }
+    thinking = (u.get("output_tokens_details") or {}).get("thinking_tokens")
+    if thinking:
+        out["completion_tokens_details"] = {"reasoning_tokens": thinking}
+    return out
+
+
 # -- request: Messages -> chat ----------------------------------------------------------------------
 
 def _text(content: Any) -> str:

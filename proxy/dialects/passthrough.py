@@ -14,7 +14,9 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from proxy.dialects.messages import chat_usage
 from proxy.dialects.responses import CARRIED
+from proxy.meter import _positive
 
 if TYPE_CHECKING:
     from proxy.context import Context, Native
@@ -155,13 +157,8 @@ class MessagesUsage:
         self.counts: dict[str, Any] = {}
 
     def __call__(self, u: dict[str, Any]) -> dict[str, Any]:
-        self.counts.update((k, v) for k, v in u.items() if v is not None)
-        c = self.counts
-        read, write = _int(c.get("cache_read_input_tokens")), _int(c.get("cache_creation_input_tokens"))
-        prompt = _int(c.get("input_tokens")) + read + write
-        completion = _int(c.get("output_tokens"))
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-                "prompt_tokens_details": {"cached_tokens": read, "cache_write_tokens": write}}
+        self.counts.update((k, v) for k, v in u.items() if type(v) is int or isinstance(v, dict))
+        return chat_usage(self.counts)
 
 
 def responses_usage(u: dict[str, Any]) -> dict[str, Any]:
@@ -170,12 +167,10 @@ def responses_usage(u: dict[str, Any]) -> dict[str, Any]:
     od = u.get("output_tokens_details") if isinstance(u.get("output_tokens_details"), dict) else {}
     prompt, completion = u.get("input_tokens"), u.get("output_tokens")
     return {"prompt_tokens": prompt, "completion_tokens": completion,
-            "prompt_tokens_details": {"cached_tokens": _int(pd.get("cached_tokens"))},
-            "completion_tokens_details": {"reasoning_tokens": _int(od.get("reasoning_tokens"))}}
+            "prompt_tokens_details": {"cached_tokens": _positive(pd.get("cached_tokens"))},
+            "completion_tokens_details": {"reasoning_tokens": _positive(od.get("reasoning_tokens"))}}
 
 
-def _int(v: Any) -> int:
-    return v if type(v) is int and v > 0 else 0
 
 
 def reader(dialect: str) -> Any:
