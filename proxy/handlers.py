@@ -37,6 +37,23 @@ def _deeper_than(obj: Any, limit: int) -> bool:
     return False
 
 
+def _refuse_deep(raw: bytes, body: Any) -> None:
+    """Refused here, not when the provider's request is written: before it uses up a rate-limit
+    slot. (Counting brackets is a C loop; only a body with enough of them is walked.)"""
+    if raw.count(b"[") + raw.count(b"{") > MAX_DEPTH and _deeper_than(body, MAX_DEPTH):
+        raise invalid_request(_TOO_DEEP)
+
+
+def _loads(raw: bytes) -> Any:
+    """A dialect request's JSON."""
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        if str(exc).startswith("depth limit exceeded"):
+            raise invalid_request(_TOO_DEEP) from None
+        raise invalid_request(f"Request body is not valid JSON: {exc}") from None
+
+
 def parse_body(raw: bytes) -> dict[str, Any]:
     try:
         body = orjson.loads(raw)
@@ -53,10 +70,7 @@ def parse_body(raw: bytes) -> dict[str, Any]:
         raise invalid_request("Invalid request: `messages` must be a non-empty array.", param="messages")
     if not all(isinstance(m, dict) for m in messages):
         raise invalid_request("Invalid request: every message must be an object.", param="messages")
-    # Refused here, not when the provider's request is written: before it uses up a rate-limit slot.
-    # (Counting brackets is a C loop; only a body with enough of them is walked.)
-    if raw.count(b"[") + raw.count(b"{") > MAX_DEPTH and _deeper_than(body, MAX_DEPTH):
-        raise invalid_request(_TOO_DEEP)
+    _refuse_deep(raw, body)
     stream = body.get("stream")
     if stream is not None and not isinstance(stream, bool):
         raise invalid_request("Invalid request: `stream` must be a boolean.", param="stream")
@@ -144,19 +158,13 @@ class DialectHandler(ChatHandler):
     dialect = ""
 
     def _request(self, raw: bytes) -> dict[str, Any]:
-        try:
-            body = orjson.loads(raw)
-        except orjson.JSONDecodeError as exc:
-            if str(exc).startswith("depth limit exceeded"):
-                raise invalid_request(_TOO_DEEP) from None
-            raise invalid_request(f"Request body is not valid JSON: {exc}") from None
+        body = _loads(raw)
         try:
             body = self.check(body)
         except (TypeError, AttributeError, ValueError, KeyError):  # a value of a type no field of the dialect has
             raise invalid_request(f"Invalid request: a field has a type the {self.dialect.title()} API does not "
                                   "allow there.") from None
-        if raw.count(b"[") + raw.count(b"{") > MAX_DEPTH and _deeper_than(body, MAX_DEPTH):
-            raise invalid_request(_TOO_DEEP)
+        _refuse_deep(raw, body)
         name = body.get("model")
         if not isinstance(name, str) or not name.strip():
             raise invalid_request("Invalid request: `model` is required, a model id as a string.", param="model")
@@ -216,15 +224,8 @@ class MessagesHandler(DialectHandler):
 
     async def count_tokens(self, request: web.Request) -> web.Response:
         """An estimate (no provider is asked): see `messages.count_tokens`."""
-        body = messages.check(self._parse(await self._body(request)), counting=True)
+        body = messages.check(_loads(await self._body(request)), counting=True)
         return web.json_response({"input_tokens": messages.count_tokens(body)})
-
-    @staticmethod
-    def _parse(raw: bytes) -> Any:
-        try:
-            return orjson.loads(raw)
-        except orjson.JSONDecodeError as exc:
-            raise invalid_request(f"Request body is not valid JSON: {exc}") from None
 
 
 class ResponsesHandler(DialectHandler):
