@@ -7,19 +7,20 @@ from __future__ import annotations
 from aiohttp import web
 
 from proxy.context import Context
-from proxy.keys import KeyStore, caller_key, invalid_key
+from proxy.keys import caller_key, invalid_key
+from proxy.store import Store
 from proxy.pipeline import Next
 
 class Auth:
-    def __init__(self, keys: KeyStore) -> None:
-        self.keys = keys
+    def __init__(self, store: Store) -> None:
+        self.store = store
 
     async def __call__(self, ctx: Context, call_next: Next) -> web.StreamResponse:
         token = caller_key(ctx.request.headers)
         if token is not None:
-            account = self.keys.lookup(token)
-            if account is None and await self.keys.recheck():
-                account = self.keys.lookup(token)
+            account = self.store.lookup(token)
+            if account is None and await self.store.recheck():
+                account = self.store.lookup(token)
             if account is None:
                 raise invalid_key()
             ctx.account = account

@@ -14,7 +14,7 @@ from aiohttp import web
 from proxy.catalog import Model
 from proxy.context import Context
 from proxy.errors import GatewayError
-from proxy.keys import KeyStore
+from proxy.store import Store
 from proxy.pipeline import Next
 
 
@@ -27,9 +27,9 @@ class FreeGate:
         title: str = "Paid Model - Credits Required",
         message: str = "This is a paid model. To use paid models, you need to add credits.",
         buy_credits_url: str = "",
-        keys: KeyStore | None = None,
+        store: Store | None = None,
     ) -> None:
-        self.keys = keys  # where a paid request reserves its most cost before it is sent
+        self.store = store  # where a paid request reserves its most cost before it is sent
         self.title = title
         self.message = message
         self.buy_credits_url = buy_credits_url
@@ -44,20 +44,22 @@ class FreeGate:
             raise GatewayError(
                 401, "paid_model_auth_required", "You need to sign in to use this model.", code="PAID_MODEL_AUTH_REQUIRED"
             )
-        reserved = self.keys.reserve(account.id, _most(ctx)) if self.keys is not None else account.balance_micros
+        store = self.store
+        reserved = (await store.reserve(account.id, ctx.outcome.request_id, _most(ctx)) if store is not None
+                    else account.balance_micros)
         if not reserved or reserved < 0:
-            held = self.keys.reserved.get(account.id, 0) if self.keys is not None else 0
+            left, held = await store.held(account.id) if store is not None else (account.balance_micros, 0)
             extra: dict[str, object] = {
-                "title": self.title, "balance": (account.balance_micros + held) / 1_000_000,
+                "title": self.title, "balance": (left + held) / 1_000_000,
                 "buyCreditsUrl": self.buy_credits_url or None,
             }
             message = self.message
-            if account.balance_micros + held > 0:  # credit there is, all held by requests in flight
+            if left + held > 0:  # credit there is, all held by requests in flight
                 extra["reserved"] = held / 1_000_000
                 message = ("This key's balance is held by its requests in progress, each reserving the most it may "
                            "cost: retry when they end, or ask for fewer output tokens (max_tokens).")
             raise GatewayError(402, "usage_limit_exceeded", message, extra=extra)
-        if self.keys is not None:
+        if store is not None:
             ctx.outcome.account_id, ctx.outcome.reserved_micros = account.id, reserved
         return await call_next(ctx)
 

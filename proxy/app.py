@@ -23,8 +23,8 @@ from proxy.dialects import messages
 from proxy.handlers import ChatHandler, MessagesHandler, ModelsHandler, ResponsesHandler, healthz
 from proxy.outcome import Outcome, Recorder
 from proxy.health import Readiness
-from proxy.keys import KeyStore, db_path
-from proxy.ledger import Ledger
+from proxy import store as stores
+from proxy.store import Store
 from proxy.metrics import Metrics
 from proxy.pipeline import compose
 from proxy.limitstore import NO_LIMIT, AdvertisedLimit, SharedStorage, is_shared, open_storage
@@ -128,15 +128,14 @@ def create_app(config: Config, env: Mapping[str, str] = os.environ) -> web.Appli
     catalog = Catalog(seed_rows())
     catalog.update(config.models)
     router = Router(build_providers(config.providers, env), catalog)
-    keys = KeyStore(db_path(config.keys.db, env), config.keys.refresh_interval)
-    ledger = Ledger(keys, config.ledger.flush_interval)
+    store = stores.open_store(stores.settings(config, env))
     secrets = {row.name: env.get(row.api_key_env, "") for row in config.providers if row.api_key_env}
     forwarder = Forwarder(router, config.upstream, secrets)
     client_ip = ClientIP(config.server.trusted_proxies)
     storage = open_storage(config.limits)
     shared = SharedStorage(storage, config.limits.fail_open) if is_shared(config.limits.storage) else None
     # What a stage may ask for by naming a constructor parameter after it.
-    resources: dict[str, Any] = {"catalog": catalog, "keys": keys, "storage": storage, "shared": shared,
+    resources: dict[str, Any] = {"catalog": catalog, "store": store, "storage": storage, "shared": shared,
                                  "servable": forwarder.servable, "workers": config.server.workers}
     stages = []
     for i, row in enumerate(config.pipeline):
@@ -148,23 +147,22 @@ def create_app(config: Config, env: Mapping[str, str] = os.environ) -> web.Appli
     openai_responses = ResponsesHandler(catalog, client_ip, pipeline, config.server.max_body_bytes, config.server.body_timeout)
     models = ModelsHandler(catalog)
     advertised = [s.advertised for s in stages if isinstance(getattr(s, "advertised", None), AdvertisedLimit)]
-    account = AccountHandlers(keys, ledger, advertised[0] if advertised else NO_LIMIT)
+    account = AccountHandlers(store, advertised[0] if advertised else NO_LIMIT)
     metrics = Metrics(env.get(config.metrics.token_env, "") if config.metrics.token_env else "") if config.metrics.enabled else None
     forwarder.metrics = metrics
     if metrics is not None:
         metrics.limits = shared
-    ready = Readiness(storage, keys)
+    ready = Readiness(storage, store)
 
     app = web.Application(client_max_size=config.server.max_body_bytes)
     ids = request_ids()
-    record = Recorder(logs.access_writer(), metrics, ledger)
+    record = Recorder(logs.access_writer(), metrics, store)
     forwarder.recorder = record
 
     def endpoint(handler: Handler, route: str, render: Render = GatewayError.response) -> Handler:
         return wrap(handler, route, config.server.max_body_bytes, ids, record, render)
 
-    app.cleanup_ctx.append(keys.cleanup_ctx)  # opens (and first creates) the database
-    app.cleanup_ctx.append(ledger.cleanup_ctx)  # closed after the session: its last flush sees every request
+    app.cleanup_ctx.append(store.cleanup_ctx)  # closed after the session: its last flush sees every request
     app.cleanup_ctx.append(forwarder.session_ctx)
     if shared is not None:
         app.on_cleanup.append(lambda _: shared.close())
@@ -198,9 +196,9 @@ def create_app(config: Config, env: Mapping[str, str] = os.environ) -> web.Appli
         app.router.add_get("/metrics", endpoint(metrics.handler, "metrics"))
     app.router.add_route("*", "/{tail:.*}", endpoint(Fallback(app).__call__, "unknown"))
     app[CATALOG] = catalog
-    app[LEDGER] = ledger
+    app[STORE] = store
     return app
 
 
 CATALOG = web.AppKey("catalog", Catalog)
-LEDGER = web.AppKey("ledger", Ledger)
+STORE = web.AppKey("store", Store)

@@ -1,11 +1,11 @@
-"""The `turnstile` command: serve, check-config, keys."""
+"""The `turnstile` command: serve, check-config, keys, migrate, usage, store copy."""
 
 from __future__ import annotations
 
 import argparse
 import os
 import sys
-from typing import Sequence
+from typing import Any, Sequence
 
 from proxy import config as configuration
 from proxy.config import ConfigError
@@ -20,9 +20,9 @@ def _serve(args: argparse.Namespace) -> int:
     if args.workers is not None:
         cfg.server.workers = args.workers
     configuration.check_server(cfg.server)
-    from proxy import keys
+    from proxy import store
 
-    keys.check(keys.db_path(cfg.keys.db))
+    store.check(store.settings(cfg).url)
     from proxy import stopping
 
     stopping.catch()  # before the server's imports: a Ctrl-C during them is a clean stop
@@ -32,86 +32,126 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from proxy import keys
+    from proxy import store
     from proxy.app import create_app
 
     cfg = configuration.load(args.file)
     create_app(cfg)  # builds every stage and provider: unknown options fail here
-    keys.check(keys.db_path(cfg.keys.db))
+    store.check(store.settings(cfg).url)
     print(f"{args.file}: OK ({len(cfg.pipeline)} stages, {len(cfg.providers)} providers)")
     return 0
 
 
+def _settings(args: argparse.Namespace, url: str | None = None) -> object:
+    """The store named by `url` or --db (a SQLite path or a store URL), else by the config."""
+    from proxy import store
+
+    url = url or getattr(args, "db", None)
+    if url:
+        return store.StoreSettings(url=store.store_url(url, ""), password=os.environ.get("TURNSTILE_STORE_PASSWORD", ""))
+    return store.settings(configuration.load(args.config))
+
+
+def _run(args: argparse.Namespace, work: object, url: str | None = None) -> int:
+    """Runs `work(store)` on the store opened (and migrated), then closes it."""
+    from proxy import store
+
+    settings = _settings(args, url)
+
+    async def go() -> int:
+        opened = store.open_store(settings)  # type: ignore[arg-type]
+        async with opened:
+            print(f"(store: {opened.describe()})", file=sys.stderr)
+            return int(await work(opened))  # type: ignore[operator]
+
+    return int(store.run_sync(go))
+
+
 def _keys(args: argparse.Namespace) -> int:
-    import os
-
-    from proxy import keys
-
-    path = args.db or keys.db_path(configuration.load(args.config).keys.db)
-    db = keys.connect(path)
-    try:
-        print(f"(key database: {os.path.abspath(path)})", file=sys.stderr)
+    async def work(store: Any) -> int:
         if args.action == "create":
-            account, key = keys.create(db, args.name, args.balance)
+            account, key = await store.create(args.name, args.balance)
             print(f"Created account {account.id} ({account.name}), balance ${account.balance:.2f}.")
             print("API key (shown only this once):")
             print(key)
         elif args.action == "list":
             print(f"{'ID':>4}  {'NAME':<24} {'KEY':<10} {'BALANCE USD':>14}  STATUS")
-            for a in keys.list_accounts(db):
+            for a in await store.accounts():
                 status = "revoked" if a.revoked_at else "active"
                 print(f"{a.id:>4}  {a.name[:24]:<24} {a.key_hint:<10} {a.balance_micros / 1e6:>14.6f}  {status}")
         elif args.action == "set-balance":
-            if not keys.set_balance(db, args.id, args.usd):
+            if not await store.set_balance(args.id, args.usd):
                 print(f"turnstile: no account {args.id}", file=sys.stderr)
                 return 1
             print(f"Account {args.id}: balance set to ${float(args.usd):.2f}.")
         elif args.action == "revoke":
-            if not keys.revoke(db, args.id):
+            if not await store.revoke(args.id):
                 print(f"turnstile: no active account {args.id}", file=sys.stderr)
                 return 1
             print(f"Account {args.id}: key revoked.")
-    finally:
-        db.close()
-    return 0
+        return 0
+
+    return _run(args, work)
 
 
 def _migrate(args: argparse.Namespace) -> int:
-    import os
+    from proxy import store
 
-    from proxy import keys
-
-    path = args.db or keys.db_path(configuration.load(args.config).keys.db)
-    if not os.path.exists(path):  # a mistyped path is not a new database
+    settings = _settings(args)
+    path = store.sqlite_path(settings.url)  # type: ignore[attr-defined]
+    if path is not None and not os.path.exists(path):  # a mistyped path is not a new database
         print(f"turnstile: no key database at {os.path.abspath(path)}", file=sys.stderr)
         return 1
-    db = keys.connect(path)  # which migrates
-    try:
-        version = db.execute("PRAGMA user_version").fetchone()[0]
-    finally:
-        db.close()
-    print(f"{os.path.abspath(path)}: schema version {version} (this gateway's: {keys.SCHEMA_VERSION})")
-    return 0
+
+    async def work(opened: Any) -> int:
+        _, version = await opened.migrate()  # `open` has migrated it already
+        print(f"{opened.describe()}: schema version {version} (this gateway's: {version})")
+        return 0
+
+    return _run(args, work)
 
 
 def _usage(args: argparse.Namespace) -> int:
     import json
 
-    from proxy import keys, report
+    from proxy import report
 
-    path = args.db or keys.db_path(configuration.load(args.config).keys.db)
     try:
         since = report.parse_since(args.since) if args.since else None
     except ValueError as exc:
         print(f"turnstile: {exc}", file=sys.stderr)
         return 2
-    db = keys.connect(path)
-    try:
-        rows = report.usage(db, args.by, args.account, since)
-    finally:
-        db.close()
-    print(json.dumps(rows, indent=2) if args.json else report.table(rows, args.by))
-    return 0
+
+    async def work(store: Any) -> int:
+        rows = await store.usage(args.by, args.account, since)
+        print(json.dumps(rows, indent=2) if args.json else report.table(rows, args.by))
+        return 0
+
+    return _run(args, work)
+
+
+def _copy(args: argparse.Namespace) -> int:
+    """`turnstile store copy FROM TO`: every account (with its key hash, so keys go on working),
+    the ledger and the installation's secret, into a store that holds nothing yet."""
+    from proxy import store
+
+    async def go() -> int:
+        source = store.open_store(_settings(args, args.source))  # type: ignore[arg-type]
+        target = store.open_store(_settings(args, args.target))  # type: ignore[arg-type]
+        async with source, target:
+            if not await target.is_empty():
+                print(f"turnstile: {target.describe()} already holds accounts or ledger rows; copy into an empty store",
+                      file=sys.stderr)
+                return 1
+            counts: dict[str, int] = {}
+            async for table, rows in source.dump():
+                await target.load(table, rows)
+                counts[table] = counts.get(table, 0) + len(rows)
+        print(f"Copied {counts.get('accounts', 0)} accounts and {counts.get('ledger', 0)} ledger rows "
+              f"from {source.describe()} to {target.describe()}.")
+        return 0
+
+    return int(store.run_sync(go))
 
 
 def _usd(text: str) -> str:
@@ -142,8 +182,8 @@ def parser() -> argparse.ArgumentParser:
 
     keys = sub.add_parser("keys", help="manage accounts and their API keys")
     keys.add_argument("--config", default=os.environ.get("TURNSTILE_CONFIG") or None,
-                      help="config file whose [keys] db to use (default: $TURNSTILE_CONFIG)")
-    keys.add_argument("--db", help="SQLite file (default: TURNSTILE_KEYS_DB, else the config's [keys] db)")
+                      help="config file whose store to use (default: $TURNSTILE_CONFIG)")
+    keys.add_argument("--db", help="the store: a SQLite file or a store URL (default: TURNSTILE_STORE_URL, else the config's)")
     actions = keys.add_subparsers(dest="action", required=True)
     create = actions.add_parser("create", help="create an account and print its key once")
     create.add_argument("--name", required=True)
@@ -156,21 +196,29 @@ def parser() -> argparse.ArgumentParser:
     revoke.add_argument("id", type=int)
     keys.set_defaults(run=_keys)
 
-    migrate = sub.add_parser("migrate", help="bring the key database to this gateway's schema (serve does it too)")
+    migrate = sub.add_parser("migrate", help="bring the store to this gateway's schema (serve does it too)")
     migrate.add_argument("--config", default=os.environ.get("TURNSTILE_CONFIG") or None,
-                         help="config file whose [keys] db to use (default: $TURNSTILE_CONFIG)")
-    migrate.add_argument("--db", help="SQLite file (default: TURNSTILE_KEYS_DB, else the config's [keys] db)")
+                         help="config file whose store to use (default: $TURNSTILE_CONFIG)")
+    migrate.add_argument("--db", help="the store: a SQLite file or a store URL (default: TURNSTILE_STORE_URL, else the config's)")
     migrate.set_defaults(run=_migrate)
 
     usage = sub.add_parser("usage", help="requests, tokens and cost from the ledger")
     usage.add_argument("--config", default=os.environ.get("TURNSTILE_CONFIG") or None,
-                       help="config file whose [keys] db to use (default: $TURNSTILE_CONFIG)")
-    usage.add_argument("--db", help="SQLite file (default: TURNSTILE_KEYS_DB, else the config's [keys] db)")
+                       help="config file whose store to use (default: $TURNSTILE_CONFIG)")
+    usage.add_argument("--db", help="the store: a SQLite file or a store URL (default: TURNSTILE_STORE_URL, else the config's)")
     usage.add_argument("--account", type=int, help="only this account")
     usage.add_argument("--since", help="only requests from this date on (YYYY-MM-DD, UTC)")
     usage.add_argument("--by", choices=("model", "account", "day"), default="model")
     usage.add_argument("--json", action="store_true", help="JSON rows instead of a table")
     usage.set_defaults(run=_usage)
+
+    stores = sub.add_parser("store", help="the store of keys, balances and the ledger")
+    store_actions = stores.add_subparsers(dest="action", required=True)
+    copy = store_actions.add_parser("copy", help="copy a store (a SQLite file) into another, empty one (PostgreSQL)")
+    copy.add_argument("source", metavar="FROM", help="a SQLite file or a store URL")
+    copy.add_argument("target", metavar="TO", help="a store URL, e.g. postgresql://turnstile@db/turnstile "
+                      "(the password from TURNSTILE_STORE_PASSWORD)")
+    copy.set_defaults(run=_copy)
     return p
 
 

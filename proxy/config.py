@@ -65,8 +65,17 @@ class Keys:
 
 
 @dataclass(slots=True)
+class StoreConfig:
+    url: str = ""  # sqlite:///path or postgresql://…; "" = the SQLite file `[keys] db`
+    password_env: str = "TURNSTILE_STORE_PASSWORD"  # the environment variable holding PostgreSQL's password
+    pool_size: int = 10
+    hold_ttl: float = 3600.0  # seconds before a dead process's reservations are given back
+
+
+@dataclass(slots=True)
 class LedgerSettings:
     flush_interval: float = 1.0
+    journal: str = ""  # path prefix of this process's journal files; "" = beside the SQLite file
 
 
 @dataclass(slots=True)
@@ -114,6 +123,7 @@ class Config:
     logging: Logging = field(default_factory=Logging)
     catalog: CatalogSettings = field(default_factory=CatalogSettings)
     keys: Keys = field(default_factory=Keys)
+    store: StoreConfig = field(default_factory=StoreConfig)
     ledger: LedgerSettings = field(default_factory=LedgerSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     limits: Limits = field(default_factory=Limits)
@@ -128,6 +138,7 @@ _SECTIONS = {
     "logging": Logging,
     "catalog": CatalogSettings,
     "keys": Keys,
+    "store": StoreConfig,
     "ledger": LedgerSettings,
     "metrics": MetricsSettings,
     "limits": Limits,

@@ -9,13 +9,13 @@ import orjson
 from aiohttp import web
 from limits.aio.storage import Storage
 
-from proxy.keys import KeyStore
+from proxy.store import Store
 
 
 class Readiness:
-    def __init__(self, storage: Storage, keys: KeyStore) -> None:
+    def __init__(self, storage: Storage, store: Store) -> None:
         self.storage = storage
-        self.keys = keys
+        self.store = store
 
     async def reasons(self) -> list[str]:
         problems = []
@@ -25,7 +25,7 @@ class Readiness:
             reachable = False
         if not reachable:
             problems.append("rate-limit storage is not reachable")
-        if not self.keys.is_open:
+        if not self.store.is_open:
             problems.append("key store is not open")
         return problems
 

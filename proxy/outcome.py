@@ -14,7 +14,7 @@ from typing import Any, Callable
 import structlog
 
 from proxy.errors import GatewayError
-from proxy.ledger import Ledger, Row, ip_hash
+from proxy.store import Row, Store, ip_hash
 from proxy.meter import Meter, Prices, Usage, _TO_MICROS as TO_MICROS
 
 HALF_MICRO = TO_MICROS // 2
@@ -69,10 +69,10 @@ Access = Callable[[dict[str, Any]], None]
 class Recorder:
     """Feeds the access line, the metrics and the ledger from a finished request's `Outcome`."""
 
-    def __init__(self, access: Access, metrics: Metrics | None, ledger: Ledger) -> None:
+    def __init__(self, access: Access, metrics: Metrics | None, store: Store) -> None:
         self.access = access
         self.metrics = metrics
-        self.ledger = ledger
+        self.store = store
 
     def __call__(self, outcome: Outcome, method: str, path: str, error: GatewayError | None = None) -> None:
         now = time.monotonic()
@@ -103,7 +103,7 @@ class Recorder:
                 self._bill(outcome)
         finally:
             if outcome.reserved_micros and outcome.account_id is not None:  # after the debit: never neither
-                self.ledger.keys.release(outcome.account_id, outcome.reserved_micros)
+                self.store.release(outcome.account_id, outcome.request_id, outcome.reserved_micros)
 
     def provisional(self, o: Outcome, prices: Prices) -> None:
         """The row of a request whose answer has just begun, as it stands: into the ledger's journal,
@@ -113,17 +113,17 @@ class Recorder:
         prompt = o.request_bytes // 4
         cost = (prompt * prices.prompt + prices.request + HALF_MICRO) // TO_MICROS
         ms = round((time.monotonic() - o.started_at) * 1000, 2)
-        self.ledger.provisional((o.request_id, o.account_id, None, o.requested_model, o.model, o.provider, prompt,
+        self.store.provisional((o.request_id, o.account_id, None, o.requested_model, o.model, o.provider, prompt,
                                  0, 0, 0, 0, cost, True, o.status, ms, ms, None, o.stream, time.time()))
 
     def _bill(self, o: Outcome) -> None:
-        self.ledger.record(self._row(o, o.usage, o.cost_micros))
+        self.store.record(self._row(o, o.usage, o.cost_micros))
 
     def _row(self, o: Outcome, usage: Usage | None, cost_micros: int) -> Row:
         return Row(
             request_id=o.request_id,
             account_id=o.account_id,
-            ip_hash=None if o.account_id is not None else ip_hash(self.ledger.secret, o.client_ip),
+            ip_hash=None if o.account_id is not None else ip_hash(self.store.secret, o.client_ip),
             model_asked=o.requested_model,
             model=o.model,
             provider=o.provider,

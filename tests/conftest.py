@@ -11,6 +11,7 @@ from proxy.app import create_app
 from proxy.config import Server, _merge, defaults_table, parse
 from proxy.protocol import Runner
 from tests.fakes import Upstream
+from tests.postgres_server import new_database, own_postgres, postgres_url  # noqa: F401  (fixtures)
 from tests.redis_server import own_redis, redis_url  # noqa: F401  (fixtures)
 
 GatewayFactory = Callable[..., Awaitable[TestClient]]
@@ -41,7 +42,7 @@ async def upstream(aiohttp_server: Any) -> Upstream:
 
 
 @pytest.fixture
-def gateway(aiohttp_client: Any, upstream: Upstream, keys_db: str) -> GatewayFactory:
+def gateway(aiohttp_client: Any, upstream: Upstream, store_url: str) -> GatewayFactory:
     """A gateway under aiohttp_client with only OpenRouter configured, pointed at the fake upstream.
     `native=True` also configures Anthropic and Gemini, at the same fake."""
 
@@ -52,24 +53,34 @@ def gateway(aiohttp_client: Any, upstream: Upstream, keys_db: str) -> GatewayFac
                                 "GEMINI_API_KEY": "gm-test-key", "GEMINI_BASE_URL": upstream.url})  # type: ignore[attr-defined]
         environment.update(env or {})
         overrides.setdefault("pipeline", [])
-        overrides.setdefault("keys", {"db": keys_db})
+        overrides.setdefault("store", {"url": store_url})
         cfg = make_config(**overrides)
         return await aiohttp_client(GatewayServer(create_app(cfg, environment), cfg.server))
 
     return make
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request: Any, tmp_path: Any) -> str:
+    """The test's own store: a SQLite file, then a PostgreSQL database of its own (every test that
+    uses a store runs on both backends)."""
+    if request.param == "sqlite":
+        return str(tmp_path / "keys.db")
+    return new_database(request.getfixturevalue("postgres_url"))
+
+
 @pytest.fixture
-def keys_db(tmp_path: Any) -> str:
+def sqlite_db(tmp_path: Any) -> str:
+    """A SQLite file, for the tests of what only that backend has (its file, its journal format)."""
     return str(tmp_path / "keys.db")
 
 
 @pytest.fixture
-def kilo(gateway: GatewayFactory, keys_db: str) -> GatewayFactory:
+def kilo(gateway: GatewayFactory, store_url: str) -> GatewayFactory:
     """A gateway with the default Kilo pipeline (auth, automodel, freegate, ratelimit)."""
 
     async def make(**overrides: Any) -> TestClient:
-        keys = {"db": keys_db, "refresh_interval": 0.2, **overrides.pop("keys", {})}
+        keys = {"refresh_interval": 0.2, **overrides.pop("keys", {})}
         server = {"trusted_proxies": ["127.0.0.0/8"], **overrides.pop("server", {})}
         pipeline = defaults_table()["pipeline"]
         return await gateway(keys=keys, server=server, pipeline=overrides.pop("pipeline", pipeline), **overrides)
@@ -78,15 +89,11 @@ def kilo(gateway: GatewayFactory, keys_db: str) -> GatewayFactory:
 
 
 @pytest.fixture
-def account(keys_db: str) -> Callable[..., str]:
-    """Creates an account in the test's key database and returns its key."""
-    from proxy import keys
+def account(store_url: str) -> Callable[..., str]:
+    """Creates an account in the test's store and returns its key."""
+    from proxy.store import create_key
 
     def make(name: str = "alice", balance: str = "10") -> str:
-        db = keys.connect(keys_db)
-        try:
-            return keys.create(db, name, balance)[1]
-        finally:
-            db.close()
+        return create_key(store_url, name, balance)
 
     return make

@@ -70,16 +70,17 @@ def test_check_config_refuses_a_key_database_that_cannot_be_opened(tmp_path, cap
 
 
 def test_key_database_and_its_wal_files_are_private(tmp_path):
-    from proxy import keys
+    from proxy.store import create_key
+    from proxy.store.sqlite import connect
 
     path = str(tmp_path / "keys.db")
-    db = keys.connect(path)
-    keys.create(db, "alice", "1")
+    db = connect(path)
+    create_key(path, "alice", "1")
     for name in (path, path + "-wal", path + "-shm"):
         assert os.stat(name).st_mode & 0o777 == 0o600, name
     db.close()
     os.chmod(path, 0o644)  # made before this change: tightened when next opened
-    keys.connect(path).close()
+    connect(path).close()
     assert os.stat(path).st_mode & 0o777 == 0o600
 
 

@@ -7,11 +7,11 @@ import json
 
 import pytest
 
-from proxy.app import LEDGER
+from proxy.app import STORE
 from proxy.dialects.messages_answer import MessagesAnswer
 from proxy.dialects.responses_answer import ResponsesAnswer
 from tests.fakes import fixture_json, fixture_lines
-from tests.test_billing import ledger_rows
+from tests.storedb import ledger_rows
 from tests.test_messages_inbound import CHAT_ONLY
 from tests.test_responses_inbound import lifecycle_holds, sse
 
@@ -106,7 +106,7 @@ async def test_passthrough_forwards_neither_openrouter_extras_nor_our_own_reason
     assert sent["input"] == [{"role": "user", "content": "hi"}, theirs, {"role": "user", "content": "again"}]
 
 
-async def test_passthrough_usage_is_read_from_the_counting_event_only(kilo, upstream, account, keys_db):
+async def test_passthrough_usage_is_read_from_the_counting_event_only(kilo, upstream, account, store_url):
     """A tool whose schema has a `usage` property comes before the real usage in the echoed response
     object: the bill is the terminal event's usage."""
     events = fixture_lines("openai-responses-stream-text-with-usage.jsonl")
@@ -120,8 +120,8 @@ async def test_passthrough_usage_is_read_from_the_counting_event_only(kilo, upst
     resp = await client.post("/v1/responses", headers={"Authorization": f"Bearer {key}"},
                              json={"model": "gpt-5.4", "input": "hi", "stream": True})
     await resp.read()
-    await client.app[LEDGER].flush()
-    (row,) = ledger_rows(keys_db)
+    await client.app[STORE].flush()
+    (row,) = ledger_rows(store_url)
     assert (row["prompt_tokens"], row["completion_tokens"], row["estimated"]) == (299, 12, 0)
 
 

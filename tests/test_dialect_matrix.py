@@ -8,9 +8,9 @@ import json
 
 import pytest
 
-from proxy.app import LEDGER
+from proxy.app import STORE
 from tests.fakes import fixture_json, fixture_lines
-from tests.test_billing import ledger_rows
+from tests.storedb import ledger_rows
 from tests.test_messages_inbound import CHAT_ONLY
 from tests.test_responses_inbound import lifecycle_holds, sse
 
@@ -61,7 +61,7 @@ def failed(dialect: str, status: int, body: bytes, stream_started: bool) -> None
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
 @pytest.mark.parametrize("kind", UPSTREAMS)
 @pytest.mark.parametrize("dialect", PATHS)
-async def test_dialect_against_upstream(kilo, upstream, account, keys_db, dialect, kind, stream):
+async def test_dialect_against_upstream(kilo, upstream, account, store_url, dialect, kind, stream):
     model, provider, stream_fixture, json_fixture = UPSTREAMS[kind]
     if stream_fixture:
         upstream.replay, upstream.replay_body = fixture_lines(stream_fixture), fixture_json(json_fixture)
@@ -72,8 +72,8 @@ async def test_dialect_against_upstream(kilo, upstream, account, keys_db, dialec
     body = await resp.read()
     assert resp.status == 200, body[:500]
     answered(dialect, stream, body)
-    await client.app[LEDGER].flush()
-    (row,) = ledger_rows(keys_db)
+    await client.app[STORE].flush()
+    (row,) = ledger_rows(store_url)
     assert row["provider"] == provider and row["estimated"] == 0 and row["prompt_tokens"] > 0 and row["cost_micros"] > 0
     gen = await client.get(f"/api/gateway/generation?id={resp.headers['X-Request-Id']}", headers=headers)
     data = (await gen.json())["data"]

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 import time
 
+from proxy.app import STORE
 from proxy.cli import main
 from proxy.keys import hash_key
+from tests.storedb import query
 
 PAID = {"model": "openai/gpt-5.4", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -17,8 +18,8 @@ def cli(capsys, *args: str) -> str:
     return capsys.readouterr().out
 
 
-async def test_create_use_revoke(kilo, keys_db, capsys):
-    out = cli(capsys, "keys", "--db", keys_db, "create", "--name", "alice", "--balance", "12.5")
+async def test_create_use_revoke(kilo, store_url, capsys):
+    out = cli(capsys, "keys", "--db", store_url, "create", "--name", "alice", "--balance", "12.5")
     key = out.strip().splitlines()[-1]
     assert key.startswith("tsk_") and len(key) > 40
     client = await kilo()
@@ -26,10 +27,12 @@ async def test_create_use_revoke(kilo, keys_db, capsys):
     resp = await client.post("/v1/chat/completions", json=PAID, headers=auth)
     assert resp.status == 200
 
-    listing = cli(capsys, "keys", "--db", keys_db, "list")
-    assert "alice" in listing and "12.500000" in listing and key not in listing
+    await client.app[STORE].flush()  # its cost debited, its reservation given back
+    listing = cli(capsys, "keys", "--db", store_url, "list")
+    [row] = query(store_url, "SELECT cost_micros FROM ledger")
+    assert "alice" in listing and f"{(12_500_000 - row['cost_micros']) / 1e6:.6f}" in listing and key not in listing
 
-    cli(capsys, "keys", "--db", keys_db, "revoke", "1")
+    cli(capsys, "keys", "--db", store_url, "revoke", "1")
     revoked_at = time.monotonic()
     while True:
         resp = await client.post("/v1/chat/completions", json=PAID, headers=auth)
@@ -40,33 +43,33 @@ async def test_create_use_revoke(kilo, keys_db, capsys):
     assert (await resp.json())["error"]["code"] == "invalid_api_key"
 
 
-async def test_set_balance_reaches_the_running_gateway(kilo, keys_db, capsys):
-    key = cli(capsys, "keys", "--db", keys_db, "create", "--name", "bob").strip().splitlines()[-1]
+async def test_set_balance_reaches_the_running_gateway(kilo, store_url, capsys):
+    key = cli(capsys, "keys", "--db", store_url, "create", "--name", "bob").strip().splitlines()[-1]
     client = await kilo()
     auth = {"Authorization": f"Bearer {key}"}
     assert (await client.post("/v1/chat/completions", json=PAID, headers=auth)).status == 402
-    cli(capsys, "keys", "--db", keys_db, "set-balance", "1", "3")
+    cli(capsys, "keys", "--db", store_url, "set-balance", "1", "3")
     deadline = time.monotonic() + 5
     while (await client.post("/v1/chat/completions", json=PAID, headers=auth)).status != 200:
         assert time.monotonic() < deadline
         await asyncio.sleep(0.1)
 
 
-def test_database_holds_no_key_in_clear(keys_db, capsys):
-    keys = [cli(capsys, "keys", "--db", keys_db, "create", "--name", f"u{i}").strip().splitlines()[-1] for i in range(3)]
-    raw = b""
-    for suffix in ("", "-wal", "-shm"):
-        try:
-            with open(keys_db + suffix, "rb") as f:
-                raw += f.read()
-        except FileNotFoundError:
-            pass
+def test_database_holds_no_key_in_clear(store_url, capsys):
+    keys = [cli(capsys, "keys", "--db", store_url, "create", "--name", f"u{i}").strip().splitlines()[-1] for i in range(3)]
+    rows = query(store_url, "SELECT * FROM accounts")
+    raw = repr(rows).encode()
+    if "://" not in store_url:  # SQLite: every byte of its files, free pages and WAL included
+        for suffix in ("", "-wal", "-shm"):
+            try:
+                with open(store_url + suffix, "rb") as f:
+                    raw += f.read()
+            except FileNotFoundError:
+                pass
     for key in keys:
         assert key.encode() not in raw
         assert key[4:20].encode() not in raw  # not even a long piece of it
-    db = sqlite3.connect(keys_db)
-    hashes = {row[0] for row in db.execute("SELECT key_hash FROM accounts")}
-    assert hashes == {hash_key(k) for k in keys}
+    assert {row["key_hash"] for row in rows} == {hash_key(k) for k in keys}
 
 
 def test_env_variable_overrides_the_db_path(tmp_path, monkeypatch, capsys):
@@ -77,15 +80,15 @@ def test_env_variable_overrides_the_db_path(tmp_path, monkeypatch, capsys):
     assert "carol" in cli(capsys, "keys", "list")
 
 
-def test_unknown_account(keys_db, capsys):
-    assert main(["keys", "--db", keys_db, "revoke", "99"]) == 1
-    assert main(["keys", "--db", keys_db, "set-balance", "99", "1"]) == 1
+def test_unknown_account(store_url, capsys):
+    assert main(["keys", "--db", store_url, "revoke", "99"]) == 1
+    assert main(["keys", "--db", store_url, "set-balance", "99", "1"]) == 1
 
 
-async def test_a_new_key_works_at_once_on_a_running_gateway(kilo, keys_db, capsys):
+async def test_a_new_key_works_at_once_on_a_running_gateway(kilo, store_url, capsys):
     client = await kilo(keys={"refresh_interval": 60})  # no periodic reload to help
     await client.get("/healthz")
-    key = cli(capsys, "keys", "--db", keys_db, "create", "--name", "eager", "--balance", "1").strip().splitlines()[-1]
+    key = cli(capsys, "keys", "--db", store_url, "create", "--name", "eager", "--balance", "1").strip().splitlines()[-1]
     await asyncio.sleep(0.15)
     resp = await client.post("/v1/chat/completions", json=PAID, headers={"Authorization": f"Bearer {key}"})
     assert resp.status == 200
@@ -95,7 +98,7 @@ def test_processes_opening_a_new_database_together_all_succeed(tmp_path):
     """Workers start together on a fresh install: none may fail on SQLite's switch to WAL."""
     import os
 
-    from proxy import keys
+    from proxy.store import sqlite as keys
 
     for round_ in range(20):
         path = str(tmp_path / f"keys-{round_}.db")
@@ -121,8 +124,7 @@ def test_processes_opening_a_new_database_together_all_succeed(tmp_path):
 def test_the_schema_is_versioned_and_migrate_brings_a_database_to_it(tmp_path, capsys):
     import sqlite3
 
-    from proxy import keys
-    from proxy.cli import main
+    from proxy.store import sqlite as keys
 
     old = tmp_path / "old.db"  # made before versions were kept: the tables, user_version 0
     db = sqlite3.connect(old)
@@ -139,7 +141,7 @@ def test_the_schema_is_versioned_and_migrate_brings_a_database_to_it(tmp_path, c
     db.close()
     assert main(["migrate", "--db", str(old)]) == 2
     assert "newer than this gateway" in capsys.readouterr().err
-    keys_check = __import__("pytest").raises(keys.DatabaseError, keys.check, str(old))
+    keys_check = __import__("pytest").raises(keys.DatabaseError, keys.check_file, str(old))
     assert "newer than this gateway" in str(keys_check.value)  # check-config says so too
     assert main(["migrate", "--db", str(tmp_path / "typo.db")]) == 1  # not created
     assert not (tmp_path / "typo.db").exists()

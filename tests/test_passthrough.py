@@ -9,9 +9,9 @@ import json
 import anthropic
 import openai
 
-from proxy.app import LEDGER
+from proxy.app import STORE
 from tests.fakes import fixture_lines
-from tests.test_billing import balance, ledger_rows
+from tests.storedb import balance, ledger_rows
 
 SONNET = "anthropic/claude-sonnet-4.6"
 # A history whose thinking block must reach Anthropic exactly as the client sent it: odd spacing,
@@ -47,7 +47,7 @@ async def test_messages_to_openrouter_go_as_they_came_and_come_back_byte_for_byt
     assert seen.headers["anthropic-beta"] == "interleaved-thinking-2025-05-14"
 
 
-async def test_messages_to_anthropic_with_the_sdk_billed_from_message_start_and_delta(kilo, upstream, account, keys_db):
+async def test_messages_to_anthropic_with_the_sdk_billed_from_message_start_and_delta(kilo, upstream, account, store_url):
     upstream.replay = fixture_lines("anthropic-messages-stream-tool-use.jsonl")
     key = account("alice", "10")
     client = await kilo(native=True)
@@ -63,14 +63,14 @@ async def test_messages_to_anthropic_with_the_sdk_billed_from_message_start_and_
     (seen,) = upstream.seen
     assert seen.path == "/v1/messages" and seen.body["model"] == "claude-sonnet-4-6"
     assert seen.headers["x-api-key"] == "sk-ant-test-key" and "Authorization" not in seen.headers
-    await client.app[LEDGER].flush()
-    (row,) = ledger_rows(keys_db)
+    await client.app[STORE].flush()
+    (row,) = ledger_rows(store_url)
     start = fixture_lines("anthropic-messages-stream-tool-use.jsonl")[0]["message"]["usage"]
     delta = [e for e in fixture_lines("anthropic-messages-stream-tool-use.jsonl") if e["type"] == "message_delta"][-1]
     prompt = start["input_tokens"] + start.get("cache_read_input_tokens", 0) + start.get("cache_creation_input_tokens", 0)
     assert (row["prompt_tokens"], row["completion_tokens"]) == (prompt, delta["usage"]["output_tokens"])
     assert row["provider"] == "anthropic" and row["estimated"] == 0 and row["cost_micros"] > 0
-    assert balance(keys_db) == 10_000_000 - row["cost_micros"]
+    assert balance(store_url) == 10_000_000 - row["cost_micros"]
 
 
 async def test_frontier_on_messages_gets_adaptive_thinking_and_medium_effort(kilo, upstream, account):
@@ -86,7 +86,7 @@ async def test_frontier_on_messages_gets_adaptive_thinking_and_medium_effort(kil
     assert seen.body["thinking"] == {"type": "adaptive"} and seen.body["output_config"] == {"effort": "medium"}
 
 
-async def test_responses_to_openrouter_with_the_sdk(kilo, upstream, account, keys_db):
+async def test_responses_to_openrouter_with_the_sdk(kilo, upstream, account, store_url):
     upstream.replay, upstream.done = fixture_lines("openai-responses-stream-text-with-usage.jsonl"), True
     key = account("alice", "10")
     client = await kilo()
@@ -103,10 +103,10 @@ async def test_responses_to_openrouter_with_the_sdk(kilo, upstream, account, key
     assert body == events_of("openai-responses-stream-text-with-usage.jsonl") + b"data: [DONE]\n\n"
     assert [s.path for s in upstream.seen] == ["/responses"] * 2
     assert upstream.seen[1].body == {"model": "openai/gpt-5.4", "input": "19 times 30?", "stream": True}
-    await client.app[LEDGER].flush()
-    rows = ledger_rows(keys_db)
+    await client.app[STORE].flush()
+    rows = ledger_rows(store_url)
     assert [(r["prompt_tokens"], r["completion_tokens"], r["estimated"]) for r in rows] == [(299, 12, 0)] * 2
-    assert balance(keys_db) == 10_000_000 - sum(r["cost_micros"] for r in rows) and rows[0]["cost_micros"] > 0
+    assert balance(store_url) == 10_000_000 - sum(r["cost_micros"] for r in rows) and rows[0]["cost_micros"] > 0
 
 
 async def test_passthrough_errors_before_and_after_the_first_byte_are_in_the_dialect(gateway, upstream):

@@ -9,9 +9,9 @@ import json
 import openai
 import pytest
 
-from proxy.app import BASES, LEDGER
+from proxy.app import BASES, STORE
 from tests.fakes import fixture_json, fixture_lines
-from tests.test_billing import balance, ledger_rows
+from tests.storedb import balance, ledger_rows
 from tests.test_messages_inbound import CHAT_ONLY, chat_stream
 
 TOOL = {"type": "function", "name": "get_weather", "description": "The weather in a city",
@@ -153,7 +153,7 @@ async def test_gemini_upstream_function_call(gateway, upstream):
                                             for p in c["content"]["parts"] if "thoughtSignature" in p)
 
 
-async def test_usage_and_cost_reach_the_ledger(kilo, upstream, account, keys_db):
+async def test_usage_and_cost_reach_the_ledger(kilo, upstream, account, store_url):
     upstream.mode = "usage"
     upstream.usage = {"prompt_tokens": 1000, "completion_tokens": 200, "total_tokens": 1200,
                       "prompt_tokens_details": {"cached_tokens": 300}, "completion_tokens_details": {"reasoning_tokens": 50}}
@@ -166,12 +166,12 @@ async def test_usage_and_cost_reach_the_ledger(kilo, upstream, account, keys_db)
         usage = sse(body)[-1]["response"]["usage"] if stream else json.loads(body)["usage"]
         assert usage["input_tokens"] == 1000 and usage["input_tokens_details"] == {"cached_tokens": 300}
         assert usage["output_tokens"] == 200 and usage["output_tokens_details"] == {"reasoning_tokens": 50}
-    await client.app[LEDGER].flush()
-    rows = ledger_rows(keys_db)
+    await client.app[STORE].flush()
+    rows = ledger_rows(store_url)
     assert [(r["prompt_tokens"], r["completion_tokens"], r["cached_tokens"], r["estimated"]) for r in rows] == [
         (1000, 200, 300, 0)] * 2
     assert usage["cost"] == rows[1]["cost_micros"] / 1e6 > 0
-    assert balance(keys_db) == 10_000_000 - 2 * rows[0]["cost_micros"]
+    assert balance(store_url) == 10_000_000 - 2 * rows[0]["cost_micros"]
 
 
 async def test_kilo_rules_hold_on_responses(kilo, upstream):

@@ -7,23 +7,23 @@ import asyncio
 import os
 import signal
 import socket
-import sqlite3
 
 import aiohttp
 import pytest
 
 from tests.fakes import Upstream
+from tests.storedb import ledger_rows
 from tests.processes import exit_of, free_port, start, wait_up, workers_config
 
 
-async def test_sigterm_under_load_loses_no_ledger_row(upstream: Upstream, account, keys_db, tmp_path):
+async def test_sigterm_under_load_loses_no_ledger_row(upstream: Upstream, account, store_url, tmp_path):
     upstream.mode, upstream.delay = "usage", 0.05
     upstream.usage = {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}
     key = account("load", "100")
     port = free_port()
     config = tmp_path / "turnstile.toml"
-    config.write_text(f'[server]\nport = {port}\nshutdown_timeout = 20.0\n[keys]\ndb = "{keys_db}"\n'
-                      '[ledger]\nflush_interval = 30.0\n[logging]\nformat = "json"\n')
+    config.write_text(f'[server]\nport = {port}\nshutdown_timeout = 20.0\n[store]\nurl = "{store_url}"\n[ledger]\njournal = "{tmp_path}/journal"\n'
+                      'flush_interval = 30.0\n[logging]\nformat = "json"\n')
     env = {"OPENROUTER_API_KEY": "sk-or-test", "OPENROUTER_BASE_URL": upstream.url}
     proc = await start(config, env)
     url = f"http://127.0.0.1:{port}"
@@ -55,20 +55,19 @@ async def test_sigterm_under_load_loses_no_ledger_row(upstream: Upstream, accoun
     assert proc.returncode == 0, output.decode()[-2000:]
     admitted = {r for r in results if r}
     assert len(admitted) >= 60  # everything in flight at SIGTERM finished
-    db = sqlite3.connect(keys_db)
-    rows = {r[0]: r[1] for r in db.execute("SELECT request_id, status FROM ledger")}
+    rows = {r["request_id"]: r["status"] for r in ledger_rows(store_url)}
     assert admitted <= set(rows)
     assert all(rows[r] == 200 for r in admitted)
     assert b"ledger_flushed_on_stop" in output
 
 
-async def test_sigterm_lets_20_streams_finish_and_refuses_new_connections(upstream: Upstream, account, keys_db, tmp_path):
+async def test_sigterm_lets_20_streams_finish_and_refuses_new_connections(upstream: Upstream, account, store_url, tmp_path):
     upstream.mode, upstream.delay = "usage", 0.2  # each stream takes about 1.4 s
     upstream.usage = {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}
     key = account("load", "100")
     port = free_port()
     config = tmp_path / "turnstile.toml"
-    config.write_text(f'[server]\nport = {port}\nshutdown_timeout = 20.0\n[keys]\ndb = "{keys_db}"\n')
+    config.write_text(f'[server]\nport = {port}\nshutdown_timeout = 20.0\n[store]\nurl = "{store_url}"\n[ledger]\njournal = "{tmp_path}/journal"\n')
     env = {"OPENROUTER_API_KEY": "sk-or-test", "OPENROUTER_BASE_URL": upstream.url}
     proc = await start(config, env)
     url = f"http://127.0.0.1:{port}"

@@ -5,25 +5,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import sqlite3
 
 import pytest
 from aiohttp import web
 from structlog.testing import capture_logs
 
-from proxy.app import LEDGER
+from proxy.app import STORE
+from tests.storedb import ledger_rows
 from tests.fakes import fixture_lines
 from tests.test_forward import STREAM, open_raw
 
 
 def chat(model="openai/gpt-5.4", stream=False, **extra):
     return {"model": model, "messages": [{"role": "user", "content": "hi"}], "stream": stream, **extra}
-
-
-def rows(db):
-    c = sqlite3.connect(db)
-    c.row_factory = sqlite3.Row
-    return [dict(r) for r in c.execute("SELECT * FROM ledger ORDER BY created_at")]
 
 
 async def raw_upstream(aiohttp_server, writes, content_type="text/event-stream", gap=0.02, abort=False, path="/chat/completions"):
@@ -81,7 +75,7 @@ async def test_ipv4_mapped_forwarded_clients_do_not_share_one_bucket(kilo):
     assert left == [199, 199]  # two different IPv4 clients; got [199, 198]: both in ::/64
 
 
-async def test_done_then_broken_upstream_sends_done_once(gateway, aiohttp_server, keys_db):
+async def test_done_then_broken_upstream_sends_done_once(gateway, aiohttp_server, store_url):
     events = [b'data: {"id":"x","choices":[{"index":0,"delta":{"content":"hi"},"finish_reason":"stop"}]}\n\n',
               b'data: {"id":"x","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5}}\n\n',
               b"data: [DONE]\n\n"]
@@ -89,8 +83,8 @@ async def test_done_then_broken_upstream_sends_done_once(gateway, aiohttp_server
     client = await gateway(env={"OPENROUTER_BASE_URL": url}, upstream={"retries": 0})
     resp = await client.post("/v1/chat/completions", json=chat(stream=True))
     body = await resp.read()
-    await client.app[LEDGER].flush()
-    (row,) = rows(keys_db)
+    await client.app[STORE].flush()
+    (row,) = ledger_rows(store_url)
     assert body.count(b"data: [DONE]") == 1, body
     assert row["status"] == 200
 
@@ -121,18 +115,18 @@ def test_reasoning_alias_crlf_stream():
 
 @pytest.mark.parametrize("model,fixture", [("anthropic/claude-sonnet-4.6", "anthropic-messages-stream-text.jsonl"),
                                            ("google/gemini-3.1-pro-preview", "gemini-stream-text-thought-signature.jsonl")])
-async def test_translated_stream_usage_billed_without_include_usage(gateway, upstream, keys_db, model, fixture):
+async def test_translated_stream_usage_billed_without_include_usage(gateway, upstream, store_url, model, fixture):
     upstream.replay = fixture_lines(fixture)
     client = await gateway(native=True)
     resp = await client.post("/v1/chat/completions", json=chat(model, stream=True))
     body = await resp.read()
-    await client.app[LEDGER].flush()
-    (row,) = rows(keys_db)
+    await client.app[STORE].flush()
+    (row,) = ledger_rows(store_url)
     assert body.count(b"[DONE]") == 1 and b'"usage"' not in body
     assert row["estimated"] == 0 and row["prompt_tokens"] > 0, row
 
 
-async def test_usage_kept_when_the_client_leaves_at_the_last_write(gateway, upstream, keys_db, monkeypatch):
+async def test_usage_kept_when_the_client_leaves_at_the_last_write(gateway, upstream, store_url, monkeypatch):
     """The client is gone when [DONE] is written: the translator had the usage; the old code observed it
     before writing."""
     from proxy.reply import Reply
@@ -150,15 +144,15 @@ async def test_usage_kept_when_the_client_leaves_at_the_last_write(gateway, upst
     with contextlib.suppress(Exception):
         await resp.read()
     await asyncio.sleep(0.1)
-    await client.app[LEDGER].flush()
-    (row,) = rows(keys_db)
+    await client.app[STORE].flush()
+    (row,) = ledger_rows(store_url)
     assert row["status"] == 499
     assert (row["estimated"], row["prompt_tokens"], row["completion_tokens"]) == (0, 12, 30), row
 
 
 
 @pytest.mark.parametrize("stream", [True, False])
-async def test_client_gone_before_the_upstream_answers_is_a_499_not_a_500(gateway, upstream, keys_db, stream):
+async def test_client_gone_before_the_upstream_answers_is_a_499_not_a_500(gateway, upstream, store_url, stream):
     upstream.faults, upstream.hang = ["hang"], 0.3
     client = await gateway(upstream={"retries": 0, "keepalive_interval": 0})
     with capture_logs() as logs:
@@ -166,7 +160,7 @@ async def test_client_gone_before_the_upstream_answers_is_a_499_not_a_500(gatewa
         await asyncio.sleep(0.05)
         writer.transport.abort()
         await asyncio.sleep(0.6)
-        await client.app[LEDGER].flush()
-    (row,) = rows(keys_db)
+        await client.app[STORE].flush()
+    (row,) = ledger_rows(store_url)
     bad = [l for l in logs if l["event"] == "unhandled_error"]
     assert not bad and row["status"] == 499, (row["status"], bad)

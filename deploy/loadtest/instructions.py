@@ -150,7 +150,7 @@ def serve(args: argparse.Namespace) -> None:
         app, runner_class = make_app(f"http://127.0.0.1:{args.mock}"), web.AppRunner
     else:
         from proxy import config as configuration, logs
-        from proxy.app import LEDGER, create_app
+        from proxy.app import STORE, create_app
         from proxy.protocol import Runner
 
         cfg = configuration.load(args.config)
@@ -160,7 +160,7 @@ def serve(args: argparse.Namespace) -> None:
         logs.setup(cfg.logging, stream=open(os.devnull, "w"), cache=True)
         logs.FLUSH_EVERY = 50.0
         app, runner_class = create_app(cfg), Runner
-    ledger = app.get(LEDGER) if args.target == "turnstile" else None
+    ledger = app.get(STORE) if args.target == "turnstile" else None
 
     async def main() -> None:
         runner = runner_class(app, access_log=None, handle_signals=False, handler_cancellation=True)
@@ -218,13 +218,11 @@ def main() -> int:
     if shutil.which("valgrind") is None:
         print("valgrind is not installed (Debian: apt-get install valgrind)", file=sys.stderr)
         return 2
-    from proxy import keys
+    from proxy.store import create_key
 
     tmp = Path(tempfile.mkdtemp(prefix="turnstile-instructions-"))
     mock = free_port()
-    db = keys.connect(str(tmp / "keys.db"))
-    key = keys.create(db, "bench", "1000000")[1]
-    db.close()
+    key = create_key(str(tmp / "keys.db"), "bench", "1000000")
     config = tmp / "turnstile.toml"
     config.write_text(f'[server]\ntrusted_proxies = ["127.0.0.1/32"]\n[keys]\ndb = "{tmp / "keys.db"}"\n'
                       '[logging]\nformat = "json"\n' + CONFIG.get(args.scenario, ""))

@@ -163,11 +163,9 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="turnstile-bench-"))
     mock, bare, gw = free_port(), free_port(), free_port()
 
-    from proxy import keys
+    from proxy.store import create_key
 
-    db = keys.connect(str(tmp / "keys.db"))
-    key = keys.create(db, "bench", "1000000")[1]
-    db.close()
+    key = create_key(str(tmp / "keys.db"), "bench", "1000000")
     config = tmp / "turnstile.toml"
     # The full default pipeline with its default limits; the anonymous scenario spreads its requests
     # over many client addresses (X-Forwarded-For, believed from 127.0.0.1 only).

@@ -74,10 +74,10 @@ async def test_retry_after_only_when_turned_on(kilo):
     assert 0 < int(resp.headers["Retry-After"]) <= 3600
 
 
-async def test_two_gateways_share_one_redis_limit(gateway, aiohttp_client, upstream, redis_url, keys_db):
-    ip = f"2001:db8::{uuid.uuid4().hex[:4]}"  # a fresh IP: the server may be shared between runs
+async def test_two_gateways_share_one_redis_limit(gateway, aiohttp_client, upstream, redis_url, store_url):
+    ip = f"2001:db8:{uuid.uuid4().hex[:4]}:{uuid.uuid4().hex[:4]}::1"  # a fresh /64: the server may be shared between runs
     cfg = dict(limits={"storage": redis_url}, server={"trusted_proxies": ["127.0.0.0/8"]},
-               keys={"db": keys_db}, pipeline=[{"use": "auth"}, {"use": "ratelimit"}])
+               keys={"db": store_url}, pipeline=[{"use": "auth"}, {"use": "ratelimit"}])
     first, second = await gateway(**cfg), await gateway(**cfg)
     statuses = await asyncio.gather(burst(first, 150, from_ip(ip)), burst(second, 150, from_ip(ip)))
     flat = statuses[0] + statuses[1]

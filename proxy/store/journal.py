@@ -8,11 +8,11 @@ batch write, so that a process killed at any moment (`kill -9`, the OOM killer) 
 - Each successful batch write starts a new journal file (carrying the provisional rows of requests
   still in flight) and removes the old ones. While writes fail, the same file grows.
 - At start-up, the journals of runs that are over are read back: for each request, its last row,
-  inserted unless the ledger already has it, its account debited only then.
+  inserted unless the ledger already has it, its account debited only then (the store does that).
 
-Each run of a process has its own files (`<database>.journal.<run>.<turn>`) and holds an exclusive
-`flock` on `<database>.journal.<run>.lock` while it lives: a run whose lock can be taken is over,
-whatever its pid was (a container's PID 1 is PID 1 again after a restart).
+Each run of a process has its own files (`<base>.journal.<run>.<turn>`, the base being the SQLite
+file or `[ledger] journal`) and holds an exclusive `flock` on `<base>.journal.<run>.lock` while it
+lives: a run whose lock can be taken is over, whatever its pid was (a container's PID 1 is PID 1 again after a restart).
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ import fcntl
 import glob
 import os
 import secrets
-import sqlite3
 from typing import Any
 
 import orjson
@@ -38,9 +37,9 @@ def _write_all(fd: int, data: bytes) -> None:
 
 
 class Journal:
-    def __init__(self, database: str) -> None:
+    def __init__(self, base: str) -> None:
         self.run = f"{os.getpid()}-{secrets.token_hex(4)}"
-        self.base = f"{database}.journal.{self.run}"
+        self.base = f"{base}.journal.{self.run}"
         self._turn = 0
         self.path = f"{self.base}.0"
         self._fd = -1
@@ -138,60 +137,53 @@ def _turn(path: str) -> int:
     return int(tail) if tail.isdigit() else -1
 
 
-def recover(db: sqlite3.Connection, database: str, insert: str, columns: int) -> int:
-    """Reads back the journals of runs that are over (a crash): for each request its last row,
-    inserted unless the ledger has it, its account debited only then. Returns the rows inserted."""
-    prefix = database + ".journal."
+class DeadRun:
+    """The journal files of a run that is over, locked while they are read back."""
+
+    def __init__(self, prefix: str, run: str, paths: list[str], lock: int) -> None:
+        self.prefix, self.run, self.paths, self._lock = prefix, run, sorted(paths, key=_turn), lock
+
+    def rows(self, columns: int) -> list[list[Any]]:
+        """Each request's last row, in the order the files were written (a later line wins)."""
+        last: dict[str, list[Any]] = {}
+        for path in self.paths:
+            try:
+                with open(path, "rb") as f:
+                    lines = f.read().split(b"\n")
+            except FileNotFoundError:
+                continue
+            for line in lines:
+                try:
+                    row = orjson.loads(line)
+                except orjson.JSONDecodeError:  # a line cut by the crash
+                    continue
+                if isinstance(row, list) and len(row) == columns and isinstance(row[0], str):
+                    last[row[0]] = row
+        return list(last.values())
+
+    def remove(self) -> None:
+        """Once its rows are in the ledger."""
+        for path in self.paths:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(f"{self.prefix}{self.run}.lock")
+
+    def close(self) -> None:
+        os.close(self._lock)
+
+
+def dead_runs(base: str) -> list[DeadRun]:
+    """The runs whose journals are left beside `base` and whose processes are over (a crash)."""
+    prefix = base + ".journal."
     runs: dict[str, list[str]] = {}
     for path in glob.glob(glob.escape(prefix) + "*"):
         run, _, turn = path[len(prefix):].rpartition(".")
         if run and turn.isdigit():
             runs.setdefault(run, []).append(path)
-    inserted = 0
+    found = []
     for run, paths in runs.items():
         lock = _over(f"{prefix}{run}.lock")
-        if lock < 0:
-            continue  # a live run's (another worker's): not ours to read
-        try:
-            inserted += _replay(db, sorted(paths, key=_turn), insert, columns)
-            for path in paths:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(path)
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(f"{prefix}{run}.lock")
-        finally:
-            os.close(lock)
-    if inserted:
-        log.warning("ledger_recovered_from_journal", rows=inserted)
-    return inserted
-
-
-def _replay(db: sqlite3.Connection, paths: list[str], insert: str, columns: int) -> int:
-    last: dict[str, list[Any]] = {}
-    for path in paths:  # in the order they were written: a later line of a request wins
-        try:
-            with open(path, "rb") as f:
-                lines = f.read().split(b"\n")
-        except FileNotFoundError:
-            continue
-        for line in lines:
-            try:
-                row = orjson.loads(line)
-            except orjson.JSONDecodeError:  # a line cut by the crash
-                continue
-            if isinstance(row, list) and len(row) == columns and isinstance(row[0], str):
-                last[row[0]] = row
-    inserted = 0
-    db.execute("BEGIN IMMEDIATE")
-    try:
-        for row in last.values():
-            if db.execute(insert, row).rowcount == 1:
-                inserted += 1
-                account, cost = row[1], row[11]
-                if account is not None and cost:
-                    db.execute("UPDATE accounts SET balance_micros = balance_micros - ? WHERE id = ?", (cost, account))
-    except BaseException:
-        db.execute("ROLLBACK")
-        raise
-    db.execute("COMMIT")
-    return inserted
+        if lock >= 0:  # else a live run's (another worker's): not ours to read
+            found.append(DeadRun(prefix, run, paths, lock))
+    return found

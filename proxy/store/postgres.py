@@ -1,0 +1,423 @@
+"""The store in PostgreSQL (asyncpg, a pool): what several gateways share.
+
+Every instance sees the same money because the money never leaves the database:
+- a reservation is one statement that takes the amount off the balance and writes a hold, under
+  the account row's lock, so two gateways cannot both spend the last of a balance;
+- a batch of ledger rows is one statement that inserts them, deletes the holds of the requests
+  that ended and moves each balance by the difference (`balance - cost + hold`);
+- keys are kept in memory and reloaded from the rows whose `revision` moved (every key change takes
+  a new one from a sequence), a second's worth of them read again each time so that a change
+  committed late is not missed.
+
+A request whose process died keeps its hold until that process's journal is read back (its run's
+holds are given back then) or, if it never is, for `hold_ttl` seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import time
+from typing import Any, AsyncIterator
+
+import asyncpg
+import structlog
+
+from proxy.keys import Account, new_key, to_micros
+from proxy.store import (ACCOUNT_COLUMNS, COLUMNS, USAGE_GROUPS, DatabaseError, Row, Store, StoreSettings, redacted,
+                         unavailable, usage_rows)
+
+log = structlog.get_logger("turnstile.store")
+
+_SCHEMA = """
+CREATE SEQUENCE IF NOT EXISTS account_revisions;
+CREATE TABLE IF NOT EXISTS accounts (
+    id BIGSERIAL PRIMARY KEY,
+    name TEXT NOT NULL,
+    key_hash TEXT NOT NULL UNIQUE,
+    key_hint TEXT NOT NULL,
+    balance_micros BIGINT NOT NULL DEFAULT 0,
+    created_at DOUBLE PRECISION NOT NULL,
+    revoked_at DOUBLE PRECISION,
+    revision BIGINT NOT NULL DEFAULT nextval('account_revisions'),
+    holding INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS accounts_revision ON accounts (revision);
+CREATE TABLE IF NOT EXISTS ledger (
+    request_id TEXT PRIMARY KEY,
+    account_id BIGINT,
+    ip_hash TEXT,
+    model_asked TEXT NOT NULL,
+    model TEXT NOT NULL,
+    provider TEXT NOT NULL,
+    prompt_tokens BIGINT NOT NULL,
+    completion_tokens BIGINT NOT NULL,
+    reasoning_tokens BIGINT NOT NULL,
+    cached_tokens BIGINT NOT NULL,
+    cache_write_tokens BIGINT NOT NULL,
+    cost_micros BIGINT NOT NULL,
+    estimated BOOLEAN NOT NULL,
+    status INTEGER NOT NULL,
+    ttfb_ms DOUBLE PRECISION,
+    duration_ms DOUBLE PRECISION NOT NULL,
+    finish_reason TEXT,
+    streamed BOOLEAN NOT NULL,
+    created_at DOUBLE PRECISION NOT NULL
+);
+CREATE INDEX IF NOT EXISTS ledger_account ON ledger (account_id, created_at);
+CREATE TABLE IF NOT EXISTS holds (
+    request_id TEXT PRIMARY KEY,
+    account_id BIGINT NOT NULL,
+    micros BIGINT NOT NULL,
+    run TEXT NOT NULL,
+    created_at DOUBLE PRECISION NOT NULL
+);
+CREATE INDEX IF NOT EXISTS holds_account ON holds (account_id);
+CREATE INDEX IF NOT EXISTS holds_run ON holds (run);
+"""
+
+# As for SQLite: MIGRATIONS[n - 1] takes the schema from version n - 1 to n, recorded in
+# meta's `schema_version`. A new version is a new entry, never an edit of an old one.
+MIGRATIONS: list[str] = [_SCHEMA]
+SCHEMA_VERSION = len(MIGRATIONS)
+_MIGRATION_LOCK = 0x7475726E  # an advisory lock: one instance migrates, the others wait for it
+
+_TYPES = ["text", "bigint", "text", "text", "text", "text", "bigint", "bigint", "bigint", "bigint", "bigint", "bigint",
+          "boolean", "integer", "float8", "float8", "text", "boolean", "float8"]
+_UNNEST = ", ".join(f"${i}::{t}[]" for i, t in enumerate(_TYPES, start=1))
+_N = len(COLUMNS)
+# One statement per batch: the rows in (a row already there is skipped and debits nothing), the
+# holds of the requests that ended out, each account moved by what its rows cost less what its
+# holds had taken. Returns the rows inserted and the balances it moved.
+_WRITE = f"""
+WITH ins AS (
+    INSERT INTO ledger ({', '.join(COLUMNS)}) SELECT * FROM unnest({_UNNEST})
+    ON CONFLICT (request_id) DO NOTHING RETURNING account_id, cost_micros
+), rel AS (
+    DELETE FROM holds WHERE request_id = ANY(${_N + 1}::text[]) OR run = ${_N + 2} OR created_at < ${_N + 3}
+    RETURNING account_id, micros
+), d AS (
+    SELECT account_id, SUM(x) AS x, SUM(n) AS n FROM (
+        SELECT account_id, cost_micros AS x, 0 AS n FROM ins WHERE account_id IS NOT NULL
+        UNION ALL SELECT account_id, -micros, 1 FROM rel
+    ) t GROUP BY account_id
+), upd AS (
+    UPDATE accounts SET balance_micros = accounts.balance_micros - d.x, holding = accounts.holding - d.n FROM d
+    WHERE accounts.id = d.account_id AND (d.x <> 0 OR d.n <> 0) RETURNING accounts.id, accounts.balance_micros
+)
+SELECT (SELECT COUNT(*) FROM ins), (SELECT array_agg(id) FROM upd), (SELECT array_agg(balance_micros) FROM upd)
+"""
+# The whole estimate, or what is left of the balance when that is less and nothing else is held
+# (the rule of `Store.reserve`). `holding` counts the account's holds in its own row, so that a
+# reservation that waited for another's lock sees that one's hold.
+_RESERVE = """
+WITH a AS (
+    SELECT id, LEAST($2::bigint, balance_micros) AS amount FROM accounts
+    WHERE id = $1 AND revoked_at IS NULL AND (balance_micros >= $2::bigint OR (balance_micros > 0 AND holding = 0))
+    FOR UPDATE
+), u AS (
+    UPDATE accounts SET balance_micros = accounts.balance_micros - a.amount, holding = accounts.holding + 1
+    FROM a WHERE accounts.id = a.id
+    RETURNING a.amount, accounts.balance_micros
+), h AS (
+    INSERT INTO holds (request_id, account_id, micros, run, created_at) SELECT $3, $1, amount, $4, $5 FROM u
+)
+SELECT amount, balance_micros FROM u
+"""
+_DAY = "to_char(to_timestamp(created_at) AT TIME ZONE 'UTC', 'YYYY-MM-DD')"
+_GROUPS = dict(zip(USAGE_GROUPS, ("model", "COALESCE(CAST(account_id AS TEXT), 'anonymous')", _DAY)))
+_NEVER = -1.0  # a hold's created_at is never below it: no hold is swept
+SETTLE_SOON = 0.05  # seconds from a request's end to the write that gives its reservation back
+
+
+class PostgresStore(Store):
+    backend = "postgresql"
+    errors = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, asyncio.TimeoutError)
+
+    def __init__(self, settings: StoreSettings) -> None:
+        super().__init__(settings)
+        self.pool: asyncpg.Pool | None = None
+        self._by_id: dict[int, Account] = {}
+        self.released: list[str] = []  # request ids whose holds the next write gives back
+        self.run = ""  # this process's journal run: its holds are named after it
+        self._soon: asyncio.TimerHandle | None = None
+        self._settling_tasks: set[asyncio.Task[int]] = set()
+        self._floor = self._top = 0  # keys: the revisions read by the last reload were above _floor, up to _top
+        self._swept = time.monotonic()
+
+    def describe(self) -> str:
+        return redacted(self.settings.url)
+
+    def _journal_base(self) -> str:
+        return self.settings.journal or "turnstile-ledger"
+
+    @contextlib.asynccontextmanager
+    async def _conn(self) -> AsyncIterator[asyncpg.Connection]:
+        """A pooled connection; GatewayError 503 (the original as its cause) when the database
+        cannot be reached or fails."""
+        if self.pool is None:
+            raise unavailable()
+        try:
+            async with self.pool.acquire(timeout=10) as conn:
+                yield conn
+        except self.errors as exc:
+            raise unavailable() from exc
+
+    async def open(self) -> None:
+        try:
+            self.pool = await asyncpg.create_pool(
+                self.settings.url, password=self.settings.password or None, min_size=1,
+                max_size=self.settings.pool_size, command_timeout=10, timeout=10,
+            )
+        except (*self.errors, ValueError) as exc:
+            raise DatabaseError(f"cannot open the store {self.describe()}: {type(exc).__name__}: {exc}") from None
+        try:
+            await self._migrate()
+            async with self._conn() as conn:
+                await conn.execute("INSERT INTO meta (key, value) VALUES ('ip_secret', $1) ON CONFLICT (key) DO NOTHING",
+                                   secrets.token_hex(32))
+                self.secret = bytes.fromhex(await conn.fetchval("SELECT value FROM meta WHERE key = 'ip_secret'"))
+            self.is_open = True
+            await self.refresh()
+        except BaseException:
+            await self.close()
+            raise
+
+    async def close(self) -> None:
+        self.is_open = False
+        if self._soon is not None:
+            self._soon.cancel()
+            self._soon = None
+        for task in list(self._settling_tasks):
+            with contextlib.suppress(BaseException):
+                await task
+        if self.pool is not None:
+            pool, self.pool = self.pool, None
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(pool.close(), 10)
+
+    async def _migrate(self) -> tuple[int, int]:
+        async with self._conn() as conn:
+            async with conn.transaction():
+                await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
+                await conn.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+                found = int(await conn.fetchval("SELECT value FROM meta WHERE key = 'schema_version'") or 0)
+                if found > SCHEMA_VERSION:
+                    raise DatabaseError(f"the store {self.describe()} is at schema version {found}, newer than "
+                                        f"this gateway's {SCHEMA_VERSION}: upgrade the gateway")
+                for version in range(found + 1, SCHEMA_VERSION + 1):
+                    await conn.execute(MIGRATIONS[version - 1])
+                    await conn.execute("INSERT INTO meta (key, value) VALUES ('schema_version', $1) "
+                                       "ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value", str(version))
+                    if found:
+                        log.info("store_migrated", version=version)
+        return found, SCHEMA_VERSION
+
+    async def migrate(self) -> tuple[int, int]:
+        return await self._migrate()
+
+    # Keys.
+    async def _refresh(self) -> bool:
+        async with self._conn() as conn:
+            rows = await conn.fetch("SELECT key_hash, id, name, balance_micros, created_at, key_hint, revoked_at, revision "
+                                    "FROM accounts WHERE revision > $1", self._floor)
+        changed = False
+        for digest, id_, name, balance, created, hint, revoked, _ in rows:
+            known = self._by_hash.get(digest)
+            if revoked is not None:
+                changed |= self._by_hash.pop(digest, None) is not None
+                self._by_id.pop(id_, None)
+            elif known is None or known.name != name or known.balance_micros != balance:
+                self._by_hash[digest] = self._by_id[id_] = Account(id_, name, balance, created, None, hint)
+                changed = True
+        # Each row is read by two reloads in a row: a change that took its revision before one
+        # already seen, but committed after it, is read by the next.
+        self._floor, self._top = self._top, max((r[7] for r in rows), default=self._top)
+        return changed
+
+    # Money.
+    def _started(self) -> None:
+        assert self.journal is not None
+        self.run = self.journal.run
+
+    async def reserve(self, account_id: int, request_id: str, micros: int) -> int | None:
+        amount = await self._reserve(account_id, request_id, micros)
+        if amount is None and self.released:
+            # Requests of this process that ended still hold their reservations until the next
+            # write gives them back: write now rather than refuse a client whose last request ended.
+            await self.flush()
+            amount = await self._reserve(account_id, request_id, micros)
+        return amount
+
+    async def _reserve(self, account_id: int, request_id: str, micros: int) -> int | None:
+        async with self._conn() as conn:
+            found = await conn.fetchrow(_RESERVE, account_id, micros, request_id, self.run, time.time())
+        if found is None:
+            return None
+        self._balance(account_id, found[1])
+        return int(found[0])
+
+    def _balance(self, account_id: int, micros: int) -> None:
+        """The balance the database just gave, for what reads it from memory (kilo-auto's choice)."""
+        account = self._by_id.get(account_id)
+        if account is not None:
+            account.balance_micros = int(micros)
+
+    def release(self, account_id: int, request_id: str, micros: int) -> None:
+        self.released.append(request_id)
+        if self._soon is None:  # given back within SETTLE_SOON, for any instance to see, not at the next flush
+            self._soon = asyncio.get_running_loop().call_later(SETTLE_SOON, self._settle_soon)
+
+    def _settle_soon(self) -> None:
+        self._soon = None
+        task = asyncio.ensure_future(self.flush())
+        self._settling_tasks.add(task)
+        task.add_done_callback(self._settling_tasks.discard)
+
+    async def held(self, account_id: int) -> tuple[int, int]:
+        await self._settle_now()
+        async with self._conn() as conn:
+            row = await conn.fetchrow("SELECT balance_micros, (SELECT COALESCE(SUM(micros), 0) FROM holds "
+                                      "WHERE account_id = $1) FROM accounts WHERE id = $1", account_id)
+        if row is None:
+            return 0, 0
+        self._balance(account_id, row[0])
+        return int(row[0]), int(row[1])
+
+    async def balance(self, account_id: int) -> int:
+        await self._settle_now()
+        async with self._conn() as conn:
+            return int(await conn.fetchval("SELECT balance_micros FROM accounts WHERE id = $1", account_id) or 0)
+
+    async def _settle_now(self) -> None:
+        """Before a balance is reported: what this process's ended requests cost, and the
+        reservations they give back, are written first."""
+        if self.rows or self.released:
+            await self.flush()
+
+    def _settling(self) -> bool:
+        return bool(self.released)
+
+    def _take(self) -> list[str]:
+        released, self.released = self.released, []
+        return released
+
+    def _untake(self, released: list[str]) -> None:
+        self.released[:0] = released
+
+    async def _settle(self, rows: list[Any], released: list[str], run: str | None, older: float) -> int:
+        columns = list(zip(*rows)) if rows else [()] * _N
+        async with self._conn() as conn:
+            inserted, ids, balances = await conn.fetchrow(_WRITE, *columns, released, run, older)
+        for account_id, micros in zip(ids or (), balances or ()):
+            self._balance(account_id, micros)
+        return int(inserted)
+
+    async def _write(self, rows: list[Row], released: list[str]) -> None:
+        await self._settle(rows, released, None, _NEVER)
+
+    async def _replay(self, rows: list[list[Any]], run: str) -> int:
+        for row in rows:  # JSON has no integer/float distinction to keep: as the columns want them
+            row[14] = None if row[14] is None else float(row[14])
+            row[15], row[18] = float(row[15]), float(row[18])
+        return await self._settle(rows, [], run, _NEVER)
+
+    async def _tend(self) -> None:
+        """Once a minute: holds older than `hold_ttl` (their process died and its journal was never
+        read back) are given back."""
+        if time.monotonic() - self._swept < 60:
+            return
+        self._swept = time.monotonic()
+        async with self.lock:
+            await self._settle([], [], None, time.time() - self.settings.hold_ttl)
+
+    # Reports.
+    async def _spent(self, account_id: int, periods: list[float]) -> list[int]:
+        sums = ", ".join(f"COALESCE(SUM(CASE WHEN created_at >= ${i} THEN cost_micros END), 0)"
+                         for i in range(2, len(periods) + 2))
+        async with self._conn() as conn:
+            row = await conn.fetchrow(f"SELECT COALESCE(SUM(cost_micros), 0), {sums} FROM ledger WHERE account_id = $1",
+                                      account_id, *periods)
+        return [int(v) for v in row]
+
+    async def _generation(self, request_id: str) -> Row | None:
+        async with self._conn() as conn:
+            row = await conn.fetchrow(f"SELECT {', '.join(COLUMNS)} FROM ledger WHERE request_id = $1", request_id)
+        return Row.read(row) if row else None
+
+    async def usage(self, by: str = "model", account: int | None = None, start: float | None = None) -> list[dict[str, Any]]:
+        where, args = [], []
+        if account is not None:
+            args.append(account)
+            where.append(f"account_id = ${len(args)}")
+        if start is not None:
+            args.append(start)
+            where.append(f"created_at >= ${len(args)}")
+        sql = (
+            f"SELECT {_GROUPS[by]} AS k, COUNT(*), SUM(prompt_tokens), SUM(completion_tokens), SUM(cached_tokens), "
+            f"SUM(cost_micros), SUM(estimated::int) FROM ledger {'WHERE ' + ' AND '.join(where) if where else ''} "
+            "GROUP BY k ORDER BY SUM(cost_micros) DESC, k"
+        )
+        async with self._conn() as conn:
+            return usage_rows(by, await conn.fetch(sql, *args))
+
+    # Accounts.
+    async def create(self, name: str, balance_usd: str = "0") -> tuple[Account, str]:
+        key, digest, hint = new_key()
+        now, micros = time.time(), to_micros(balance_usd)
+        async with self._conn() as conn:
+            account_id = await conn.fetchval("INSERT INTO accounts (name, key_hash, key_hint, balance_micros, created_at) "
+                                             "VALUES ($1, $2, $3, $4, $5) RETURNING id", name, digest, hint, micros, now)
+        return Account(int(account_id), name, micros, now, None, hint), key
+
+    async def accounts(self) -> list[Account]:
+        async with self._conn() as conn:
+            rows = await conn.fetch("SELECT id, name, balance_micros, created_at, revoked_at, key_hint FROM accounts ORDER BY id")
+        return [Account(*row) for row in rows]
+
+    async def set_balance(self, account_id: int, usd: str) -> bool:
+        async with self._conn() as conn:
+            done = await conn.execute("UPDATE accounts SET balance_micros = $2, revision = nextval('account_revisions') "
+                                      "WHERE id = $1", account_id, to_micros(usd))
+        return bool(done == "UPDATE 1")
+
+    async def revoke(self, account_id: int) -> bool:
+        async with self._conn() as conn:
+            done = await conn.execute("UPDATE accounts SET revoked_at = $2, revision = nextval('account_revisions') "
+                                      "WHERE id = $1 AND revoked_at IS NULL", account_id, time.time())
+        return bool(done == "UPDATE 1")
+
+    # Copying.
+    async def dump(self) -> AsyncIterator[tuple[str, list[tuple[Any, ...]]]]:
+        async with self._conn() as conn:
+            yield "meta", [tuple(r) for r in await conn.fetch("SELECT key, value FROM meta WHERE key <> 'schema_version'")]
+            yield "accounts", [tuple(r) for r in await conn.fetch(f"SELECT {', '.join(ACCOUNT_COLUMNS)} FROM accounts ORDER BY id")]
+            last = ""
+            while True:
+                rows = await conn.fetch(f"SELECT {', '.join(COLUMNS)} FROM ledger WHERE request_id > $1 "
+                                        "ORDER BY request_id LIMIT 5000", last)
+                if not rows:
+                    return
+                yield "ledger", [tuple(r) for r in rows]
+                last = rows[-1][0]
+
+    async def load(self, table: str, rows: list[tuple[Any, ...]]) -> None:
+        async with self._conn() as conn:
+            async with conn.transaction():
+                if table == "meta":
+                    await conn.executemany("INSERT INTO meta (key, value) VALUES ($1, $2) ON CONFLICT (key) "
+                                           "DO UPDATE SET value = EXCLUDED.value",
+                                           [r for r in rows if r[0] != "schema_version"])
+                    return
+                columns = ACCOUNT_COLUMNS if table == "accounts" else COLUMNS
+                if table == "ledger":
+                    rows = [tuple(Row.read(r)) for r in rows]
+                await conn.copy_records_to_table(table, records=rows, columns=columns)
+                if table == "accounts":  # new accounts number on from the copied ones
+                    await conn.execute("SELECT setval(pg_get_serial_sequence('accounts', 'id'), "
+                                       "GREATEST((SELECT MAX(id) FROM accounts), 1))")
+
+    async def is_empty(self) -> bool:
+        async with self._conn() as conn:
+            return bool(await conn.fetchval("SELECT NOT EXISTS (SELECT 1 FROM accounts) AND NOT EXISTS (SELECT 1 FROM ledger)"))

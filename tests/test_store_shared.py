@@ -1,0 +1,125 @@
+"""PostgreSQL as the store several gateways share: one balance spent from two processes, and a
+database restart in the middle of traffic."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import aiohttp
+import pytest
+
+from proxy.app import STORE, create_app
+from proxy.store import create_key
+from tests.conftest import GatewayServer, make_config
+from tests.fakes import Upstream
+from tests.postgres_server import new_database
+from tests.processes import free_port, start, wait_up
+from tests.storedb import balance, ledger_rows, query
+
+SONNET = "anthropic/claude-sonnet-4.6"
+COST = 1530  # micro-dollars: 10 prompt and 100 completion tokens of Sonnet
+STREAM = {"model": SONNET, "stream": True, "max_tokens": 100, "messages": [{"role": "user", "content": "x"}]}
+
+
+async def test_two_gateway_processes_spend_one_balance_and_account_for_every_request(upstream: Upstream, postgres_url,
+                                                                                     tmp_path):
+    """300 paid streams at once, half on each of two gateways, on a key worth 100 of them. Each
+    reservation is one statement under the account's row lock, so the two cannot both spend what
+    is left: the balance ends no lower than one request's most cost below zero, and every request
+    the provider answered has its row."""
+    upstream.mode, upstream.delay = "usage", 0.02  # streams of about 0.15 s: they overlap
+    upstream.usage = {"prompt_tokens": 10, "completion_tokens": 100, "total_tokens": 110}
+    url = new_database(postgres_url)
+    key = create_key(url, "shared", str(100 * COST / 1_000_000))
+    env = {"OPENROUTER_API_KEY": "sk-or-test", "OPENROUTER_BASE_URL": upstream.url}
+    ports, procs = [free_port(), free_port()], []
+    for i, port in enumerate(ports):
+        config = tmp_path / f"gw{i}.toml"
+        config.write_text(f'[server]\nport = {port}\n[store]\nurl = "{url}"\n[ledger]\njournal = "{tmp_path}/gw{i}"\n')
+        procs.append(await start(config, env))
+    statuses: list[int] = []
+    async with aiohttp.ClientSession() as session:
+        for port in ports:
+            await wait_up(session, f"http://127.0.0.1:{port}")
+
+        async def one(port: int) -> None:
+            async with session.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=STREAM,
+                                    headers={"Authorization": f"Bearer {key}"}) as resp:
+                await resp.read()
+                statuses.append(resp.status)
+
+        await asyncio.gather(*(one(ports[i % 2]) for i in range(300)))
+    for proc in procs:
+        proc.terminate()
+    outputs = [(await proc.communicate())[0] for proc in procs]
+    assert all(proc.returncode == 0 for proc in procs), [o.decode()[-1500:] for o in outputs]
+    rows = ledger_rows(url)
+    served = statuses.count(200)
+    assert set(statuses) <= {200, 402} and len(statuses) == 300
+    assert served == len(rows) == upstream.started  # every answered request accounted, once
+    assert all(r["cost_micros"] == COST for r in rows)
+    most = (len(json.dumps(STREAM)) // 3) * 3 + 100 * 15  # one request's most cost: prompt bound, 100 output tokens
+    left = balance(url)
+    assert left == 100 * COST - served * COST >= -most
+    assert 94 <= served <= 100
+    assert query(url, "SELECT COUNT(*) AS n FROM holds")[0]["n"] == 0  # every reservation given back
+
+
+@pytest.fixture
+async def pg_gateway(aiohttp_client, upstream: Upstream, own_postgres):
+    """An in-process gateway on a PostgreSQL server of the test's own, which the test stops and
+    starts again."""
+    url = new_database(own_postgres.url)
+    cfg = make_config(store={"url": url}, keys={"refresh_interval": 0.2}, ledger={"flush_interval": 0.2},
+                      server={"trusted_proxies": ["127.0.0.0/8"]})
+    env = {"OPENROUTER_API_KEY": "sk-or-test-key", "OPENROUTER_BASE_URL": upstream.url}
+    client = await aiohttp_client(GatewayServer(create_app(cfg, env), cfg.server))
+    return client, url
+
+
+async def test_a_database_restart_mid_run_is_503_for_what_needs_it_and_loses_nothing(pg_gateway, upstream, own_postgres):
+    upstream.mode, upstream.delay = "usage", 0.1
+    upstream.usage = {"prompt_tokens": 10, "completion_tokens": 100, "total_tokens": 110}
+    client, url = pg_gateway
+    key = create_key(url, "alice", "10")
+    auth = {"Authorization": f"Bearer {key}"}
+    await asyncio.sleep(0.5)  # the key, loaded by the gateway's reload
+
+    async def paid() -> int:
+        resp = await client.post("/v1/chat/completions", json=STREAM, headers=auth)
+        await resp.read()
+        return resp.status
+
+    assert await paid() == 200
+    in_flight = [asyncio.create_task(paid()) for _ in range(5)]  # reserved, answering when the database goes
+    while upstream.started < 6:
+        await asyncio.sleep(0.01)
+    own_postgres.stop()
+
+    resp = await client.post("/v1/chat/completions", json=STREAM, headers=auth)
+    assert resp.status == 503
+    assert (await resp.json())["error"] == {
+        "message": "The key and billing store cannot be reached; retry shortly.", "type": "api_error",
+        "code": "store_unavailable", "param": None}
+    resp = await client.get("/api/v1/key", headers=auth)
+    assert resp.status == 503 and (await resp.json())["error"]["code"] == "store_unavailable"
+    free = {**STREAM, "model": "minimax/minimax-m2.5:free"}  # needs no store: served from memory
+    assert (await client.post("/v1/chat/completions", json=free, headers=auth)).status == 200
+    assert (await client.post("/v1/chat/completions", json=free)).status == 200
+    assert await asyncio.gather(*in_flight) == [200] * 5
+    await asyncio.sleep(0.5)  # writes fail meanwhile; the rows wait
+
+    own_postgres.start()
+    for _ in range(100):  # recovers without a restart: pooled connections to the old server are replaced
+        if await paid() == 200:
+            break
+        await asyncio.sleep(0.1)
+    else:
+        raise AssertionError("the gateway did not recover")
+    await client.app[STORE].flush()
+    rows = ledger_rows(url)
+    assert len(rows) == upstream.started  # every answered request (the two free ones cost nothing)
+    paid_rows = [r for r in rows if r["cost_micros"]]
+    assert len(paid_rows) == 7 and balance(url) == 10_000_000 - 7 * COST
+    assert query(url, "SELECT COUNT(*) AS n FROM holds")[0]["n"] == 0
