@@ -354,6 +354,7 @@ async def test_concurrent_streams_overspend_at_most_one_request(kilo, upstream, 
     assert set(statuses) == {200, 402} and served == len(rows) and 1 <= served <= 4
     assert all(r["cost_micros"] == 1530 for r in rows)
     most = (len(json.dumps(body)) // 3) * 3 + 100 * 15  # micro-dollars: the prompt bound and 100 output tokens
+    print(f"50 streams on $0.005: {served} served, balance {balance(store_url)} µ$ (bound -{most} µ$)")
     assert balance(store_url) == 5000 - served * 1530 >= -most
     await client.app[STORE].flush()
     assert (await client.app[STORE].held(1))[1] == 0  # every reservation given back

@@ -61,6 +61,8 @@ async def test_two_gateway_processes_spend_one_balance_and_account_for_every_req
     assert all(r["cost_micros"] == COST for r in rows)
     most = (len(json.dumps(STREAM)) // 3) * 3 + 100 * 15  # one request's most cost: prompt bound, 100 output tokens
     left = balance(url)
+    print(f"300 streams over two gateways on a 100-request key: {served} served, {statuses.count(402)} refused, "
+          f"balance {left} µ$ (bound -{most} µ$), {len(rows)} rows, upstream answered {upstream.started}")
     assert left == 100 * COST - served * COST >= -most
     assert 94 <= served <= 100
     assert query(url, "SELECT COUNT(*) AS n FROM holds")[0]["n"] == 0  # every reservation given back
@@ -123,3 +125,58 @@ async def test_a_database_restart_mid_run_is_503_for_what_needs_it_and_loses_not
     paid_rows = [r for r in rows if r["cost_micros"]]
     assert len(paid_rows) == 7 and balance(url) == 10_000_000 - 7 * COST
     assert query(url, "SELECT COUNT(*) AS n FROM holds")[0]["n"] == 0
+
+
+async def test_store_copy_moves_a_sqlite_file_into_postgres_and_keys_go_on_working(kilo, upstream, postgres_url, tmp_path,
+                                                                                  capsys):
+    from proxy.cli import main
+
+    upstream.mode, upstream.usage = "usage", {"prompt_tokens": 10, "completion_tokens": 100, "total_tokens": 110}
+    old = str(tmp_path / "old.db")
+    alice, bob = create_key(old, "alice", "1"), create_key(old, "bob", "2")
+    assert main(["keys", "--db", old, "revoke", "2"]) == 0
+    client = await kilo(store={"url": old})
+    resp = await client.post("/v1/chat/completions", json={**STREAM, "stream": False},
+                             headers={"Authorization": f"Bearer {alice}"})
+    served = resp.headers["X-Request-Id"]
+    await client.close()  # a graceful stop: the row is written
+    url = new_database(postgres_url)
+    capsys.readouterr()
+
+    assert main(["store", "copy", old, url]) == 0
+    assert "Copied 2 accounts and 1 ledger rows" in capsys.readouterr().out
+    assert main(["store", "copy", old, url]) == 1  # never into a store that holds something
+    assert "already holds" in capsys.readouterr().err
+    assert query(url, "SELECT value FROM meta WHERE key = 'ip_secret'") == query(old, "SELECT value FROM meta WHERE key = 'ip_secret'")
+
+    client = await kilo(store={"url": url})
+    auth = {"Authorization": f"Bearer {alice}"}
+    generation = await (await client.get(f"/api/v1/generation?id={served}", headers=auth)).json()
+    assert generation["data"]["total_cost"] == COST / 1e6  # the old ledger, found
+    key = (await (await client.get("/api/v1/key", headers=auth)).json())["data"]
+    assert key["limit_remaining"] == (1_000_000 - COST) / 1e6 and key["usage"] == COST / 1e6
+    assert (await client.post("/v1/chat/completions", json=STREAM, headers={"Authorization": f"Bearer {bob}"})).status == 401
+    assert main(["keys", "--db", url, "create", "--name", "carol"]) == 0
+    assert "Created account 3 (carol)" in capsys.readouterr().out  # numbering goes on from the copied ids
+
+
+def test_migrate_on_postgres_records_the_version_and_refuses_a_newer_store(postgres_url, capsys):
+    from proxy.cli import main
+    from proxy.store.postgres import SCHEMA_VERSION
+
+    url = new_database(postgres_url)
+    assert main(["migrate", "--db", url]) == 0
+    assert f"schema version {SCHEMA_VERSION}" in capsys.readouterr().out
+    assert query(url, "SELECT value FROM meta WHERE key = 'schema_version'") == [{"value": str(SCHEMA_VERSION)}]
+    from proxy.store import run_sync
+
+    async def bump() -> None:
+        import asyncpg
+
+        conn = await asyncpg.connect(url)
+        await conn.execute("UPDATE meta SET value = $1 WHERE key = 'schema_version'", str(SCHEMA_VERSION + 1))
+        await conn.close()
+
+    run_sync(bump)
+    assert main(["migrate", "--db", url]) == 2
+    assert "newer than this gateway" in capsys.readouterr().err

@@ -6,6 +6,7 @@ moves by ±20% on a shared one.
     python deploy/loadtest/instructions.py                       # chat, 1,000 requests, 30 s to 2 min
     python deploy/loadtest/instructions.py --scenario stream --requests 500   # or anonymous, anthropic, gemini, messages, responses, passthrough
     python deploy/loadtest/instructions.py --floor               # and aiohttp's server and client alone
+    python deploy/loadtest/instructions.py --store postgresql://turnstile@127.0.0.1:5432/bench   # on PostgreSQL
 
 Needs valgrind (Debian: apt-get install valgrind). The bare relay and Turnstile (full default
 pipeline) each run in a process under callgrind; the mock provider and the client (8 requests at a
@@ -204,6 +205,8 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=1000)
     ap.add_argument("--floor", action="store_true",
                     help="also count aiohttp alone: its server with a canned answer, its client alone (chat)")
+    ap.add_argument("--store", default="", help="the gateway's store, e.g. postgresql://user@127.0.0.1/db (an empty "
+                    "database; default: a SQLite file). The database server's own work is not counted")
     ap.add_argument("--serve", choices=["bare", "turnstile", "server", "client"], help=argparse.SUPPRESS)
     for name in ("--mock", "--port"):
         ap.add_argument(name, type=int, default=0, help=argparse.SUPPRESS)
@@ -222,10 +225,11 @@ def main() -> int:
 
     tmp = Path(tempfile.mkdtemp(prefix="turnstile-instructions-"))
     mock = free_port()
-    key = create_key(str(tmp / "keys.db"), "bench", "1000000")
+    store = args.store or str(tmp / "keys.db")
+    key = create_key(store, "bench", "1000000")
     config = tmp / "turnstile.toml"
-    config.write_text(f'[server]\ntrusted_proxies = ["127.0.0.1/32"]\n[keys]\ndb = "{tmp / "keys.db"}"\n'
-                      '[logging]\nformat = "json"\n' + CONFIG.get(args.scenario, ""))
+    config.write_text(f'[server]\ntrusted_proxies = ["127.0.0.1/32"]\n[store]\nurl = "{store}"\n'
+                      f'[ledger]\njournal = "{tmp}/ledger"\n[logging]\nformat = "json"\n' + CONFIG.get(args.scenario, ""))
     os.environ.update({"BENCH_KEY": key,  # in the environment, not on command lines that `ps` shows
                        "OPENROUTER_API_KEY": "sk-bench", "OPENROUTER_BASE_URL": f"http://127.0.0.1:{mock}/v1",
                        "ANTHROPIC_API_KEY": "sk-bench", "ANTHROPIC_BASE_URL": f"http://127.0.0.1:{mock}",

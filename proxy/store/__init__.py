@@ -100,16 +100,6 @@ class Row(NamedTuple):
 
 COLUMNS = list(Row._fields)
 ACCOUNT_COLUMNS = ["id", "name", "key_hash", "key_hint", "balance_micros", "created_at", "revoked_at"]
-USAGE_GROUPS = ("model", "account", "day")
-
-
-def usage_rows(by: str, found: list[Any]) -> list[dict[str, Any]]:
-    """`usage`'s rows: (group, requests, prompt, completion, cached, cost, estimated) as dicts."""
-    return [
-        {by: k, "requests": int(n), "prompt_tokens": int(p or 0), "completion_tokens": int(c or 0),
-         "cached_tokens": int(ca or 0), "cost_usd": int(cost or 0) / 1_000_000, "estimated": int(e or 0)}
-        for k, n, p, c, ca, cost, e in found
-    ]
 
 
 def ip_hash(secret: bytes, ip: str) -> str:
@@ -238,17 +228,22 @@ class Store:
             try:
                 await self._write(rows, batch)
             except Exception as exc:  # noqa: BLE001 (whatever it is, the rows wait for the next try)
-                log.error("ledger_write_failed", rows=len(rows), error=f"{type(exc).__name__}: {exc}")
+                cause = exc.__cause__ or exc  # the database's own error, under a 503's
+                log.error("ledger_write_failed", rows=len(rows), error=f"{type(cause).__name__}: {cause}")
                 self.rows[:0] = rows
                 self._untake(batch)
                 return 0
             if self.journal is not None:
                 self.journal.committed()
             try:
-                await self.refresh()  # balances now include what was just written
+                await self._written()
             except Exception as exc:  # noqa: BLE001 (written already: the next reload catches up)
                 log.warning("keys_reload_failed", error=f"{type(exc).__name__}: {exc}")
             return len(rows)
+
+    async def _written(self) -> None:
+        """After a write: the balances in memory catch up with it."""
+        await self.refresh()
 
     def _settling(self) -> bool:
         """Whether something other than rows waits for the next write (released reservations)."""
@@ -283,8 +278,16 @@ class Store:
             totals.append(found[i] + sum(r.cost_micros for r in pending if r.created_at >= start))
         return totals
 
-    async def _spent(self, account_id: int, periods: list[float]) -> list[int]:
+    async def _select(self, sql: str, *args: Any) -> list[Any]:
+        """Rows of a read, `?` for each argument on either backend; GatewayError 503 when the
+        database cannot answer."""
         raise NotImplementedError
+
+    async def _spent(self, account_id: int, periods: list[float]) -> list[int]:
+        sums = ", ".join(["COALESCE(SUM(CASE WHEN created_at >= ? THEN cost_micros END), 0)"] * len(periods))
+        found = await self._select(f"SELECT COALESCE(SUM(cost_micros), 0), {sums} FROM ledger WHERE account_id = ?",
+                                   *periods, account_id)
+        return [int(v) for v in found[0]]
 
     async def balance(self, account_id: int) -> int:
         """The account's balance now, less what this process's requests in flight hold."""
@@ -299,11 +302,30 @@ class Store:
         return row
 
     async def _generation(self, request_id: str) -> Row | None:
-        raise NotImplementedError
+        found = await self._select(f"SELECT {', '.join(COLUMNS)} FROM ledger WHERE request_id = ?", request_id)
+        return Row.read(found[0]) if found else None
+
+    day = ""  # the SQL of a row's day (UTC), YYYY-MM-DD
 
     async def usage(self, by: str = "model", account: int | None = None, start: float | None = None) -> list[dict[str, Any]]:
         """Requests, tokens and cost grouped by model, account or day (UTC), dearest first."""
-        raise NotImplementedError
+        group = {"model": "model", "account": "COALESCE(CAST(account_id AS TEXT), 'anonymous')", "day": self.day}[by]
+        where, args = [], []
+        if account is not None:
+            where.append("account_id = ?")
+            args.append(account)
+        if start is not None:
+            where.append("created_at >= ?")
+            args.append(start)
+        found = await self._select(
+            f"SELECT {group} AS k, COUNT(*), SUM(prompt_tokens), SUM(completion_tokens), SUM(cached_tokens), "
+            f"SUM(cost_micros), SUM(CASE WHEN estimated THEN 1 ELSE 0 END) FROM ledger "
+            f"{'WHERE ' + ' AND '.join(where) if where else ''} GROUP BY k ORDER BY SUM(cost_micros) DESC, k", *args)
+        return [
+            {by: k, "requests": int(n), "prompt_tokens": int(p or 0), "completion_tokens": int(c or 0),
+             "cached_tokens": int(ca or 0), "cost_usd": int(cost or 0) / 1_000_000, "estimated": int(e or 0)}
+            for k, n, p, c, ca, cost, e in found
+        ]
 
     # Accounts, for the `turnstile keys` command.
     async def create(self, name: str, balance_usd: str = "0") -> tuple[Account, str]:
@@ -311,7 +333,8 @@ class Store:
         raise NotImplementedError
 
     async def accounts(self) -> list[Account]:
-        raise NotImplementedError
+        rows = await self._select("SELECT id, name, balance_micros, created_at, revoked_at, key_hint FROM accounts ORDER BY id")
+        return [Account(*row) for row in rows]
 
     async def set_balance(self, account_id: int, usd: str) -> bool:
         raise NotImplementedError
@@ -322,14 +345,23 @@ class Store:
     # `turnstile store copy`.
     async def dump(self) -> AsyncIterator[tuple[str, list[tuple[Any, ...]]]]:
         """("meta" | "accounts" | "ledger", rows) in batches, accounts with their key hashes."""
-        raise NotImplementedError
-        yield  # pragma: no cover
+        yield "meta", [tuple(r) for r in await self._select("SELECT key, value FROM meta WHERE key = 'ip_secret'")]
+        yield "accounts", [tuple(r) for r in await self._select(f"SELECT {', '.join(ACCOUNT_COLUMNS)} FROM accounts ORDER BY id")]
+        last = ""
+        while True:
+            rows = await self._select(f"SELECT {', '.join(COLUMNS)} FROM ledger WHERE request_id > ? "
+                                      "ORDER BY request_id LIMIT 5000", last)
+            if not rows:
+                return
+            yield "ledger", [tuple(Row.read(r)) for r in rows]
+            last = rows[-1][0]
 
     async def load(self, table: str, rows: list[tuple[Any, ...]]) -> None:
         raise NotImplementedError
 
     async def is_empty(self) -> bool:
-        raise NotImplementedError
+        found = await self._select("SELECT (SELECT COUNT(*) FROM accounts) + (SELECT COUNT(*) FROM ledger)")
+        return bool(found[0][0] == 0)
 
     # The gateway's life.
     def _journal_base(self) -> str:
@@ -344,7 +376,8 @@ class Store:
                         log.debug("keys_reloaded", accounts=len(self._by_hash))
                 await self._tend()
             except Exception as exc:  # noqa: BLE001 (the store unreachable for a while: try again later)
-                log.warning("keys_reload_failed", error=f"{type(exc).__name__}: {exc}")
+                cause = exc.__cause__ or exc
+                log.warning("keys_reload_failed", error=f"{type(cause).__name__}: {cause}")
 
     async def _tend(self) -> None:
         """Housekeeping the backend does every `refresh_interval`."""

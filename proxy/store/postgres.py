@@ -17,6 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import itertools
+import re
 import secrets
 import time
 from typing import Any, AsyncIterator
@@ -25,8 +28,7 @@ import asyncpg
 import structlog
 
 from proxy.keys import Account, new_key, to_micros
-from proxy.store import (ACCOUNT_COLUMNS, COLUMNS, USAGE_GROUPS, DatabaseError, Row, Store, StoreSettings, redacted,
-                         unavailable, usage_rows)
+from proxy.store import ACCOUNT_COLUMNS, COLUMNS, DatabaseError, Row, Store, StoreSettings, redacted, unavailable
 
 log = structlog.get_logger("turnstile.store")
 
@@ -125,15 +127,26 @@ WITH a AS (
 )
 SELECT amount, balance_micros FROM u
 """
-_DAY = "to_char(to_timestamp(created_at) AT TIME ZONE 'UTC', 'YYYY-MM-DD')"
-_GROUPS = dict(zip(USAGE_GROUPS, ("model", "COALESCE(CAST(account_id AS TEXT), 'anonymous')", _DAY)))
+
+
+@functools.lru_cache(maxsize=64)
+def _numbered(sql: str) -> str:
+    """The shared reads' `?` placeholders as PostgreSQL's `$1`, `$2`…"""
+    count = itertools.count(1)
+    return re.sub(r"\?", lambda _: f"${next(count)}", sql)
 _NEVER = -1.0  # a hold's created_at is never below it: no hold is swept
 SETTLE_SOON = 0.05  # seconds from a request's end to the write that gives its reservation back
+
+
+async def _keep(conn: asyncpg.Connection) -> None:
+    """A connection back in the pool as it is: asyncpg's default reset (a round trip of RESET ALL,
+    UNLISTEN, advisory unlocks) undoes session state this store never sets."""
 
 
 class PostgresStore(Store):
     backend = "postgresql"
     errors = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, asyncio.TimeoutError)
+    day = "to_char(to_timestamp(created_at) AT TIME ZONE 'UTC', 'YYYY-MM-DD')"
 
     def __init__(self, settings: StoreSettings) -> None:
         super().__init__(settings)
@@ -168,7 +181,7 @@ class PostgresStore(Store):
         try:
             self.pool = await asyncpg.create_pool(
                 self.settings.url, password=self.settings.password or None, min_size=1,
-                max_size=self.settings.pool_size, command_timeout=10, timeout=10,
+                max_size=self.settings.pool_size, command_timeout=10, timeout=10, reset=_keep,
             )
         except (*self.errors, ValueError) as exc:
             raise DatabaseError(f"cannot open the store {self.describe()}: {type(exc).__name__}: {exc}") from None
@@ -299,6 +312,9 @@ class PostgresStore(Store):
     def _settling(self) -> bool:
         return bool(self.released)
 
+    async def _written(self) -> None:
+        """Nothing to reload: the write returned the balances it moved."""
+
     def _take(self) -> list[str]:
         released, self.released = self.released, []
         return released
@@ -333,34 +349,9 @@ class PostgresStore(Store):
             await self._settle([], [], None, time.time() - self.settings.hold_ttl)
 
     # Reports.
-    async def _spent(self, account_id: int, periods: list[float]) -> list[int]:
-        sums = ", ".join(f"COALESCE(SUM(CASE WHEN created_at >= ${i} THEN cost_micros END), 0)"
-                         for i in range(2, len(periods) + 2))
+    async def _select(self, sql: str, *args: Any) -> list[Any]:
         async with self._conn() as conn:
-            row = await conn.fetchrow(f"SELECT COALESCE(SUM(cost_micros), 0), {sums} FROM ledger WHERE account_id = $1",
-                                      account_id, *periods)
-        return [int(v) for v in row]
-
-    async def _generation(self, request_id: str) -> Row | None:
-        async with self._conn() as conn:
-            row = await conn.fetchrow(f"SELECT {', '.join(COLUMNS)} FROM ledger WHERE request_id = $1", request_id)
-        return Row.read(row) if row else None
-
-    async def usage(self, by: str = "model", account: int | None = None, start: float | None = None) -> list[dict[str, Any]]:
-        where, args = [], []
-        if account is not None:
-            args.append(account)
-            where.append(f"account_id = ${len(args)}")
-        if start is not None:
-            args.append(start)
-            where.append(f"created_at >= ${len(args)}")
-        sql = (
-            f"SELECT {_GROUPS[by]} AS k, COUNT(*), SUM(prompt_tokens), SUM(completion_tokens), SUM(cached_tokens), "
-            f"SUM(cost_micros), SUM(estimated::int) FROM ledger {'WHERE ' + ' AND '.join(where) if where else ''} "
-            "GROUP BY k ORDER BY SUM(cost_micros) DESC, k"
-        )
-        async with self._conn() as conn:
-            return usage_rows(by, await conn.fetch(sql, *args))
+            return list(await conn.fetch(_numbered(sql), *args))
 
     # Accounts.
     async def create(self, name: str, balance_usd: str = "0") -> tuple[Account, str]:
@@ -370,11 +361,6 @@ class PostgresStore(Store):
             account_id = await conn.fetchval("INSERT INTO accounts (name, key_hash, key_hint, balance_micros, created_at) "
                                              "VALUES ($1, $2, $3, $4, $5) RETURNING id", name, digest, hint, micros, now)
         return Account(int(account_id), name, micros, now, None, hint), key
-
-    async def accounts(self) -> list[Account]:
-        async with self._conn() as conn:
-            rows = await conn.fetch("SELECT id, name, balance_micros, created_at, revoked_at, key_hint FROM accounts ORDER BY id")
-        return [Account(*row) for row in rows]
 
     async def set_balance(self, account_id: int, usd: str) -> bool:
         async with self._conn() as conn:
@@ -389,19 +375,6 @@ class PostgresStore(Store):
         return bool(done == "UPDATE 1")
 
     # Copying.
-    async def dump(self) -> AsyncIterator[tuple[str, list[tuple[Any, ...]]]]:
-        async with self._conn() as conn:
-            yield "meta", [tuple(r) for r in await conn.fetch("SELECT key, value FROM meta WHERE key <> 'schema_version'")]
-            yield "accounts", [tuple(r) for r in await conn.fetch(f"SELECT {', '.join(ACCOUNT_COLUMNS)} FROM accounts ORDER BY id")]
-            last = ""
-            while True:
-                rows = await conn.fetch(f"SELECT {', '.join(COLUMNS)} FROM ledger WHERE request_id > $1 "
-                                        "ORDER BY request_id LIMIT 5000", last)
-                if not rows:
-                    return
-                yield "ledger", [tuple(r) for r in rows]
-                last = rows[-1][0]
-
     async def load(self, table: str, rows: list[tuple[Any, ...]]) -> None:
         async with self._conn() as conn:
             async with conn.transaction():
@@ -417,7 +390,3 @@ class PostgresStore(Store):
                 if table == "accounts":  # new accounts number on from the copied ones
                     await conn.execute("SELECT setval(pg_get_serial_sequence('accounts', 'id'), "
                                        "GREATEST((SELECT MAX(id) FROM accounts), 1))")
-
-    async def is_empty(self) -> bool:
-        async with self._conn() as conn:
-            return bool(await conn.fetchval("SELECT NOT EXISTS (SELECT 1 FROM accounts) AND NOT EXISTS (SELECT 1 FROM ledger)"))

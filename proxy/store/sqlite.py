@@ -16,12 +16,12 @@ import secrets
 import sqlite3
 import threading
 import time
-from typing import Any, AsyncIterator
+from typing import Any
 
 import structlog
 
 from proxy.keys import Account, new_key, to_micros
-from proxy.store import ACCOUNT_COLUMNS, COLUMNS, USAGE_GROUPS, DatabaseError, Row, Store, StoreSettings, usage_rows
+from proxy.store import ACCOUNT_COLUMNS, COLUMNS, DatabaseError, Row, Store, StoreSettings, unavailable
 
 log = structlog.get_logger("turnstile.store")
 
@@ -218,13 +218,12 @@ def _replay(db: sqlite3.Connection, rows: list[list[Any]]) -> int:
     return inserted
 
 
-_DAY = "strftime('%Y-%m-%d', created_at, 'unixepoch')"
-_GROUPS = dict(zip(USAGE_GROUPS, ("model", "COALESCE(CAST(account_id AS TEXT), 'anonymous')", _DAY)))
 
 
 class SQLiteStore(Store):
     backend = "sqlite"
     errors = (sqlite3.Error, OSError)
+    day = "strftime('%Y-%m-%d', created_at, 'unixepoch')"
 
     def __init__(self, settings: StoreSettings, path: str) -> None:
         super().__init__(settings)
@@ -252,11 +251,15 @@ class SQLiteStore(Store):
     async def _run(self, fn: Any, *args: Any) -> Any:
         return await asyncio.to_thread(self._locked, fn, *args)
 
-    async def _query(self, sql: str, *args: Any) -> list[tuple[Any, ...]]:
+    async def _select(self, sql: str, *args: Any) -> list[Any]:
         db = self._reader
-        assert db is not None
+        if db is None:
+            raise unavailable()
         async with self._read_lock:
-            return await self._run(lambda: db.execute(sql, args).fetchall())
+            try:
+                return await self._run(lambda: db.execute(sql, args).fetchall())
+            except sqlite3.Error as exc:
+                raise unavailable() from exc
 
     async def open(self) -> None:
         self._db = connect(self.path)
@@ -364,31 +367,6 @@ class SQLiteStore(Store):
         return int(await self._run(_transaction, self._db, _replay, rows))
 
     # Reports.
-    async def _spent(self, account_id: int, periods: list[float]) -> list[int]:
-        sums = ", ".join(["COALESCE(SUM(CASE WHEN created_at >= ? THEN cost_micros END), 0)"] * len(periods))
-        found = await self._query(f"SELECT COALESCE(SUM(cost_micros), 0), {sums} FROM ledger WHERE account_id = ?",
-                                  *periods, account_id)
-        return [int(v) for v in found[0]]
-
-    async def _generation(self, request_id: str) -> Row | None:
-        found = await self._query(f"SELECT {', '.join(COLUMNS)} FROM ledger WHERE request_id = ?", request_id)
-        return Row.read(found[0]) if found else None
-
-    async def usage(self, by: str = "model", account: int | None = None, start: float | None = None) -> list[dict[str, Any]]:
-        where, args = [], []
-        if account is not None:
-            where.append("account_id = ?")
-            args.append(account)
-        if start is not None:
-            where.append("created_at >= ?")
-            args.append(start)
-        sql = (
-            f"SELECT {_GROUPS[by]} AS k, COUNT(*), SUM(prompt_tokens), SUM(completion_tokens), SUM(cached_tokens), "
-            f"SUM(cost_micros), SUM(estimated) FROM ledger {'WHERE ' + ' AND '.join(where) if where else ''} "
-            "GROUP BY k ORDER BY SUM(cost_micros) DESC, k"
-        )
-        return usage_rows(by, await self._query(sql, *args))
-
     # Accounts.
     async def create(self, name: str, balance_usd: str = "0") -> tuple[Account, str]:
         key, digest, hint = new_key()
@@ -397,10 +375,6 @@ class SQLiteStore(Store):
         cur = await self._run(self._db.execute, "INSERT INTO accounts (name, key_hash, key_hint, balance_micros, "
                               "created_at) VALUES (?, ?, ?, ?, ?)", (name, digest, hint, micros, now))
         return Account(int(cur.lastrowid or 0), name, micros, now, None, hint), key
-
-    async def accounts(self) -> list[Account]:
-        rows = await self._query("SELECT id, name, balance_micros, created_at, revoked_at, key_hint FROM accounts ORDER BY id")
-        return [Account(*row) for row in rows]
 
     async def set_balance(self, account_id: int, usd: str) -> bool:
         assert self._db is not None
@@ -415,25 +389,8 @@ class SQLiteStore(Store):
         return bool(cur.rowcount == 1)
 
     # Copying.
-    async def dump(self) -> AsyncIterator[tuple[str, list[tuple[Any, ...]]]]:
-        yield "meta", await self._query("SELECT key, value FROM meta")
-        yield "accounts", await self._query(f"SELECT {', '.join(ACCOUNT_COLUMNS)} FROM accounts ORDER BY id")
-        last = ""
-        while True:
-            rows = await self._query(f"SELECT {', '.join(COLUMNS)} FROM ledger WHERE request_id > ? "
-                                     "ORDER BY request_id LIMIT 5000", last)
-            if not rows:
-                return
-            yield "ledger", [tuple(Row.read(r)) for r in rows]
-            last = rows[-1][0]
-
     async def load(self, table: str, rows: list[tuple[Any, ...]]) -> None:
         columns = {"meta": ["key", "value"], "accounts": ACCOUNT_COLUMNS, "ledger": COLUMNS}[table]
         sql = (f"INSERT OR REPLACE INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})")
         assert self._db is not None
         await self._run(_transaction, self._db, lambda db: db.executemany(sql, rows))
-
-    async def is_empty(self) -> bool:
-        found = await self._query("SELECT (SELECT COUNT(*) FROM accounts) + (SELECT COUNT(*) FROM ledger)")
-        return bool(found[0][0] == 0)
-
