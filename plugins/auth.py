@@ -19,7 +19,8 @@ class Auth:
         token = caller_key(ctx.request.headers)
         if token is not None:
             account = self.store.lookup(token)
-            if account is None and await self.store.recheck():
+            if account is None:
+                await self.store.recheck()
                 account = self.store.lookup(token)
             if account is None:
                 raise invalid_key()

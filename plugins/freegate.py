@@ -11,7 +11,9 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from proxy import retry
 from proxy.catalog import Model
+from proxy.config import UpstreamSettings
 from proxy.context import Context
 from proxy.errors import GatewayError
 from proxy.store import Store
@@ -28,8 +30,10 @@ class FreeGate:
         message: str = "This is a paid model. To use paid models, you need to add credits.",
         buy_credits_url: str = "",
         store: Store | None = None,
+        upstream: UpstreamSettings | None = None,
     ) -> None:
         self.store = store  # where a paid request reserves its most cost before it is sent
+        self.upstream = upstream or UpstreamSettings()  # its configured fallbacks, priced in
         self.title = title
         self.message = message
         self.buy_credits_url = buy_credits_url
@@ -45,7 +49,7 @@ class FreeGate:
                 401, "paid_model_auth_required", "You need to sign in to use this model.", code="PAID_MODEL_AUTH_REQUIRED"
             )
         store = self.store
-        reserved = (await store.reserve(account.id, ctx.outcome.request_id, _most(ctx)) if store is not None
+        reserved = (await store.reserve(account.id, ctx.outcome.request_id, most(ctx, self.upstream)) if store is not None
                     else account.balance_micros)
         if not reserved or reserved < 0:
             left, held = await store.held(account.id) if store is not None else (account.balance_micros, 0)
@@ -64,22 +68,23 @@ class FreeGate:
         return await call_next(ctx)
 
 
-def _most(ctx: Context) -> int:
+def most(ctx: Context, upstream: UpstreamSettings) -> int:
     """The most the request may cost: its prompt, and as many output tokens as it allows (else as
-    many as the model gives), at the prices of its model or of the dearest model its own `models`
-    list may fall back to."""
+    many as the model gives) for each of its `n` choices, at the prices of its model or of the
+    dearest model it may fall back to (its own `models` list, then the configured fallbacks)."""
     body = ctx.body
     asked = body.get("max_completion_tokens") or body.get("max_tokens")
     asked = asked if type(asked) is int and asked > 0 else 0
+    n = body.get("n")
+    choices = n if type(n) is int and n > 1 else 1
     models = [ctx.model]
-    fallbacks = body.get("models")
-    if isinstance(fallbacks, list):
-        models += [m for m in map(ctx.catalog.get, (f for f in fallbacks if isinstance(f, str))) if m is not None]
-    return max(_model_most(m, ctx.outcome.request_bytes, asked) for m in models)
+    if body.get("models") or upstream.fallbacks:
+        models += [m for m in map(ctx.catalog.get, retry.fallback_models(ctx, upstream, body.get("models"))) if m is not None]
+    return max(_model_most(m, ctx.outcome.request_bytes, asked, choices) for m in models)
 
 
-def _model_most(model: Model, request_bytes: int, asked: int) -> int:
+def _model_most(model: Model, request_bytes: int, asked: int, choices: int) -> int:
     top = model.entry.get("top_provider")
     limit = top.get("max_completion_tokens") if isinstance(top, dict) else None
     output = asked or (limit if type(limit) is int and limit > 0 else model.bounds.completion)
-    return model.prices.most_micros(request_bytes, output)
+    return model.prices.most_micros(request_bytes, output * choices)

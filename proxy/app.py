@@ -135,7 +135,7 @@ def create_app(config: Config, env: Mapping[str, str] = os.environ) -> web.Appli
     storage = open_storage(config.limits)
     shared = SharedStorage(storage, config.limits.fail_open) if is_shared(config.limits.storage) else None
     # What a stage may ask for by naming a constructor parameter after it.
-    resources: dict[str, Any] = {"catalog": catalog, "store": store, "storage": storage, "shared": shared,
+    resources: dict[str, Any] = {"catalog": catalog, "store": store, "upstream": config.upstream, "storage": storage, "shared": shared,
                                  "servable": forwarder.servable, "workers": config.server.workers}
     stages = []
     for i, row in enumerate(config.pipeline):

@@ -67,13 +67,72 @@ def _run(args: argparse.Namespace, work: object, url: str | None = None) -> int:
     return int(store.run_sync(go))
 
 
+def _flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings given on the command line, as the admin API takes them (null clears one)."""
+    given: dict[str, Any] = {}
+    for name in ("rpm", "tpm", "concurrency"):
+        value = getattr(args, name, None)
+        if value is not None:
+            given[name] = value or None  # 0 clears it
+    for name, flag in (("budgets", "budget"), ("allow", "allow"), ("deny", "deny")):
+        values = getattr(args, flag, None)
+        if values is not None:
+            given[name] = [v for v in values if v] or None  # --budget '' clears them
+    if getattr(args, "expires", None) is not None:
+        given["expires_at"] = args.expires or None
+    if getattr(args, "owner", None) is not None:
+        given["owner"] = args.owner
+    if getattr(args, "tag", None) is not None:
+        tags = [t for t in args.tag if t]
+        bad = [t for t in tags if "=" not in t]
+        if bad:
+            from proxy.keys import SettingsError
+
+            raise SettingsError(f"tag {bad[0]!r}: give name=value, e.g. team=search")
+        given["tags"] = dict(t.split("=", 1) for t in tags) or None
+    return given
+
+
+def _show(account: Any) -> str:
+    from proxy.keys import iso
+
+    lines = [f"Account {account.id} ({account.name}), key {account.key_hint}, balance ${account.balance_micros / 1e6:.6f}, "
+             f"{'revoked ' + iso(account.revoked_at) if account.revoked_at else 'active'}, created {iso(account.created_at)}"]
+    for name, value in (account.settings.to_json() if account.settings else {}).items():
+        lines.append(f"  {name}: {', '.join(value) if isinstance(value, list) else value}")
+    return "\n".join(lines)
+
+
 def _keys(args: argparse.Namespace) -> int:
+    from proxy.keys import KeySettings, SettingsError
+
+    try:
+        given = _flags(args)
+        settings = KeySettings.from_json(given) if given and args.action == "create" else None
+    except SettingsError as exc:
+        print(f"turnstile: {exc}", file=sys.stderr)
+        return 2
+
     async def work(store: Any) -> int:
         if args.action == "create":
-            account, key = await store.create(args.name, args.balance)
-            print(f"Created account {account.id} ({account.name}), balance ${account.balance:.2f}.")
+            account, key = await store.create(args.name, args.balance, settings)
+            print(f"Created account {account.id} ({account.name}), balance ${account.balance:g}.")
             print("API key (shown only this once):")
             print(key)
+        elif args.action in ("show", "update"):
+            account = await store.account(args.id)
+            if account is None:
+                print(f"turnstile: no account {args.id}", file=sys.stderr)
+                return 1
+            if args.action == "update":
+                try:
+                    merged = (account.settings or KeySettings()).merged(given)
+                except SettingsError as exc:
+                    print(f"turnstile: {exc}", file=sys.stderr)
+                    return 2
+                await store.update(args.id, args.name, merged)
+                account = await store.account(args.id)
+            print(_show(account))
         elif args.action == "list":
             print(f"{'ID':>4}  {'NAME':<24} {'KEY':<10} {'BALANCE USD':>14}  STATUS")
             for a in await store.accounts():
@@ -83,7 +142,7 @@ def _keys(args: argparse.Namespace) -> int:
             if not await store.set_balance(args.id, args.usd):
                 print(f"turnstile: no account {args.id}", file=sys.stderr)
                 return 1
-            print(f"Account {args.id}: balance set to ${float(args.usd):.2f}.")
+            print(f"Account {args.id}: balance set to ${args.usd}.")
         elif args.action == "revoke":
             if not await store.revoke(args.id):
                 print(f"turnstile: no active account {args.id}", file=sys.stderr)
@@ -134,6 +193,11 @@ def _copy(args: argparse.Namespace) -> int:
     """`turnstile store copy FROM TO`: every account (with its key hash, so keys go on working),
     the ledger and the installation's secret, into a store that holds nothing yet."""
     from proxy import store
+
+    path = store.sqlite_path(args.source)
+    if path is not None and not os.path.exists(path):  # a mistyped path is not an empty store
+        print(f"turnstile: no key database at {os.path.abspath(path)}", file=sys.stderr)
+        return 1
 
     async def go() -> int:
         source = store.open_store(_settings(args, args.source))  # type: ignore[arg-type]
@@ -188,6 +252,22 @@ def parser() -> argparse.ArgumentParser:
     create = actions.add_parser("create", help="create an account and print its key once")
     create.add_argument("--name", required=True)
     create.add_argument("--balance", type=_usd, default="0", help="starting balance in USD (default 0)")
+    show = actions.add_parser("show", help="an account's balance and settings")
+    show.add_argument("id", type=int)
+    update = actions.add_parser("update", help="change an account's name or settings (the flags of create)")
+    update.add_argument("id", type=int)
+    update.add_argument("--name")
+    for parser_ in (create, update):
+        parser_.add_argument("--rpm", type=int, help="requests per minute (0 clears)")
+        parser_.add_argument("--tpm", type=int, help="tokens per minute, counted from usage (0 clears)")
+        parser_.add_argument("--concurrency", type=int, help="requests in flight at once (0 clears)")
+        parser_.add_argument("--budget", action="append", metavar="USD/WINDOW",
+                             help="e.g. 5/day, 100/month (calendar, UTC) or 1/24h (sliding); repeat for more; '' clears")
+        parser_.add_argument("--allow", action="append", metavar="PATTERN", help="only models matching, e.g. 'anthropic/*'")
+        parser_.add_argument("--deny", action="append", metavar="PATTERN", help="never models matching")
+        parser_.add_argument("--expires", metavar="TIME", help="e.g. 2027-01-01T00:00:00Z ('' clears)")
+        parser_.add_argument("--owner")
+        parser_.add_argument("--tag", action="append", metavar="NAME=VALUE", help="e.g. team=search; repeat for more")
     actions.add_parser("list", help="list accounts (keys are never shown)")
     balance = actions.add_parser("set-balance", help="set an account's balance in USD")
     balance.add_argument("id", type=int)
@@ -208,13 +288,13 @@ def parser() -> argparse.ArgumentParser:
     usage.add_argument("--db", help="the store: a SQLite file or a store URL (default: TURNSTILE_STORE_URL, else the config's)")
     usage.add_argument("--account", type=int, help="only this account")
     usage.add_argument("--since", help="only requests from this date on (YYYY-MM-DD, UTC)")
-    usage.add_argument("--by", choices=("model", "account", "day"), default="model")
+    usage.add_argument("--by", choices=("model", "account", "day", "tag"), default="model")
     usage.add_argument("--json", action="store_true", help="JSON rows instead of a table")
     usage.set_defaults(run=_usage)
 
     stores = sub.add_parser("store", help="the store of keys, balances and the ledger")
     store_actions = stores.add_subparsers(dest="action", required=True)
-    copy = store_actions.add_parser("copy", help="copy a store (a SQLite file) into another, empty one (PostgreSQL)")
+    copy = store_actions.add_parser("copy", help="copy a whole store into another, empty one (SQLite into PostgreSQL, or back)")
     copy.add_argument("source", metavar="FROM", help="a SQLite file or a store URL")
     copy.add_argument("target", metavar="TO", help="a store URL, e.g. postgresql://turnstile@db/turnstile "
                       "(the password from TURNSTILE_STORE_PASSWORD)")

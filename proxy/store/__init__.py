@@ -18,6 +18,7 @@ import contextlib
 import datetime as dt
 import hashlib
 import os
+import re
 import time
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Mapping, NamedTuple
@@ -27,7 +28,7 @@ from aiohttp import web
 
 from proxy.config import ConfigError
 from proxy.errors import GatewayError
-from proxy.keys import Account, hash_key
+from proxy.keys import Account, KeySettings, dump_settings, hash_key, load_settings, new_key, to_micros
 from proxy.store import journal
 
 log = structlog.get_logger("turnstile.store")
@@ -99,7 +100,12 @@ class Row(NamedTuple):
 
 
 COLUMNS = list(Row._fields)
-ACCOUNT_COLUMNS = ["id", "name", "key_hash", "key_hint", "balance_micros", "created_at", "revoked_at"]
+ACCOUNT_COLUMNS = ["id", "name", "key_hash", "key_hint", "balance_micros", "created_at", "revoked_at", "settings"]
+_ACCOUNT = "SELECT id, name, balance_micros, created_at, revoked_at, key_hint, settings FROM accounts"
+
+
+def _account(row: Any) -> Account:
+    return Account(row[0], row[1], row[2], row[3], row[4], row[5], load_settings(row[6]))
 
 
 def ip_hash(secret: bytes, ip: str) -> str:
@@ -127,6 +133,7 @@ class StoreSettings:
     password: str = ""  # PostgreSQL's, from the environment
     pool_size: int = 10
     hold_ttl: float = 3600.0
+    connect_wait: float = 30.0  # seconds a gateway waits at start-up for a PostgreSQL that is not up yet
 
 
 class Store:
@@ -144,6 +151,7 @@ class Store:
         self.journal: journal.Journal | None = None
         self.is_open = False
         self._checked = 0.0
+        self._rechecking: asyncio.Future[None] | None = None
 
     def describe(self) -> str:
         raise NotImplementedError
@@ -171,12 +179,28 @@ class Store:
     def lookup(self, key: str) -> Account | None:
         return self._by_hash.get(hash_key(key))
 
-    async def recheck(self) -> bool:
-        """An unknown key may have been made a moment ago: look again, at most ten times a second."""
-        if time.monotonic() - self._checked < 0.1 or not self.is_open:
-            return False
+    async def recheck(self) -> None:
+        """An unknown key may have been made a moment ago: look again. Every request that asks while
+        a look is due or under way waits for that one; there are at most ten a second."""
+        if not self.is_open:
+            return
+        pending = self._rechecking
+        if pending is None:
+            pending = self._rechecking = asyncio.ensure_future(self._recheck())
+            pending.add_done_callback(self._rechecked)
+        await asyncio.shield(pending)
+
+    async def _recheck(self) -> None:
+        wait = 0.1 - (time.monotonic() - self._checked)
+        if wait > 0:
+            await asyncio.sleep(wait)
         async with self.lock:
-            return await self.refresh()
+            await self.refresh()
+
+    def _rechecked(self, done: asyncio.Future[None]) -> None:
+        self._rechecking = None
+        if not done.cancelled() and done.exception() is not None:
+            log.warning("keys_reload_failed", error=type(done.exception()).__name__)
 
     async def refresh(self) -> bool:
         """Reloads the keys if the store changed; the caller holds `lock`."""
@@ -307,46 +331,113 @@ class Store:
 
     day = ""  # the SQL of a row's day (UTC), YYYY-MM-DD
 
-    async def usage(self, by: str = "model", account: int | None = None, start: float | None = None) -> list[dict[str, Any]]:
-        """Requests, tokens and cost grouped by model, account or day (UTC), dearest first."""
-        group = {"model": "model", "account": "COALESCE(CAST(account_id AS TEXT), 'anonymous')", "day": self.day}[by]
+    async def usage(self, by: str = "model", account: int | None = None, start: float | None = None,
+                    end: float | None = None, limit: int | None = None, offset: int = 0) -> list[dict[str, Any]]:
+        """Requests, tokens and cost grouped by model, account, day (UTC) or tag (`team=search`: a
+        request counts once under each tag its key has), dearest first."""
+        group = {"model": "model", "account": "COALESCE(CAST(ledger.account_id AS TEXT), 'anonymous')",
+                 "day": self.day, "tag": "key_tags.tag"}[by]
+        join = " JOIN key_tags ON key_tags.account_id = ledger.account_id" if by == "tag" else ""
         where, args = [], []
-        if account is not None:
-            where.append("account_id = ?")
-            args.append(account)
-        if start is not None:
-            where.append("created_at >= ?")
-            args.append(start)
+        for clause, value in (("ledger.account_id = ?", account), ("ledger.created_at >= ?", start),
+                              ("ledger.created_at < ?", end)):
+            if value is not None:
+                where.append(clause)
+                args.append(value)
+        page = f" LIMIT {int(limit)} OFFSET {int(offset)}" if limit else ""
         found = await self._select(
             f"SELECT {group} AS k, COUNT(*), SUM(prompt_tokens), SUM(completion_tokens), SUM(cached_tokens), "
-            f"SUM(cost_micros), SUM(CASE WHEN estimated THEN 1 ELSE 0 END) FROM ledger "
-            f"{'WHERE ' + ' AND '.join(where) if where else ''} GROUP BY k ORDER BY SUM(cost_micros) DESC, k", *args)
+            f"SUM(cost_micros), SUM(CASE WHEN estimated THEN 1 ELSE 0 END) FROM ledger{join} "
+            f"{'WHERE ' + ' AND '.join(where) if where else ''} GROUP BY k ORDER BY SUM(cost_micros) DESC, k{page}", *args)
         return [
             {by: k, "requests": int(n), "prompt_tokens": int(p or 0), "completion_tokens": int(c or 0),
              "cached_tokens": int(ca or 0), "cost_usd": int(cost or 0) / 1_000_000, "estimated": int(e or 0)}
             for k, n, p, c, ca, cost, e in found
         ]
 
-    # Accounts, for the `turnstile keys` command.
-    async def create(self, name: str, balance_usd: str = "0") -> tuple[Account, str]:
-        """A new account and its key; the key is returned once and never stored."""
+    # Accounts: the `turnstile keys` command and the admin API.
+    touch = ""  # SQL that marks an account's row changed, for other instances' reloads (PostgreSQL)
+    held_sql = "0"  # SQL of what an account's requests in flight hold, when the database holds it (PostgreSQL)
+
+    async def _execute(self, statements: list[tuple[str, tuple[Any, ...]]]) -> list[int]:
+        """Writes, `?` placeholders, in one transaction: each statement's row count."""
         raise NotImplementedError
 
-    async def accounts(self) -> list[Account]:
-        rows = await self._select("SELECT id, name, balance_micros, created_at, revoked_at, key_hint FROM accounts ORDER BY id")
-        return [Account(*row) for row in rows]
+    async def _insert_account(self, values: tuple[Any, ...]) -> int:
+        """INSERT of (name, key_hash, key_hint, balance_micros, created_at, settings): the new id."""
+        raise NotImplementedError
+
+    @staticmethod
+    def _tags(account_id: int, settings: KeySettings | None) -> list[tuple[str, tuple[Any, ...]]]:
+        """The account's tags as rows of `key_tags` (`team=search`), which `usage --by tag` joins."""
+        statements: list[tuple[str, tuple[Any, ...]]] = [("DELETE FROM key_tags WHERE account_id = ?", (account_id,))]
+        for name, value in (settings.tags if settings is not None else {}).items():
+            statements.append(("INSERT INTO key_tags (account_id, tag) VALUES (?, ?)", (account_id, f"{name}={value}")))
+        return statements
+
+    async def create(self, name: str, balance_usd: str = "0", settings: KeySettings | None = None) -> tuple[Account, str]:
+        """A new account and its key; the key is returned once and never stored."""
+        key, digest, hint = new_key()
+        now, micros = time.time(), to_micros(balance_usd)
+        settings = None if settings is None or settings.empty() else settings
+        account_id = await self._insert_account((name, digest, hint, micros, now, dump_settings(settings)))
+        if settings is not None and settings.tags:
+            await self._execute(self._tags(account_id, settings))
+        return Account(account_id, name, micros, now, None, hint, settings), key
+
+    async def account(self, account_id: int) -> Account | None:
+        found = await self._select(_ACCOUNT + " WHERE id = ?", account_id)
+        return _account(found[0]) if found else None
+
+    async def accounts(self, limit: int | None = None, after: int = 0) -> list[Account]:
+        """By id, from the one after `after`; all of them without `limit`."""
+        rows = await self._select(_ACCOUNT + " WHERE id > ? ORDER BY id" + (f" LIMIT {int(limit)}" if limit else ""), after)
+        return [_account(row) for row in rows]
+
+    async def update(self, account_id: int, name: str | None = None, settings: KeySettings | None = None) -> bool:
+        """A new name and/or new settings (the whole of them: merge with `KeySettings.merged` first)."""
+        statements: list[tuple[str, tuple[Any, ...]]] = []
+        if name is not None:
+            statements.append((f"UPDATE accounts SET name = ?{self.touch} WHERE id = ?", (name, account_id)))
+        if settings is not None:
+            kept = None if settings.empty() else settings
+            statements.append((f"UPDATE accounts SET settings = ?{self.touch} WHERE id = ?", (dump_settings(kept), account_id)))
+            statements += self._tags(account_id, kept)
+        if not statements:
+            return await self.account(account_id) is not None
+        return (await self._execute(statements))[0] == 1
 
     async def set_balance(self, account_id: int, usd: str) -> bool:
-        raise NotImplementedError
+        # Less what requests in flight hold in the database: given back as they end, it would add up.
+        done = await self._execute([(f"UPDATE accounts SET balance_micros = ? - {self.held_sql}{self.touch} WHERE id = ?",
+                                     (to_micros(usd), account_id))])
+        return done[0] == 1
+
+    async def top_up(self, account_id: int, usd: str) -> bool:
+        """Adds to the balance (or takes off, for a negative amount), in the database."""
+        done = await self._execute([(f"UPDATE accounts SET balance_micros = balance_micros + ?{self.touch} WHERE id = ?",
+                                     (to_micros(usd), account_id))])
+        return done[0] == 1
 
     async def revoke(self, account_id: int) -> bool:
-        raise NotImplementedError
+        done = await self._execute([(f"UPDATE accounts SET revoked_at = ?{self.touch} WHERE id = ? AND revoked_at IS NULL",
+                                     (time.time(), account_id))])
+        return done[0] == 1
+
+    async def oldest(self, account_id: int, start: float) -> float | None:
+        """The time of the account's first spending since `start` (when a sliding budget frees up)."""
+        found = await self._select("SELECT MIN(created_at) FROM ledger WHERE account_id = ? AND created_at >= ? "
+                                   "AND cost_micros > 0", account_id, start)
+        return found[0][0] if found and found[0][0] is not None else None
 
     # `turnstile store copy`.
     async def dump(self) -> AsyncIterator[tuple[str, list[tuple[Any, ...]]]]:
         """("meta" | "accounts" | "ledger", rows) in batches, accounts with their key hashes."""
         yield "meta", [tuple(r) for r in await self._select("SELECT key, value FROM meta WHERE key = 'ip_secret'")]
-        yield "accounts", [tuple(r) for r in await self._select(f"SELECT {', '.join(ACCOUNT_COLUMNS)} FROM accounts ORDER BY id")]
+        # Balances with what requests in flight hold added back: the copy has no reservations.
+        columns = ", ".join(f"balance_micros + {self.held_sql}" if c == "balance_micros" else c for c in ACCOUNT_COLUMNS)
+        yield "accounts", [tuple(r) for r in await self._select(f"SELECT {columns} FROM accounts ORDER BY id")]
+        yield "key_tags", [tuple(r) for r in await self._select("SELECT account_id, tag FROM key_tags")]
         last = ""
         while True:
             rows = await self._select(f"SELECT {', '.join(COLUMNS)} FROM ledger WHERE request_id > ? "
@@ -479,12 +570,9 @@ def is_postgres(url: str) -> bool:
 
 
 def redacted(url: str) -> str:
-    """The URL as it may be shown: a password in it replaced by ***."""
-    scheme, sep, rest = url.partition("://")
-    auth, at, host = rest.rpartition("@")
-    if not sep or not at or ":" not in auth:
-        return url
-    return f"{scheme}://{auth.split(':', 1)[0]}:***@{host}"
+    """The URL (or a message quoting it) as it may be shown: a password in it replaced by ***."""
+    url = re.sub(r"(?i)(password=)[^&\s]*", r"\1***", url)
+    return re.sub(r"(://[^:/@\s]*:)[^@\s]*@", r"\1***@", url)
 
 
 def open_store(settings: StoreSettings) -> Store:

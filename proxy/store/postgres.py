@@ -27,7 +27,7 @@ from typing import Any, AsyncIterator
 import asyncpg
 import structlog
 
-from proxy.keys import Account, new_key, to_micros
+from proxy.keys import Account, invalid_key, load_settings
 from proxy.store import ACCOUNT_COLUMNS, COLUMNS, DatabaseError, Row, Store, StoreSettings, redacted, unavailable
 
 log = structlog.get_logger("turnstile.store")
@@ -81,7 +81,12 @@ CREATE INDEX IF NOT EXISTS holds_run ON holds (run);
 
 # As for SQLite: MIGRATIONS[n - 1] takes the schema from version n - 1 to n, recorded in
 # meta's `schema_version`. A new version is a new entry, never an edit of an old one.
-MIGRATIONS: list[str] = [_SCHEMA]
+_SETTINGS = """
+ALTER TABLE accounts ADD COLUMN IF NOT EXISTS settings TEXT NOT NULL DEFAULT '{}';
+CREATE TABLE IF NOT EXISTS key_tags (account_id BIGINT NOT NULL, tag TEXT NOT NULL, PRIMARY KEY (account_id, tag));
+CREATE INDEX IF NOT EXISTS ledger_created ON ledger (created_at);
+"""
+MIGRATIONS: list[str] = [_SCHEMA, _SETTINGS]
 SCHEMA_VERSION = len(MIGRATIONS)
 _MIGRATION_LOCK = 0x7475726E  # an advisory lock: one instance migrates, the others wait for it
 
@@ -138,20 +143,16 @@ _NEVER = -1.0  # a hold's created_at is never below it: no hold is swept
 SETTLE_SOON = 0.05  # seconds from a request's end to the write that gives its reservation back
 
 
-async def _keep(conn: asyncpg.Connection) -> None:
-    """A connection back in the pool as it is: asyncpg's default reset (a round trip of RESET ALL,
-    UNLISTEN, advisory unlocks) undoes session state this store never sets."""
-
-
 class PostgresStore(Store):
     backend = "postgresql"
-    errors = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, asyncio.TimeoutError)
+    errors = (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError, OSError, asyncio.TimeoutError)
     day = "to_char(to_timestamp(created_at) AT TIME ZONE 'UTC', 'YYYY-MM-DD')"
 
     def __init__(self, settings: StoreSettings) -> None:
         super().__init__(settings)
         self.pool: asyncpg.Pool | None = None
         self._by_id: dict[int, Account] = {}
+        self.down = False  # the last call failed: logged once, and once more when one succeeds
         self.released: list[str] = []  # request ids whose holds the next write gives back
         self.run = ""  # this process's journal run: its holds are named after it
         self._soon: asyncio.TimerHandle | None = None
@@ -172,19 +173,40 @@ class PostgresStore(Store):
         if self.pool is None:
             raise unavailable()
         try:
-            async with self.pool.acquire(timeout=10) as conn:
+            async with self.pool.acquire(timeout=5) as conn:
                 yield conn
         except self.errors as exc:
+            if not self.down:
+                self.down = True
+                log.error("store_unavailable", store=self.describe(), error=f"{type(exc).__name__}: {exc}"[:300])
             raise unavailable() from exc
+        if self.down:
+            self.down = False
+            log.warning("store_recovered", store=self.describe())
 
     async def open(self) -> None:
-        try:
-            self.pool = await asyncpg.create_pool(
-                self.settings.url, password=self.settings.password or None, min_size=1,
-                max_size=self.settings.pool_size, command_timeout=10, timeout=10, reset=_keep,
-            )
-        except (*self.errors, ValueError) as exc:
-            raise DatabaseError(f"cannot open the store {self.describe()}: {type(exc).__name__}: {exc}") from None
+        # A server still starting (compose, a pod beside its database) is waited for, a while;
+        # a refusal that waiting will not change (a wrong password, no such database) is not.
+        deadline = time.monotonic() + self.settings.connect_wait
+        while True:
+            try:
+                # min_size 0: no pool "floor" to restore, and no tracebacks logged, while the server is away.
+                self.pool = await asyncpg.create_pool(
+                    self.settings.url, password=self.settings.password or None, min_size=0,
+                    max_size=self.settings.pool_size, command_timeout=5, timeout=5,
+                )
+                async with self.pool.acquire(timeout=5):
+                    pass
+                break
+            except (*self.errors, ValueError) as exc:
+                if self.pool is not None:
+                    await self.close()
+                waiting = isinstance(exc, (OSError, asyncio.TimeoutError, asyncpg.CannotConnectNowError))
+                if not waiting or time.monotonic() > deadline:
+                    raise DatabaseError(f"cannot open the store {self.describe()}: {type(exc).__name__}: "
+                                        f"{redacted(str(exc))}") from None
+                log.warning("store_waiting", store=self.describe(), error=type(exc).__name__)
+                await asyncio.sleep(1)
         try:
             await self._migrate()
             async with self._conn() as conn:
@@ -233,17 +255,19 @@ class PostgresStore(Store):
     # Keys.
     async def _refresh(self) -> bool:
         async with self._conn() as conn:
-            rows = await conn.fetch("SELECT key_hash, id, name, balance_micros, created_at, key_hint, revoked_at, revision "
-                                    "FROM accounts WHERE revision > $1", self._floor)
+            rows = await conn.fetch("SELECT key_hash, id, name, balance_micros, created_at, key_hint, revoked_at, revision, "
+                                    "settings FROM accounts WHERE revision > $1", self._floor)
         changed = False
-        for digest, id_, name, balance, created, hint, revoked, _ in rows:
+        for digest, id_, name, balance, created, hint, revoked, _, settings in rows:
             known = self._by_hash.get(digest)
             if revoked is not None:
                 changed |= self._by_hash.pop(digest, None) is not None
                 self._by_id.pop(id_, None)
-            elif known is None or known.name != name or known.balance_micros != balance:
-                self._by_hash[digest] = self._by_id[id_] = Account(id_, name, balance, created, None, hint)
-                changed = True
+            else:
+                account = Account(id_, name, balance, created, None, hint, load_settings(settings))
+                if account != known:
+                    self._by_hash[digest] = self._by_id[id_] = account
+                    changed = True
         # Each row is read by two reloads in a row: a change that took its revision before one
         # already seen, but committed after it, is read by the next.
         self._floor, self._top = self._top, max((r[7] for r in rows), default=self._top)
@@ -255,6 +279,17 @@ class PostgresStore(Store):
         self.run = self.journal.run
 
     async def reserve(self, account_id: int, request_id: str, micros: int) -> int | None:
+        # Shielded: a client that leaves while the statement runs must not leave its hold behind
+        # (committed, but never given back). Its reservation is given back once it is known.
+        done = asyncio.ensure_future(self._reserve_or_settle(account_id, request_id, micros))
+        try:
+            return await asyncio.shield(done)
+        except asyncio.CancelledError:
+            done.add_done_callback(lambda f: f.cancelled() or f.exception() is not None or f.result() is None
+                                   or self.release(account_id, request_id, 0))
+            raise
+
+    async def _reserve_or_settle(self, account_id: int, request_id: str, micros: int) -> int | None:
         amount = await self._reserve(account_id, request_id, micros)
         if amount is None and self.released:
             # Requests of this process that ended still hold their reservations until the next
@@ -292,9 +327,9 @@ class PostgresStore(Store):
         await self._settle_now()
         async with self._conn() as conn:
             row = await conn.fetchrow("SELECT balance_micros, (SELECT COALESCE(SUM(micros), 0) FROM holds "
-                                      "WHERE account_id = $1) FROM accounts WHERE id = $1", account_id)
-        if row is None:
-            return 0, 0
+                                      "WHERE account_id = $1), revoked_at FROM accounts WHERE id = $1", account_id)
+        if row is None or row[2] is not None:  # revoked on another instance a moment ago
+            raise invalid_key()
         self._balance(account_id, row[0])
         return int(row[0]), int(row[1])
 
@@ -354,25 +389,22 @@ class PostgresStore(Store):
             return list(await conn.fetch(_numbered(sql), *args))
 
     # Accounts.
-    async def create(self, name: str, balance_usd: str = "0") -> tuple[Account, str]:
-        key, digest, hint = new_key()
-        now, micros = time.time(), to_micros(balance_usd)
-        async with self._conn() as conn:
-            account_id = await conn.fetchval("INSERT INTO accounts (name, key_hash, key_hint, balance_micros, created_at) "
-                                             "VALUES ($1, $2, $3, $4, $5) RETURNING id", name, digest, hint, micros, now)
-        return Account(int(account_id), name, micros, now, None, hint), key
+    touch = ", revision = nextval('account_revisions')"
+    held_sql = "(SELECT COALESCE(SUM(micros), 0) FROM holds WHERE holds.account_id = accounts.id)"
 
-    async def set_balance(self, account_id: int, usd: str) -> bool:
+    async def _execute(self, statements: list[tuple[str, tuple[Any, ...]]]) -> list[int]:
+        counts = []
         async with self._conn() as conn:
-            done = await conn.execute("UPDATE accounts SET balance_micros = $2, revision = nextval('account_revisions') "
-                                      "WHERE id = $1", account_id, to_micros(usd))
-        return bool(done == "UPDATE 1")
+            async with conn.transaction():
+                for sql, args in statements:
+                    done = await conn.execute(_numbered(sql), *args)
+                    counts.append(int(done.rsplit(" ", 1)[-1]))
+        return counts
 
-    async def revoke(self, account_id: int) -> bool:
+    async def _insert_account(self, values: tuple[Any, ...]) -> int:
         async with self._conn() as conn:
-            done = await conn.execute("UPDATE accounts SET revoked_at = $2, revision = nextval('account_revisions') "
-                                      "WHERE id = $1 AND revoked_at IS NULL", account_id, time.time())
-        return bool(done == "UPDATE 1")
+            return int(await conn.fetchval("INSERT INTO accounts (name, key_hash, key_hint, balance_micros, created_at, "
+                                           "settings) VALUES ($1, $2, $3, $4, $5, $6) RETURNING id", *values))
 
     # Copying.
     async def load(self, table: str, rows: list[tuple[Any, ...]]) -> None:
@@ -383,7 +415,7 @@ class PostgresStore(Store):
                                            "DO UPDATE SET value = EXCLUDED.value",
                                            [r for r in rows if r[0] != "schema_version"])
                     return
-                columns = ACCOUNT_COLUMNS if table == "accounts" else COLUMNS
+                columns = {"accounts": ACCOUNT_COLUMNS, "ledger": COLUMNS, "key_tags": ["account_id", "tag"]}[table]
                 if table == "ledger":
                     rows = [tuple(Row.read(r)) for r in rows]
                 await conn.copy_records_to_table(table, records=rows, columns=columns)

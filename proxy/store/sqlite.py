@@ -20,7 +20,7 @@ from typing import Any
 
 import structlog
 
-from proxy.keys import Account, new_key, to_micros
+from proxy.keys import Account, load_settings
 from proxy.store import ACCOUNT_COLUMNS, COLUMNS, DatabaseError, Row, Store, StoreSettings, unavailable
 
 log = structlog.get_logger("turnstile.store")
@@ -68,7 +68,12 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 # `user_version`). Version 1 is the schema above, which databases made before versions were kept
 # already have (every statement of it is IF NOT EXISTS). A new version is a new entry, never an
 # edit of an old one.
-MIGRATIONS: list[str] = [_SCHEMA]
+_SETTINGS = """
+ALTER TABLE accounts ADD COLUMN settings TEXT NOT NULL DEFAULT '{}';
+CREATE TABLE IF NOT EXISTS key_tags (account_id INTEGER NOT NULL, tag TEXT NOT NULL, PRIMARY KEY (account_id, tag));
+CREATE INDEX IF NOT EXISTS ledger_created ON ledger (created_at);
+"""
+MIGRATIONS: list[str] = [_SCHEMA, _SETTINGS]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -294,9 +299,10 @@ class SQLiteStore(Store):
                 return None
             self._version = version
             rows = self._keys.execute(
-                "SELECT key_hash, id, name, balance_micros, created_at, key_hint FROM accounts WHERE revoked_at IS NULL"
+                "SELECT key_hash, id, name, balance_micros, created_at, key_hint, settings FROM accounts "
+                "WHERE revoked_at IS NULL"
             ).fetchall()
-        return [(r[0], Account(r[1], r[2], r[3], r[4], None, r[5])) for r in rows]
+        return [(r[0], Account(r[1], r[2], r[3], r[4], None, r[5], load_settings(r[6]))) for r in rows]
 
     def _install(self, rows: list[tuple[str, Account]]) -> None:
         for _, account in rows:
@@ -368,29 +374,21 @@ class SQLiteStore(Store):
 
     # Reports.
     # Accounts.
-    async def create(self, name: str, balance_usd: str = "0") -> tuple[Account, str]:
-        key, digest, hint = new_key()
-        now, micros = time.time(), to_micros(balance_usd)
+    async def _execute(self, statements: list[tuple[str, tuple[Any, ...]]]) -> list[int]:
+        assert self._db is not None
+        return list(await self._run(_transaction, self._db,
+                                    lambda db: [db.execute(sql, args).rowcount for sql, args in statements]))
+
+    async def _insert_account(self, values: tuple[Any, ...]) -> int:
         assert self._db is not None
         cur = await self._run(self._db.execute, "INSERT INTO accounts (name, key_hash, key_hint, balance_micros, "
-                              "created_at) VALUES (?, ?, ?, ?, ?)", (name, digest, hint, micros, now))
-        return Account(int(cur.lastrowid or 0), name, micros, now, None, hint), key
-
-    async def set_balance(self, account_id: int, usd: str) -> bool:
-        assert self._db is not None
-        cur = await self._run(self._db.execute, "UPDATE accounts SET balance_micros = ? WHERE id = ?",
-                              (to_micros(usd), account_id))
-        return bool(cur.rowcount == 1)
-
-    async def revoke(self, account_id: int) -> bool:
-        assert self._db is not None
-        cur = await self._run(self._db.execute, "UPDATE accounts SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL",
-                              (time.time(), account_id))
-        return bool(cur.rowcount == 1)
+                              "created_at, settings) VALUES (?, ?, ?, ?, ?, ?)", values)
+        return int(cur.lastrowid or 0)
 
     # Copying.
     async def load(self, table: str, rows: list[tuple[Any, ...]]) -> None:
-        columns = {"meta": ["key", "value"], "accounts": ACCOUNT_COLUMNS, "ledger": COLUMNS}[table]
+        columns = {"meta": ["key", "value"], "accounts": ACCOUNT_COLUMNS, "ledger": COLUMNS,
+                   "key_tags": ["account_id", "tag"]}[table]
         sql = (f"INSERT OR REPLACE INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})")
         assert self._db is not None
         await self._run(_transaction, self._db, lambda db: db.executemany(sql, rows))
