@@ -4,6 +4,8 @@ key is its account; anything else is 401 `invalid_api_key`. Writes ctx.account.
 
 from __future__ import annotations
 
+import time
+
 from aiohttp import web
 
 from proxy.context import Context
@@ -22,7 +24,7 @@ class Auth:
             if account is None:
                 await self.store.recheck()
                 account = self.store.lookup(token)
-            if account is None:
-                raise invalid_key()
+            if account is None or (account.settings is not None and account.expired(time.time())):
+                raise invalid_key()  # an expired key is refused as a revoked one is
             ctx.account = account
         return await call_next(ctx)

@@ -23,7 +23,9 @@ from proxy.dialects import messages
 from proxy.handlers import ChatHandler, MessagesHandler, ModelsHandler, ResponsesHandler, healthz
 from proxy.outcome import Outcome, Recorder
 from proxy.health import Readiness
+from plugins.keylimits import KeyLimits
 from proxy import store as stores
+from proxy.admin import TOKEN_ENV as ADMIN_TOKEN_ENV, AdminAPI
 from proxy.store import Store
 from proxy.metrics import Metrics
 from proxy.pipeline import compose
@@ -147,7 +149,8 @@ def create_app(config: Config, env: Mapping[str, str] = os.environ) -> web.Appli
     openai_responses = ResponsesHandler(catalog, client_ip, pipeline, config.server.max_body_bytes, config.server.body_timeout)
     models = ModelsHandler(catalog)
     advertised = [s.advertised for s in stages if isinstance(getattr(s, "advertised", None), AdvertisedLimit)]
-    account = AccountHandlers(store, advertised[0] if advertised else NO_LIMIT)
+    keylimits = next((s for s in stages if isinstance(s, KeyLimits)), None)
+    account = AccountHandlers(store, advertised[0] if advertised else NO_LIMIT, keylimits)
     metrics = Metrics(env.get(config.metrics.token_env, "") if config.metrics.token_env else "") if config.metrics.enabled else None
     forwarder.metrics = metrics
     if metrics is not None:
@@ -173,6 +176,7 @@ def create_app(config: Config, env: Mapping[str, str] = os.environ) -> web.Appli
     expect = expect_within(config.server.max_body_bytes)
     chat_endpoint, models_endpoint = endpoint(chat.__call__, "chat"), endpoint(models.__call__, "models")
     key_endpoint, generation_endpoint = endpoint(account.key, "key"), endpoint(account.generation, "generation")
+    usage_endpoint = endpoint(account.usage, "usage")
     messages_endpoint = endpoint(anthropic.__call__, "messages", render=messages.render)
     count_endpoint = endpoint(anthropic.count_tokens, "count_tokens", render=messages.render)
     responses_endpoint = endpoint(openai_responses.__call__, "responses")
@@ -185,6 +189,7 @@ def create_app(config: Config, env: Mapping[str, str] = os.environ) -> web.Appli
         app.router.add_get(base + "/key", key_endpoint)
         app.router.add_get(base + "/auth/key", key_endpoint)
         app.router.add_get(base + "/generation", generation_endpoint)
+        app.router.add_get(base + "/usage", usage_endpoint)
         app.router.add_route("HEAD", base, probe)
     # Anthropic's clients add `/v1/messages` to their base URL, the Kilo CLI `/messages`: both, under each.
     for prefix in dict.fromkeys(p for base in BASES for p in (base, base + "/v1")):
@@ -194,6 +199,8 @@ def create_app(config: Config, env: Mapping[str, str] = os.environ) -> web.Appli
     app.router.add_get("/readyz", endpoint(ready.handler, "readyz"))
     if metrics is not None:
         app.router.add_get("/metrics", endpoint(metrics.handler, "metrics"))
+    admin = AdminAPI(store, env.get(ADMIN_TOKEN_ENV, ""))
+    admin.routes(lambda method, path, handler, route: app.router.add_route(method, path, endpoint(handler, route)))
     app.router.add_route("*", "/{tail:.*}", endpoint(Fallback(app).__call__, "unknown"))
     app[CATALOG] = catalog
     app[STORE] = store

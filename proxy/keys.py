@@ -72,6 +72,10 @@ class Account:
     key_hint: str = ""
     settings: KeySettings | None = None  # None: nothing set
 
+    def expired(self, now: float) -> bool:
+        settings = self.settings
+        return settings is not None and settings.expires_at is not None and now >= settings.expires_at
+
     @property
     def balance(self) -> float:
         """USD, for display only: arithmetic stays in integer micro-dollars."""

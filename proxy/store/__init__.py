@@ -408,7 +408,10 @@ class Store:
         return (await self._execute(statements))[0] == 1
 
     async def set_balance(self, account_id: int, usd: str) -> bool:
-        # Less what requests in flight hold in the database: given back as they end, it would add up.
+        # What ended before is written first (its cost is not taken off the new balance later), and
+        # what requests in flight hold in the database is taken off (given back as they end, it
+        # would add up).
+        await self.flush()
         done = await self._execute([(f"UPDATE accounts SET balance_micros = ? - {self.held_sql}{self.touch} WHERE id = ?",
                                      (to_micros(usd), account_id))])
         return done[0] == 1
