@@ -62,16 +62,22 @@ class KeyLimits:
                                code="model_not_allowed", param="model")
         if settings.budgets and not ctx.model.free:
             await self._budgets(ctx, account, settings)
-        try:
+        if settings.rpm is None and settings.tpm is None and settings.concurrency is None:
+            return await call_next(ctx)
+        if self.shared is not None and self.shared.down:  # known down: no request waits on it
+            self.shared.let_through()
+            return await call_next(ctx)
+        try:  # the checks only: what the request itself raises later is not the storage's
             if settings.rpm is not None:
                 await self._requests(ctx, account.id, settings.rpm)
             if settings.tpm is not None:
                 await self._tokens_left(ctx, account.id, settings.tpm)
-            if settings.concurrency is None:
-                return await self._counted(ctx, call_next, account.id, settings.tpm)
-            await self._enter(account.id, settings.concurrency)
+            if settings.concurrency is not None:
+                await self._enter(account.id, settings.concurrency)
         except (self.shared.errors if self.shared is not None else ()) as exc:
             return await self._unchecked(ctx, call_next, exc)
+        if settings.concurrency is None:
+            return await self._counted(ctx, call_next, account.id, settings.tpm)
         try:
             return await self._counted(ctx, call_next, account.id, settings.tpm)
         finally:
@@ -196,9 +202,5 @@ class KeyLimits:
     async def _unchecked(self, ctx: Context, call_next: Next, exc: BaseException) -> web.StreamResponse:
         assert self.shared is not None
         self.shared.failed(exc)
-        if not self.shared.fail_open:
-            raise GatewayError(503, "rate_limit_storage_unavailable",
-                               "Rate limits cannot be checked right now; please try again shortly.",
-                               headers={"Retry-After": "1"})
-        self.shared.unchecked += 1
+        self.shared.let_through()
         return await call_next(ctx)

@@ -16,6 +16,7 @@ from limits.errors import ConfigurationError
 from limits.storage import storage_from_string
 
 from proxy.config import ConfigError, Limits
+from proxy.errors import GatewayError
 
 log = structlog.get_logger("turnstile.limits")
 
@@ -165,6 +166,15 @@ class SharedStorage:
         self._since = 0.0
         self._probe: asyncio.Task[None] | None = None
         self._script = _moving_window_scripts(storage)
+
+    def let_through(self) -> None:
+        """While it is down: a limited request is refused (503), or counted and let through
+        unchecked when the operator chose so (`fail_open`)."""
+        if not self.fail_open:
+            raise GatewayError(503, "rate_limit_storage_unavailable",
+                               "Rate limits cannot be checked right now; please try again shortly.",
+                               headers={"Retry-After": "1"})
+        self.unchecked += 1
 
     def failed(self, exc: BaseException) -> None:
         if self.down:
