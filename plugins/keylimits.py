@@ -26,7 +26,7 @@ from plugins.freegate import most
 from proxy.config import UpstreamSettings
 from proxy.context import Context
 from proxy.errors import GatewayError
-from proxy.keys import Account, KeySettings, iso
+from proxy.keys import Account, KeySettings, iso, usd_text
 from proxy.limitstore import SharedStorage
 from proxy.pipeline import Next
 from proxy.store import Store
@@ -46,6 +46,7 @@ class KeyLimits:
         self.requests = MovingWindowRateLimiter(storage)
         self.tokens = SlidingWindowCounterRateLimiter(storage)
         self.in_flight: dict[int, int] = {}  # per key, in this process (memory storage)
+        self.budget_held: dict[int, int] = {}  # per key: the most its requests in flight here may still cost
         self._tasks: set[asyncio.Task[object]] = set()
         self._namespace = ""
         if workers > 1 and shared is None:
@@ -60,21 +61,40 @@ class KeyLimits:
         if (settings.allow or settings.deny) and not settings.allows(ctx.model.id):
             raise GatewayError(403, "model_not_allowed", f"This key may not use the model {ctx.model.id}.",
                                code="model_not_allowed", param="model")
+        held = 0
         if settings.budgets and not ctx.model.free:
-            await self._budgets(ctx, account, settings)
+            held = await self._budgets(ctx, account, settings)
+        try:
+            return await self._limited(ctx, call_next, account, settings)
+        finally:
+            if held:
+                self._release_budget(account.id, held)
+
+    async def _limited(self, ctx: Context, call_next: Next, account: Account, settings: KeySettings) -> web.StreamResponse:
         if settings.rpm is None and settings.tpm is None and settings.concurrency is None:
             return await call_next(ctx)
         if self.shared is not None and self.shared.down:  # known down: no request waits on it
             self.shared.let_through()
             return await call_next(ctx)
-        try:  # the checks only: what the request itself raises later is not the storage's
-            if settings.rpm is not None:
-                await self._requests(ctx, account.id, settings.rpm)
+        # The checks only (what the request itself raises later is not the storage's), the one
+        # that counts a request last: a request refused for its tokens or its concurrency does
+        # not use up one of its minute's requests.
+        entered = False
+        try:
             if settings.tpm is not None:
                 await self._tokens_left(ctx, account.id, settings.tpm)
             if settings.concurrency is not None:
                 await self._enter(account.id, settings.concurrency)
+                entered = True
+            if settings.rpm is not None:
+                await self._requests(ctx, account.id, settings.rpm)
+        except GatewayError:
+            if entered:
+                self._later(self._leave(account.id))
+            raise
         except (self.shared.errors if self.shared is not None else ()) as exc:
+            if entered:
+                self._later(self._leave(account.id))
             return await self._unchecked(ctx, call_next, exc)
         if settings.concurrency is None:
             return await self._counted(ctx, call_next, account.id, settings.tpm)
@@ -91,7 +111,16 @@ class KeyLimits:
         return f"key-{kind}/{self._namespace}/{account_id}"
 
     async def left(self, account_id: int, settings: KeySettings) -> dict[str, Any]:
-        """What is left of each of the key's limits, for `GET /usage`; nothing is counted."""
+        """What is left of each of the key's limits, for `GET /usage`; nothing is counted. 503 when
+        the shared storage cannot say."""
+        try:
+            return await self._left(account_id, settings)
+        except (self.shared.errors if self.shared is not None else ()) as exc:
+            self.shared.failed(exc)  # type: ignore[union-attr]
+            raise GatewayError(503, "rate_limit_storage_unavailable",
+                               "Rate limits cannot be checked right now; please try again shortly.") from None
+
+    async def _left(self, account_id: int, settings: KeySettings) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for name, amount, limiter, key in (("requests_per_minute", settings.rpm, self.requests, self._key("rpm", account_id)),
                                            ("tokens_per_minute", settings.tpm, self.tokens, self._key("tpm", account_id))):
@@ -104,25 +133,38 @@ class KeyLimits:
             out["concurrent_requests"] = {"limit": settings.concurrency, "in_flight": in_flight}
         return out
 
-    async def _budgets(self, ctx: Context, account: Account, settings: KeySettings) -> None:
+    async def _budgets(self, ctx: Context, account: Account, settings: KeySettings) -> int:
         """Refuses the request that would take a window past its budget: what the window has spent
-        (rows not yet written included), and the most this request may cost."""
+        (rows not yet written included), what this process's requests in flight on the key may
+        still cost, and the most this request may cost. Returns that most, held until it ends."""
         now = time.time()
         starts = [b.start(now) for b in settings.budgets]
-        spent = (await self.store.spent(account.id, starts))[1:]
+        spent = await self.store.window_spent(account.id, starts)
         cost = most(ctx, self.upstream)
+        in_flight = self.budget_held.get(account.id, 0)
         for budget, start, used in zip(settings.budgets, starts, spent):
+            used += in_flight
             if used + cost > budget.micros:
                 oldest = await self.store.oldest(account.id, start) if budget.sliding else None
                 resets = iso(budget.resets(now, oldest))
                 per = f"per {budget.window}" if not budget.sliding else f"per {budget.window} (sliding)"
                 raise GatewayError(
                     402, "budget_exceeded",
-                    f"This key's budget of ${budget.micros / 1e6:g} {per} is spent: ${used / 1e6:.6f} used, and this "
-                    f"request may cost up to ${cost / 1e6:.6f}. It resets at {resets}.",
+                    f"This key's budget of ${usd_text(budget.micros)} {per} would be passed: ${usd_text(used)} used or "
+                    f"held by requests in progress, and this request may cost up to ${usd_text(cost)}. "
+                    f"It resets at {resets}.",
                     code="budget_exceeded",
                     extra={"budget": {"window": budget.window, "sliding": budget.sliding, "limit": budget.micros / 1e6,
                                       "spent": used / 1e6, "request_most": cost / 1e6, "resets_at": resets}})
+        self.budget_held[account.id] = in_flight + cost
+        return cost
+
+    def _release_budget(self, account_id: int, micros: int) -> None:
+        left = self.budget_held.get(account_id, 0) - micros
+        if left > 0:
+            self.budget_held[account_id] = left
+        else:
+            self.budget_held.pop(account_id, None)
 
     async def _requests(self, ctx: Context, account_id: int, rpm: int) -> None:
         item = RateLimitItemPerMinute(rpm)

@@ -25,17 +25,20 @@ class AccountHandlers:
         self.keylimits = keylimits
         self.rate_limit = {"requests": limit.requests, "interval": limit.interval, "note": limit.note}
 
-    def _caller(self, request: web.Request) -> Account:
+    async def _caller(self, request: web.Request) -> Account:
         token = caller_key(request.headers)
         if token is None:
             raise GatewayError(401, "authentication_required", "This endpoint needs an API key.", code="authentication_required")
         account = self.store.lookup(token)
+        if account is None:  # made a moment ago, perhaps on another instance
+            await self.store.recheck()
+            account = self.store.lookup(token)
         if account is None or account.expired(time.time()):
             raise invalid_key()
         return account
 
     async def key(self, request: web.Request) -> web.Response:
-        account = self._caller(request)
+        account = await self._caller(request)
         spent = await self.store.spent(account.id, [since(1), since(7), since(30)])
         balance = await self.store.balance(account.id)
         usd = [micros / 1_000_000 for micros in spent]
@@ -55,12 +58,13 @@ class AccountHandlers:
             "is_management_key": False,
             "is_provisioning_key": False,
             "expires_at": iso(account.settings.expires_at) if account.settings and account.settings.expires_at else None,
-            "rate_limit": self.rate_limit,
+            "rate_limit": ({"requests": account.settings.rpm, "interval": "1m", "note": "This key's own limit."}
+                           if account.settings is not None and account.settings.rpm is not None else self.rate_limit),
         }
         return web.Response(body=orjson.dumps({"data": data}), content_type="application/json")
 
     async def generation(self, request: web.Request) -> web.Response:
-        account = self._caller(request)
+        account = await self._caller(request)
         request_id = request.query.get("id", "")
         if not request_id:
             raise GatewayError(400, "invalid_request", "Give the request id as ?id=…", param="id")
@@ -72,7 +76,7 @@ class AccountHandlers:
     async def usage(self, request: web.Request) -> web.Response:
         """The caller's own quota: balance, each budget's window with what is spent and left and when
         it resets, each rate limit with what is left, and the model lists. Never another key's."""
-        account = self._caller(request)
+        account = await self._caller(request)
         settings = account.settings
         now = time.time()
         data: dict[str, Any] = {"label": f"{account.name} ({account.key_hint})",

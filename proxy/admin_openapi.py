@@ -84,6 +84,10 @@ SPEC: dict[str, Any] = {
             "BalanceChange": {"type": "object", "properties": {
                 "add": {"type": ["string", "number"]}, "set": {"type": ["string", "number"]}}},
             "UsageRow": {"type": "object", "properties": {
+                "model": {"type": "string", "description": "with by=model"},
+                "key": {"type": ["integer", "string"], "description": "with by=key: the key's id, or \"anonymous\""},
+                "day": {"type": "string", "description": "with by=day: YYYY-MM-DD (UTC)"},
+                "tag": {"type": "string", "description": "with by=tag: name=value; a request counts under each of its key's tags"},
                 "requests": {"type": "integer"}, "prompt_tokens": {"type": "integer"},
                 "completion_tokens": {"type": "integer"}, "cached_tokens": {"type": "integer"},
                 "cost_usd": {"type": "number"}, "estimated": {"type": "integer"}}},

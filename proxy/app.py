@@ -26,6 +26,8 @@ from proxy.health import Readiness
 from plugins.keylimits import KeyLimits
 from proxy import store as stores
 from proxy.admin import TOKEN_ENV as ADMIN_TOKEN_ENV, AdminAPI
+from proxy.console import Console
+from proxy.live import Live
 from proxy.store import Store
 from proxy.metrics import Metrics
 from proxy.pipeline import compose
@@ -159,7 +161,8 @@ def create_app(config: Config, env: Mapping[str, str] = os.environ) -> web.Appli
 
     app = web.Application(client_max_size=config.server.max_body_bytes)
     ids = request_ids()
-    record = Recorder(logs.access_writer(), metrics, store)
+    live = Live()
+    record = Recorder(logs.access_writer(), metrics, store, live)
     forwarder.recorder = record
 
     def endpoint(handler: Handler, route: str, render: Render = GatewayError.response) -> Handler:
@@ -199,8 +202,10 @@ def create_app(config: Config, env: Mapping[str, str] = os.environ) -> web.Appli
     app.router.add_get("/readyz", endpoint(ready.handler, "readyz"))
     if metrics is not None:
         app.router.add_get("/metrics", endpoint(metrics.handler, "metrics"))
-    admin = AdminAPI(store, env.get(ADMIN_TOKEN_ENV, ""))
-    admin.routes(lambda method, path, handler, route: app.router.add_route(method, path, endpoint(handler, route)))
+    admin = AdminAPI(store, env.get(ADMIN_TOKEN_ENV, ""), live, keylimits, metrics)
+    add = lambda method, path, handler, route: app.router.add_route(method, path, endpoint(handler, route))  # noqa: E731
+    Console(admin.token, admin.sessions).routes(add)  # before the admin API's catch-all
+    admin.routes(add)
     app.router.add_route("*", "/{tail:.*}", endpoint(Fallback(app).__call__, "unknown"))
     app[CATALOG] = catalog
     app[STORE] = store

@@ -104,11 +104,13 @@ def _show(account: Any) -> str:
 
 
 def _keys(args: argparse.Namespace) -> int:
-    from proxy.keys import KeySettings, SettingsError
+    from proxy.keys import KeySettings, SettingsError, clean_name
 
     try:
         given = _flags(args)
         settings = KeySettings.from_json(given) if given and args.action == "create" else None
+        if getattr(args, "name", None) is not None:
+            args.name = clean_name(args.name)
     except SettingsError as exc:
         print(f"turnstile: {exc}", file=sys.stderr)
         return 2

@@ -5,7 +5,9 @@ from __future__ import annotations
 import datetime as dt
 import fnmatch
 import hashlib
+import re
 import secrets
+import unicodedata
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any, Mapping
@@ -58,8 +60,31 @@ def new_key() -> tuple[str, str, str]:
     return key, hash_key(key), key[:4] + "…" + key[-4:]
 
 
+MOST_USD = Decimal(10) ** 9  # larger amounts are mistakes, and would overflow the store's integers
+
+
 def to_micros(usd: str | float | Decimal) -> int:
-    return int((Decimal(str(usd)) * MICROS).to_integral_value())
+    """Micro-dollars of a USD amount; ArithmeticError for what is not a finite amount within a
+    billion (NaN, 1e400, "lots")."""
+    amount = Decimal(str(usd))
+    if not amount.is_finite() or abs(amount) > MOST_USD:
+        raise ArithmeticError(f"not an amount: {usd!r}")
+    return int((amount * MICROS).to_integral_value())
+
+
+def usd_text(micros: int) -> str:
+    """Micro-dollars as USD, exactly, without trailing zeros (`5`, `0.1234567`)."""
+    text = format(Decimal(micros) / MICROS, "f")
+    return text.rstrip("0").rstrip(".") if "." in text else text
+
+
+def clean_name(name: object) -> str:
+    """A key's name as the API and the command take it: up to 200 printable characters."""
+    if not isinstance(name, str) or not name.strip():
+        raise SettingsError("name: a non-empty string")
+    if len(name) > 200 or any(unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp") for c in name):
+        raise SettingsError("name: at most 200 characters, none of them control or formatting characters")
+    return name.strip()
 
 
 @dataclass(slots=True)
@@ -106,7 +131,7 @@ class Budget:
         """`5/day`, `100/month`, `2.50/24h`."""
         amount, _, window = text.partition("/")
         try:
-            micros = to_micros(amount)
+            micros = to_micros(amount) if re.fullmatch(r"[0-9]+(\.[0-9]+)?", amount) else 0
         except ArithmeticError:
             raise SettingsError(f"budget {text!r}: give USD/window, e.g. 5/day or 100/month or 1/24h") from None
         if micros <= 0 or not (window in _CALENDAR or _sliding(window)):
@@ -115,7 +140,7 @@ class Budget:
         return cls(micros, window)
 
     def __str__(self) -> str:
-        return f"{self.micros / 1_000_000:g}/{self.window}"
+        return f"{usd_text(self.micros)}/{self.window}"
 
     @property
     def sliding(self) -> bool:
@@ -152,7 +177,7 @@ class Budget:
 def _sliding(window: str) -> int:
     """The length in seconds of a sliding window (`30m`, `24h`, `7d`); 0 when it is not one."""
     number, unit = window[:-1], window[-1:]
-    if unit in _UNITS and number.isdigit() and int(number) > 0:
+    if unit in _UNITS and re.fullmatch(r"[0-9]{1,6}", number) and 0 < int(number) * _UNITS[unit] <= 400 * 86400:
         return int(number) * _UNITS[unit]
     return 0
 
@@ -227,8 +252,8 @@ def _setting(name: str, value: Any) -> Any:
             raise SettingsError("budgets: a list of USD/window strings, e.g. [\"5/day\", \"100/month\"]")
         return tuple(Budget.parse(v) for v in value)
     if name in ("rpm", "tpm", "concurrency"):
-        if type(value) is not int or value < 1:
-            raise SettingsError(f"{name}: a whole number above 0")
+        if type(value) is not int or not 1 <= value <= 10**9:
+            raise SettingsError(f"{name}: a whole number from 1 to 1000000000")
         return value
     if name in ("allow", "deny"):
         if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
@@ -242,19 +267,23 @@ def _setting(name: str, value: Any) -> Any:
         if not isinstance(value, str):
             raise SettingsError("owner: a string")
         return value
-    if not isinstance(value, dict) or not all(isinstance(k, str) and k and isinstance(v, str) for k, v in value.items()):
-        raise SettingsError("tags: an object of string values, e.g. {\"team\": \"search\"}")
+    if not isinstance(value, dict) or not all(isinstance(k, str) and k and "=" not in k and isinstance(v, str)
+                                              for k, v in value.items()):
+        raise SettingsError("tags: an object of string values whose names have no '=', e.g. {\"team\": \"search\"}")
     return dict(value)
 
 
 def parse_time(text: str) -> float:
     try:
         when = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        raise SettingsError(f"not a time: {text!r} (ISO 8601, e.g. 2027-01-01T00:00:00Z)") from None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=dt.timezone.utc)
-    return when.timestamp()
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=dt.timezone.utc)
+        stamp = when.timestamp()
+        if not 0 <= stamp < 253402300800:  # 1970 to 9999, which every store and clock can hold
+            raise ValueError
+    except (ValueError, OverflowError):
+        raise SettingsError(f"not a time: {text!r} (ISO 8601 from 1970 to 9999, e.g. 2027-01-01T00:00:00Z)") from None
+    return stamp
 
 
 def iso(timestamp: float) -> str:

@@ -14,6 +14,7 @@ from typing import Any, Callable
 import structlog
 
 from proxy.errors import GatewayError
+from proxy.live import Live
 from proxy.store import Row, Store, ip_hash
 from proxy.meter import Meter, Prices, Usage, _TO_MICROS as TO_MICROS
 
@@ -69,10 +70,11 @@ Access = Callable[[dict[str, Any]], None]
 class Recorder:
     """Feeds the access line, the metrics and the ledger from a finished request's `Outcome`."""
 
-    def __init__(self, access: Access, metrics: Metrics | None, store: Store) -> None:
+    def __init__(self, access: Access, metrics: Metrics | None, store: Store, live: Live | None = None) -> None:
         self.access = access
         self.metrics = metrics
         self.store = store
+        self.live = live  # the console's Live page, fed only while someone watches it
 
     def __call__(self, outcome: Outcome, method: str, path: str, error: GatewayError | None = None) -> None:
         now = time.monotonic()
@@ -98,6 +100,8 @@ class Recorder:
         self.access(fields)
         if self.metrics is not None:
             self.metrics.observe(outcome, now - outcome.started_at, error)
+        if self.live is not None and self.live.watchers and outcome.model:  # refusals too: what fails shows
+            self._publish(outcome, fields)
         try:
             if outcome.billable:
                 self._bill(outcome)
@@ -115,6 +119,18 @@ class Recorder:
         ms = round((time.monotonic() - o.started_at) * 1000, 2)
         self.store.provisional((o.request_id, o.account_id, None, o.requested_model, o.model, o.provider, prompt,
                                  0, 0, 0, 0, cost, True, o.status, ms, ms, None, o.stream, time.time()))
+
+    def _publish(self, o: Outcome, fields: dict[str, Any]) -> None:
+        assert self.live is not None
+        usage = o.usage
+        self.live.publish({
+            "time": time.time(), "request_id": o.request_id, "key": o.account_id,
+            "key_name": self.store.name_of(o.account_id) if o.account_id is not None else None,
+            "model_asked": o.requested_model, "model": o.model, "provider": o.provider or None, "status": o.status,
+            "latency_ms": fields["total_ms"], "ttfb_ms": fields["ttfb_ms"], "streamed": o.stream,
+            "prompt_tokens": usage.prompt if usage else 0, "completion_tokens": usage.completion if usage else 0,
+            "cost_usd": o.cost_micros / 1_000_000,
+        })
 
     def _bill(self, o: Outcome) -> None:
         self.store.record(self._row(o, o.usage, o.cost_micros))

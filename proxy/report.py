@@ -25,4 +25,6 @@ def table(rows: list[dict[str, Any]], by: str) -> str:
     total_cost = sum(r["cost_usd"] for r in rows)
     lines.append(f"{'TOTAL':<40} {sum(r['requests'] for r in rows):>9} {sum(r['prompt_tokens'] for r in rows):>12} "
                  f"{sum(r['completion_tokens'] for r in rows):>12} {sum(r['cached_tokens'] for r in rows):>10} {total_cost:>14.6f}")
+    if by == "tag":
+        lines.append("(a request counts once under each tag of its key)")
     return "\n".join(lines)

@@ -87,7 +87,7 @@ async def test_a_key_s_lifecycle_over_http(admin, upstream, store_url):
             raise AssertionError("a key revoked over the API still works")
 
         await admin.app[__import__("proxy.app", fromlist=["STORE"]).STORE].flush()
-        for by, field in (("model", "anthropic/claude-sonnet-4.6"), ("key", "1"), ("tag", "team=search")):
+        for by, field in (("model", "anthropic/claude-sonnet-4.6"), ("key", 1), ("tag", "team=search")):
             rows = (await (await admin.get(f"/admin/v1/usage?by={by}", headers=ADMIN)).json())["data"]
             assert any(r[by] == field and r["requests"] >= 1 for r in rows), (by, rows)
         day = await (await admin.get("/admin/v1/usage?by=day&limit=1&since=2020-01-01T00:00:00Z", headers=ADMIN)).json()

@@ -3,6 +3,8 @@ the compose file and nginx config parsed, the container's configuration valid.""
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
 import kubernetes_validate
@@ -71,7 +73,7 @@ def test_configmap_toml_is_a_valid_config(tmp_path, capsys, monkeypatch):
 def test_compose_file():
     compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
     services = compose["services"]
-    assert set(services) == {"gateway", "nginx", "redis", "postgres"}
+    assert {n for n, s in services.items() if "profiles" not in s} == {"gateway", "nginx", "redis", "postgres"}
     assert services["gateway"]["deploy"]["replicas"] == 2
     assert services["gateway"]["build"]["dockerfile"] == "deploy/Dockerfile"
     mounted = {v.split(":")[0] for s in services.values() for v in s.get("volumes", []) if v.startswith("./")}
@@ -198,3 +200,125 @@ def test_gateway_autoscales_and_survives_a_drain():
     for kind, name in (("Deployment", "turnstile-redis"), ("StatefulSet", "turnstile-postgres")):
         labels = manifests[(kind, name)]["spec"]["template"]["metadata"]["labels"]
         assert not pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
+
+
+GRAFANA = DEPLOY / "grafana"
+
+
+def dashboard() -> dict:
+    return json.loads((GRAFANA / "turnstile.json").read_text())
+
+
+def exported_metrics() -> set[str]:
+    """The metric names proxy/metrics.py declares."""
+    source = (DEPLOY.parent / "proxy" / "metrics.py").read_text()
+    return set(re.findall(r'"(turnstile_[a-z_]+)"', source))
+
+
+def queried_metrics(expr: str) -> set[str]:
+    return {re.sub(r"_(bucket|sum|count)$", "", name) for name in re.findall(r"turnstile_[a-z_]+", expr)}
+
+
+def test_dashboard_is_importable_and_provisionable():
+    board = dashboard()
+    assert board["schemaVersion"] == 39 and board["uid"] == "turnstile" and board["id"] is None
+    # Import dashboard: Grafana asks for the Prometheus behind ${DS_PROMETHEUS}
+    assert board["__inputs"] == [{"name": "DS_PROMETHEUS", "label": "Prometheus",
+                                  "description": "The Prometheus that scrapes the gateways",
+                                  "type": "datasource", "pluginId": "prometheus", "pluginName": "Prometheus"}]
+    variables = {v["name"]: v for v in board["templating"]["list"]}
+    datasource = variables["datasource"]
+    assert datasource["type"] == "datasource" and datasource["query"] == "prometheus"
+    assert datasource["current"]["value"] == "${DS_PROMETHEUS}"
+    # the panels only name the variable: a provisioned copy (no import to fill ${DS_PROMETHEUS} in) works
+    panels_text = json.dumps(board["panels"])
+    assert "DS_PROMETHEUS" not in panels_text
+    for panel in board["panels"]:
+        assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
+        assert all(t["datasource"] == panel["datasource"] for t in panel["targets"])
+    # what the import does: every ${DS_PROMETHEUS} replaced, the JSON still valid
+    imported = json.loads((GRAFANA / "turnstile.json").read_text().replace("${DS_PROMETHEUS}", "abc123"))
+    assert imported["templating"]["list"][0]["current"]["value"] == "abc123"
+
+
+def test_dashboard_panels():
+    panels = dashboard()["panels"]
+    ids = [p["id"] for p in panels]
+    assert len(ids) == len(set(ids))
+    assert len({p["title"] for p in panels}) == len(panels)
+    cells = set()
+    for panel in panels:
+        assert panel["type"] in {"timeseries", "stat"}, panel["title"]
+        assert panel["title"] and panel["fieldConfig"]["defaults"]["unit"], panel["id"]
+        assert panel["targets"] and all(t["expr"] for t in panel["targets"]), panel["title"]
+        assert len({t["refId"] for t in panel["targets"]}) == len(panel["targets"])
+        grid = panel["gridPos"]
+        assert grid["w"] > 0 and grid["h"] > 0 and 0 <= grid["x"] and grid["x"] + grid["w"] <= 24
+        mine = {(x, y) for x in range(grid["x"], grid["x"] + grid["w"])
+                for y in range(grid["y"], grid["y"] + grid["h"])}
+        assert not mine & cells, f"{panel['title']} overlaps another panel"
+        cells |= mine
+
+
+def test_dashboard_queries_only_exported_metrics():
+    exported = exported_metrics()
+    assert {"turnstile_requests_total", "turnstile_request_duration_seconds", "turnstile_streams_in_flight"} <= exported
+    used = set()
+    for panel in dashboard()["panels"]:
+        for target in panel["targets"]:
+            expr = target["expr"]
+            names = queried_metrics(expr)
+            assert names, expr
+            assert names <= exported, (panel["title"], names - exported)
+            used |= names
+            # quantiles from the histograms' buckets, every worker and gateway summed by bucket
+            if "_bucket" in expr:
+                quantile = r"histogram_quantile\(0\.\d+, sum by \(le[,)].*rate\(turnstile_[a-z_]+_bucket\[5m\]\)"
+                assert re.search(quantile, expr), expr
+    assert used == exported  # and every exported metric has a panel
+
+
+def test_compose_monitoring_profile():
+    text = (DEPLOY / "compose.yaml").read_text()
+    assert "docker compose -f deploy/compose.yaml --profile monitoring up -d" in text
+    services = yaml.safe_load(text)["services"]
+    prometheus, grafana = services["prometheus"], services["grafana"]
+    for service in (prometheus, grafana):
+        assert service["profiles"] == ["monitoring"]
+    assert prometheus["image"].startswith("prom/prometheus:")
+    assert grafana["image"].startswith("grafana/grafana-oss:")
+    # published on the loopback interface only, like nginx
+    assert prometheus["ports"] == ["127.0.0.1:9090:9090"]
+    assert grafana["ports"] == ["127.0.0.1:3000:3000"]
+    for name, service in services.items():
+        for port in service.get("ports", []):
+            assert str(port).startswith("127.0.0.1:"), (name, port)
+    assert "./prometheus.yml:/etc/prometheus/prometheus.yml:ro" in prometheus["volumes"]
+    mounts = {v.split(":")[1]: v.split(":")[0] for v in grafana["volumes"]}
+    assert mounts["/etc/grafana/provisioning/datasources"] == "./grafana/provisioning/datasources"
+    assert mounts["/etc/grafana/provisioning/dashboards"] == "./grafana/provisioning/dashboards"
+    # the dashboard provider reads the folder the dashboard is mounted in
+    provider = yaml.safe_load((GRAFANA / "provisioning" / "dashboards" / "turnstile.yml").read_text())["providers"][0]
+    assert provider["type"] == "file"
+    folder = provider["options"]["path"]
+    assert mounts[f"{folder}/turnstile.json"] == "./grafana/turnstile.json"
+    assert grafana["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"] == f"{folder}/turnstile.json"
+    # the data source is the compose Prometheus, under the uid the docs and the dashboard expect
+    sources = yaml.safe_load((GRAFANA / "provisioning" / "datasources" / "prometheus.yml").read_text())["datasources"]
+    assert [(s["type"], s["uid"], s["url"]) for s in sources] == [
+        ("prometheus", "prometheus", "http://prometheus:9090")]
+    assert sources[0]["jsonData"]["timeInterval"] == "15s"
+
+
+def test_prometheus_scrapes_every_gateway():
+    text = (DEPLOY / "prometheus.yml").read_text()
+    config = yaml.safe_load(text)
+    [job] = config["scrape_configs"]
+    assert job["metrics_path"] == "/metrics" and job["scrape_interval"] == "15s"
+    # one target per replica: the service name resolves to every replica's address
+    assert job["dns_sd_configs"] == [{"names": ["gateway"], "type": "A", "port": 8787, "refresh_interval": "30s"}]
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    assert "8787" in compose["services"]["gateway"]["expose"]
+    assert configuration.load(DEPLOY / "turnstile.compose.toml").server.port == 8787
+    # how to scrape gateways whose /metrics asks for a bearer token
+    assert "token_env" in text and "credentials_file" in text

@@ -207,3 +207,43 @@ async def test_a_50_rpm_key_admits_exactly_50_of_300_across_two_workers_on_redis
         proc.terminate()
         await proc.communicate()
     assert statuses.count(200) == 50 and statuses.count(429) == 250
+
+
+async def test_a_budget_holds_under_a_burst_of_concurrent_streams(kilo, upstream, store_url):
+    """Before: only written rows counted, so 40 streams at once all passed a budget worth 8."""
+    upstream.mode, upstream.delay, upstream.usage = "usage", 0.02, USAGE
+    key = create_key(store_url, "burst", "10")
+    settle(store_url, 1, "--budget", "0.0135/day")  # 8 requests' most ($0.001623 each)
+    client = await kilo()
+    statuses = [r.status for r in await asyncio.gather(*(post(client, key, chat(stream=True, max_tokens=100))
+                                                         for _ in range(40)))]
+    assert statuses.count(200) == 8 and statuses.count(402) == 32
+
+
+async def test_hostile_settings_and_ids_are_400s_and_404s_never_500s(kilo, store_url):
+    token = "hostile-admin-token"
+    client = await kilo(env={"TURNSTILE_ADMIN_TOKEN": token})
+    admin = {"Authorization": f"Bearer {token}"}
+    for settings in ({"budgets": ["NaN/day"]}, {"budgets": ["1e400/day"]}, {"budgets": ["5/99999999999999999999d"]},
+                     {"budgets": ["5/²h"]}, {"rpm": 10**17}, {"expires_at": "9999-12-31T23:59:59-14:00"},
+                     {"tags": {"a=b": "c", "a": "b=c"}}):
+        resp = await client.post("/admin/v1/keys", json={"name": "x", "settings": settings}, headers=admin)
+        assert resp.status == 400, settings
+    for name in ("", "\x1b[31mred", "a\nb", "x" * 201):
+        assert (await client.post("/admin/v1/keys", json={"name": name}, headers=admin)).status == 400
+    assert query(store_url, "SELECT COUNT(*) AS n FROM accounts")[0]["n"] == 0  # nothing half made
+    for path in ("/admin/v1/keys/²", "/admin/v1/keys/99999999999999999999", "/admin/v1/keys/٣"):
+        assert (await client.get(path, headers=admin)).status == 404, path
+    for query_ in ("after=²", "limit=99999999999999999999"):
+        assert (await client.get(f"/admin/v1/keys?{query_}", headers=admin)).status == 400, query_
+
+
+async def test_the_quota_of_a_key_made_a_moment_ago_is_answered_at_once(kilo, store_url):
+    client = await kilo(keys={"refresh_interval": 3600.0})
+    key = create_key(store_url, "fresh", "1")
+    settle(store_url, 1, "--rpm", "7")
+    for path in ("/api/gateway/usage", "/api/v1/key"):
+        resp = await client.get(path, headers={"Authorization": f"Bearer {key}"})
+        assert resp.status == 200, path
+    key_data = (await (await client.get("/api/v1/key", headers={"Authorization": f"Bearer {key}"})).json())["data"]
+    assert key_data["rate_limit"]["requests"] == 7

@@ -145,6 +145,7 @@ class Store:
     def __init__(self, settings: StoreSettings) -> None:
         self.settings = settings
         self._by_hash: dict[str, Account] = {}
+        self._by_id: dict[int, Account] = {}
         self.rows: list[Row] = []  # recorded, not yet written
         self.lock = asyncio.Lock()  # one reload or write at a time
         self.secret = b""
@@ -178,6 +179,11 @@ class Store:
     # Keys.
     def lookup(self, key: str) -> Account | None:
         return self._by_hash.get(hash_key(key))
+
+    def name_of(self, account_id: int) -> str | None:
+        """A live key's name, from memory (for the console's Live page)."""
+        account = self._by_id.get(account_id)
+        return account.name if account is not None else None
 
     async def recheck(self) -> None:
         """An unknown key may have been made a moment ago: look again. Every request that asks while
@@ -426,6 +432,30 @@ class Store:
         done = await self._execute([(f"UPDATE accounts SET revoked_at = ?{self.touch} WHERE id = ? AND revoked_at IS NULL",
                                      (time.time(), account_id))])
         return done[0] == 1
+
+    async def window_spent(self, account_id: int, starts: list[float]) -> list[int]:
+        """What the account spent since each of `starts`, rows not yet written included; reads only
+        the rows since the earliest (a budget's check, on every request of its key)."""
+        sums = ", ".join(["COALESCE(SUM(CASE WHEN created_at >= ? THEN cost_micros END), 0)"] * len(starts))
+        found = await self._select(f"SELECT {sums} FROM ledger WHERE account_id = ? AND created_at >= ?",
+                                   *starts, account_id, min(starts))
+        pending = self._pending(account_id)
+        return [int(v) + sum(r.cost_micros for r in pending if r.created_at >= start) for v, start in zip(found[0], starts)]
+
+    async def window(self, start: float) -> list[Any]:
+        """(created_at, status, tokens, cost_micros, duration_ms, ttfb_ms) of every request since
+        `start`, oldest first, for the console's overview."""
+        return await self._select("SELECT created_at, status, prompt_tokens + completion_tokens, cost_micros, duration_ms, "
+                                  "ttfb_ms FROM ledger WHERE created_at >= ? ORDER BY created_at", start)
+
+    async def spent_by_key(self, account_ids: list[int]) -> dict[int, int]:
+        """Each account's spend in all, for a page of keys."""
+        if not account_ids:
+            return {}
+        marks = ", ".join("?" * len(account_ids))
+        found = await self._select(f"SELECT account_id, SUM(cost_micros) FROM ledger WHERE account_id IN ({marks}) "
+                                   "GROUP BY account_id", *account_ids)
+        return {int(a): int(c or 0) for a, c in found}
 
     async def oldest(self, account_id: int, start: float) -> float | None:
         """The time of the account's first spending since `start` (when a sliding budget frees up)."""
