@@ -72,7 +72,10 @@ class _Handler(RequestHandler):
             if self._header_deadline is not None:
                 self._header_deadline.cancel()
                 self._header_deadline = None
-        elif awaiting and data and self._header_deadline is None and self.transport is not None:
+        elif (awaiting and data and self._header_deadline is None and self.transport is not None
+              and not (self._close or self._force_close)):
+            # (A closing connection, at a graceful stop, drops what comes unread: no deadline for it,
+            # or its client would get a 408 ten seconds later instead of the connection's end.)
             manager: _Server = self._manager  # type: ignore[assignment]
             self._header_deadline = self._loop.call_later(manager.header_timeout, self._headers_late)
 
