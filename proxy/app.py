@@ -204,7 +204,7 @@ def create_app(config: Config, env: Mapping[str, str] = os.environ) -> web.Appli
         app.router.add_get("/metrics", endpoint(metrics.handler, "metrics"))
     admin = AdminAPI(store, env.get(ADMIN_TOKEN_ENV, ""), live, keylimits, metrics)
     add = lambda method, path, handler, route: app.router.add_route(method, path, endpoint(handler, route))  # noqa: E731
-    Console(admin.token, admin.sessions).routes(add)  # before the admin API's catch-all
+    Console(admin.token, admin.sessions, client_ip).routes(add)  # before the admin API's catch-all
     admin.routes(add)
     app.router.add_route("*", "/{tail:.*}", endpoint(Fallback(app).__call__, "unknown"))
     app[CATALOG] = catalog

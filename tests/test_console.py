@@ -211,3 +211,13 @@ async def test_the_console_is_404_while_the_admin_api_is_disabled(kilo):
     for path in ("/admin/", "/admin/static/app.js"):
         assert (await client.get(path)).status == 404
     assert (await client.post("/admin/login", data={"token": ""})).status == 404
+
+
+async def test_the_session_cookie_is_secure_behind_a_trusted_tls_proxy(kilo):
+    client = await kilo(env={"TURNSTILE_ADMIN_TOKEN": TOKEN})  # 127.0.0.0/8 is a trusted proxy here
+    plain = await client.post("/admin/login", data={"token": TOKEN}, allow_redirects=False)
+    proxied = await client.post("/admin/login", data={"token": TOKEN}, allow_redirects=False,
+                                headers={"X-Forwarded-Proto": "https"})
+    assert plain.status == proxied.status == 303
+    assert "Secure" not in plain.headers["Set-Cookie"] and "Secure" in proxied.headers["Set-Cookie"]
+    assert all(flag in proxied.headers["Set-Cookie"] for flag in ("HttpOnly", "SameSite=Strict", "Path=/admin"))

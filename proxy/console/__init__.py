@@ -16,6 +16,7 @@ from typing import Callable
 import orjson
 from aiohttp import web
 
+from proxy.clientip import ClientIP
 from proxy.console.sessions import COOKIE, LIFETIME, Sessions
 from proxy.errors import GatewayError
 
@@ -32,9 +33,10 @@ HEADERS = {
 
 
 class Console:
-    def __init__(self, token: bytes, sessions: Sessions) -> None:
+    def __init__(self, token: bytes, sessions: Sessions, client_ip: ClientIP | None = None) -> None:
         self.token = token
         self.sessions = sessions
+        self.client_ip = client_ip  # whose X-Forwarded-Proto to believe (a TLS-terminating proxy)
         # Read once at start-up: the files ship inside the package and do not change while it runs.
         self.files = {name: (STATIC / name).read_bytes() for name in FILES}
 
@@ -65,8 +67,16 @@ class Console:
             return web.Response(status=303, headers={**HEADERS, "Location": "/admin/#signin-failed"})
         response = web.Response(status=303, headers={**HEADERS, "Location": "/admin/"})
         response.set_cookie(COOKIE, self.sessions.new(), max_age=LIFETIME, path="/admin", httponly=True,
-                            samesite="Strict", secure=request.secure)
+                            samesite="Strict", secure=self._tls(request))
         return response
+
+    def _tls(self, request: web.Request) -> bool:
+        """Over TLS: the gateway's own, or a trusted proxy's that says so."""
+        if request.secure:
+            return True
+        peer = request.transport.get_extra_info("peername") if request.transport is not None else None
+        return (self.client_ip is not None and peer is not None and self.client_ip.trusted(peer[0])
+                and request.headers.get("X-Forwarded-Proto", "").lower() == "https")
 
     async def session(self, request: web.Request) -> web.Response:
         self._enabled()
