@@ -27,4 +27,5 @@ class Auth:
             if account is None or (account.settings is not None and account.expired(time.time())):
                 raise invalid_key()  # an expired key is refused as a revoked one is
             ctx.account = account
+            ctx.outcome.account_id = account.id  # whose request it was, refused later or not
         return await call_next(ctx)

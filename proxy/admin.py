@@ -23,6 +23,8 @@ import orjson
 from aiohttp import web
 from aiohttp_sse import sse_response
 
+import structlog
+
 from proxy.console.sessions import COOKIE, Sessions
 from proxy.live import Live
 from proxy.metrics import Metrics
@@ -34,6 +36,7 @@ from proxy.store import Store
 if TYPE_CHECKING:
     from plugins.keylimits import KeyLimits
 
+log = structlog.get_logger("turnstile.admin")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 TOKEN_ENV = "TURNSTILE_ADMIN_TOKEN"
 PAGE = 100  # rows per page unless the caller asks for fewer (at most 1,000)
@@ -69,12 +72,14 @@ def _percentiles(values: list[float]) -> dict[str, float | None]:
 def _csv(rows: list[dict[str, Any]], by: str) -> web.Response:
     out = io.StringIO()
     writer = csv.writer(out)
-    columns = [by, "requests", "prompt_tokens", "completion_tokens", "cached_tokens", "cost_usd", "estimated"]
+    columns = [by, *(["name"] if by == "key" else []), "requests", "prompt_tokens", "completion_tokens",
+               "cached_tokens", "cost_usd", "estimated"]
     writer.writerow(columns)
     for row in rows:
-        # A cell that a spreadsheet would take for a formula is quoted as text.
-        writer.writerow([("'" + v if isinstance(v, str) and v[:1] in ("=", "+", "-", "@") else v)
-                         for v in (row[c] for c in columns)])
+        # A cell that a spreadsheet would take for a formula is quoted as text; costs in full, not 1e-05.
+        writer.writerow([f"{v:.6f}" if c == "cost_usd" else
+                         ("'" + v if isinstance(v, str) and v[:1] in ("=", "+", "-", "@", "\t", "\r") else v)
+                         for c, v in ((c, row[c]) for c in columns)])
     return web.Response(body=out.getvalue().encode(), content_type="text/csv",
                         headers={"Content-Disposition": f'attachment; filename="turnstile-usage-by-{by}.csv"'})
 
@@ -118,7 +123,10 @@ class AdminAPI:
     def __init__(self, store: Store, token: str, live: Live | None = None, keylimits: KeyLimits | None = None,
                  metrics: Metrics | None = None) -> None:
         self.store = store
+        token = token.strip()  # a secret made from a file often ends with a newline
         self.token = token.encode() if token else b""
+        if token and len(token) < 16:
+            log.warning("admin_token_short", length=len(token), advice="use 32 random bytes or more: openssl rand -hex 32")
         self.sessions = Sessions(self.token)
         self.live = live
         self.keylimits = keylimits
@@ -247,16 +255,22 @@ class AdminAPI:
                 except SettingsError as exc:
                     raise _bad(f"{name}: {exc}", name) from None
         key = _int(request, "key", 0) or None
-        limit = max(1, _int(request, "limit", PAGE, 1000))
+        csv_out = request.query.get("format") == "csv"
+        limit = max(1, _int(request, "limit", PAGE, 100_000 if csv_out else 1000))
         offset = _int(request, "offset", 0)
         rows = await self.store.usage(groups[by], key, times.get("since"), times.get("until"), limit + 1, offset)
         for row in rows:
             group = row.pop(groups[by])
             row[by] = int(group) if by == "key" and group.isdigit() else group
         more = len(rows) > limit
-        if request.query.get("format") == "csv":
-            return _csv(rows[:limit], by)
-        return _json({"data": rows[:limit], "next_offset": offset + limit if more else None})
+        rows = rows[:limit]
+        if by == "key":  # each key's name beside its id
+            names = await self.store.names([r["key"] for r in rows if isinstance(r["key"], int)])
+            for row in rows:
+                row["name"] = names.get(row["key"]) if isinstance(row["key"], int) else None
+        if csv_out:
+            return _csv(rows, by)
+        return _json({"data": rows, "next_offset": offset + limit if more else None})
 
     async def stats(self, request: web.Request) -> web.Response:
         """The last hour (per minute) or day (per hour): requests, errors, tokens and spend per
@@ -304,6 +318,8 @@ class AdminAPI:
                     except asyncio.TimeoutError:
                         await stream.send("", event="ping")
                         continue
+                    if event is None:  # the gateway is stopping
+                        break
                     await stream.send(orjson.dumps(event).decode(), event="request")
         finally:
             self.live.leave(queue)

@@ -168,6 +168,10 @@ def create_app(config: Config, env: Mapping[str, str] = os.environ) -> web.Appli
     def endpoint(handler: Handler, route: str, render: Render = GatewayError.response) -> Handler:
         return wrap(handler, route, config.server.max_body_bytes, ids, record, render)
 
+    async def end_live(_: web.Application) -> None:
+        live.close()  # a watcher's stream must not hold a graceful stop for its whole grace period
+
+    app.on_shutdown.append(end_live)
     app.cleanup_ctx.append(store.cleanup_ctx)  # closed after the session: its last flush sees every request
     app.cleanup_ctx.append(forwarder.session_ctx)
     if shared is not None:

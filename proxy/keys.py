@@ -78,11 +78,15 @@ def usd_text(micros: int) -> str:
     return text.rstrip("0").rstrip(".") if "." in text else text
 
 
+def _printable(text: str) -> bool:
+    return len(text) <= 200 and not any(unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp") for c in text)
+
+
 def clean_name(name: object) -> str:
     """A key's name as the API and the command take it: up to 200 printable characters."""
     if not isinstance(name, str) or not name.strip():
         raise SettingsError("name: a non-empty string")
-    if len(name) > 200 or any(unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp") for c in name):
+    if not _printable(name):
         raise SettingsError("name: at most 200 characters, none of them control or formatting characters")
     return name.strip()
 
@@ -268,7 +272,7 @@ def _setting(name: str, value: Any) -> Any:
             raise SettingsError("owner: a string")
         return value
     if not isinstance(value, dict) or not all(isinstance(k, str) and k and "=" not in k and isinstance(v, str)
-                                              for k, v in value.items()):
+                                              and _printable(k) and _printable(v) for k, v in value.items()):
         raise SettingsError("tags: an object of string values whose names have no '=', e.g. {\"team\": \"search\"}")
     return dict(value)
 

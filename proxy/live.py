@@ -32,3 +32,8 @@ class Live:
 
     def leave(self, queue: asyncio.Queue[dict[str, Any]]) -> None:
         self.watchers.discard(queue)
+
+    def close(self) -> None:
+        """At a graceful stop: every watcher's stream ends now, not when the grace period does."""
+        for queue in self.watchers:
+            queue.put_nowait(None)  # type: ignore[arg-type]

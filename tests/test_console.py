@@ -221,3 +221,35 @@ async def test_the_session_cookie_is_secure_behind_a_trusted_tls_proxy(kilo):
     assert plain.status == proxied.status == 303
     assert "Secure" not in plain.headers["Set-Cookie"] and "Secure" in proxied.headers["Set-Cookie"]
     assert all(flag in proxied.headers["Set-Cookie"] for flag in ("HttpOnly", "SameSite=Strict", "Path=/admin"))
+
+
+@pytest.mark.parametrize("content_type", ["multipart/form-data", "multipart/form-data; boundary=x",
+                                          "application/x-www-form-urlencoded; charset=bogus"])
+async def test_a_malformed_sign_in_is_a_failed_one_not_a_500(kilo, content_type):
+    client = await kilo(env={"TURNSTILE_ADMIN_TOKEN": TOKEN})
+    resp = await client.post("/admin/login", data=b"--x\r\ngarbage", headers={"Content-Type": content_type},
+                             allow_redirects=False)
+    assert resp.status == 303 and resp.headers["Location"] == "/admin/#signin-failed"
+    assert "Set-Cookie" not in resp.headers
+
+
+async def test_an_open_live_page_does_not_hold_a_graceful_stop(upstream, tmp_path, store_url):
+    """Before: a watcher's stream kept the process for its whole grace period (62 s in a trial)."""
+    import aiohttp
+
+    from tests.processes import exit_of, free_port, start, wait_up
+
+    port = free_port()
+    config = tmp_path / "turnstile.toml"
+    config.write_text(f'[server]\nport = {port}\n[store]\nurl = "{store_url}"\n[ledger]\njournal = "{tmp_path}/ledger"\n')
+    proc = await start(config, {"OPENROUTER_API_KEY": "sk-or-test", "OPENROUTER_BASE_URL": upstream.url,
+                                "TURNSTILE_ADMIN_TOKEN": TOKEN})
+    url = f"http://127.0.0.1:{port}"
+    async with aiohttp.ClientSession() as session:
+        await wait_up(session, url)
+        async with session.get(url + "/admin/v1/live", headers={"Authorization": f"Bearer {TOKEN}"}) as live:
+            assert live.status == 200
+            proc.send_signal(__import__("signal").SIGTERM)
+            await asyncio.wait_for(live.read(), 20)  # the stream ends: the gateway is stopping
+        code, output = await exit_of(proc, 20)  # well before the 30 s grace period runs out
+    assert code == 0, output[-1500:]

@@ -15,6 +15,7 @@ from typing import Callable
 
 import orjson
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from proxy.clientip import ClientIP
 from proxy.console.sessions import COOKIE, LIFETIME, Sessions
@@ -61,7 +62,10 @@ class Console:
 
     async def login(self, request: web.Request) -> web.Response:
         self._enabled()
-        form = await request.post()
+        try:
+            form = await request.post()
+        except (ValueError, LookupError, HttpProcessingError):  # a body that is no form: a failed sign-in
+            form = {}
         given = form.get("token")
         if not isinstance(given, str) or not hmac.compare_digest(given.strip().encode(), self.token):
             return web.Response(status=303, headers={**HEADERS, "Location": "/admin/#signin-failed"})

@@ -457,6 +457,12 @@ class Store:
         return await self._select("SELECT created_at, status, prompt_tokens + completion_tokens, cost_micros, duration_ms, "
                                   "ttfb_ms FROM ledger WHERE created_at >= ? ORDER BY created_at", start)
 
+    async def names(self, account_ids: list[int]) -> dict[int, str]:
+        if not account_ids:
+            return {}
+        marks = ", ".join("?" * len(account_ids))
+        return {int(i): n for i, n in await self._select(f"SELECT id, name FROM accounts WHERE id IN ({marks})", *account_ids)}
+
     async def spent_by_key(self, account_ids: list[int]) -> dict[int, int]:
         """Each account's spend in all, for a page of keys."""
         if not account_ids:

@@ -37,10 +37,12 @@
     return body;
   }
 
-  const usd = (v) => "$" + (Math.abs(v) >= 100 ? v.toFixed(2) : v.toFixed(4));
+  const usd = (v) => "$" + (Math.abs(v) >= 100 ? v.toFixed(2) : Math.abs(v) >= 0.01 || v === 0 ? v.toFixed(4) : v.toFixed(6));
   const num = (v) => (v === null || v === undefined ? "–" : Number(v).toLocaleString("en-US"));
   const ms = (v) => (v === null || v === undefined ? "–" : v.toFixed(0) + " ms");
-  const ms3 = (p) => (p.p50 === null ? "–" : `${p.p50.toFixed(0)} / ${p.p95.toFixed(0)} / ${p.p99.toFixed(0)} ms`);
+  const ms3 = (p) => (p.p50 === null ? "–" : p.p99 >= 1000
+    ? `${(p.p50 / 1000).toFixed(2)} / ${(p.p95 / 1000).toFixed(2)} / ${(p.p99 / 1000).toFixed(2)} s`
+    : `${p.p50.toFixed(0)} / ${p.p95.toFixed(0)} / ${p.p99.toFixed(0)} ms`);
   const when = (t) => (typeof t === "number" ? new Date(t * 1000) : new Date(t)).toISOString().replace("T", " ").slice(0, 19);
 
   function card(label, value) {
@@ -63,11 +65,19 @@
       rect.setAttribute("y", String(height - 12 - h));
       rect.setAttribute("width", String(w));
       rect.setAttribute("height", String(Math.max(h, value > 0 ? 1 : 0)));
-      if (errors && errors[i]) rect.setAttribute("class", "err");
       const tip = document.createElementNS(svgNS, "title");
-      tip.textContent = `${labels[i]}: ${format(value)}`;
+      tip.textContent = `${labels[i]}: ${format(value)}` + (errors && errors[i] ? `, ${format(errors[i])} failed` : "");
       rect.append(tip);
       svg.append(rect);
+      if (errors && errors[i]) {  // the failed part of the bar, in red, at its foot
+        const e = Math.max((errors[i] / top) * (height - 14), 1);
+        const bad = rect.cloneNode(false);
+        bad.setAttribute("y", String(height - 12 - e));
+        bad.setAttribute("height", String(e));
+        bad.setAttribute("class", "err");
+        bad.append(tip.cloneNode(true));
+        svg.append(bad);
+      }
     });
     for (const i of [0, values.length - 1]) {
       if (values.length === 0) break;
@@ -78,7 +88,8 @@
       text.textContent = labels[i];
       svg.append(text);
     }
-    return el("div", { class: "chart" }, el("div", { class: "muted" }, `${title} (peak ${format(top)})`), svg);
+    const peak = Math.max(...values, 0);
+    return el("div", { class: "chart" }, el("div", { class: "muted" }, peak ? `${title} (peak ${format(peak)})` : `${title}: none yet`), svg);
   }
 
   // Labelled horizontal bars, for figures by key, model, day or tag.
@@ -104,7 +115,8 @@
   // Overview.
   async function overview() {
     const [hour, day] = await Promise.all([api("/admin/v1/stats?window=hour"), api("/admin/v1/stats?window=day")]);
-    const short = (b) => b.t.slice(11, 16);
+    const short = (b) => b.t.slice(11, 16) + " UTC";
+    const dated = (b) => `${b.t.slice(5, 10)} ${b.t.slice(11, 16)} UTC`;
     page.replaceChildren(
       el("h1", {}, "Overview"),
       el("div", { class: "cards" },
@@ -118,27 +130,34 @@
         card("Spend hour / day", `${usd(hour.totals.cost_usd)} / ${usd(day.totals.cost_usd)}`)),
       el("h2", {}, "Last hour, per minute"),
       el("div", { class: "grid2" },
-        bars("Requests", hour.buckets.map((b) => b.requests), hour.buckets.map(short), num, hour.buckets.map((b) => b.errors > 0)),
+        bars("Requests (failed in red)", hour.buckets.map((b) => b.requests), hour.buckets.map(short), num, hour.buckets.map((b) => b.errors)),
         bars("Spend", hour.buckets.map((b) => b.cost_usd), hour.buckets.map(short), usd)),
       el("h2", {}, "Last day, per hour"),
       el("div", { class: "grid2" },
-        bars("Tokens", day.buckets.map((b) => b.tokens), day.buckets.map(short), num),
-        bars("Spend", day.buckets.map((b) => b.cost_usd), day.buckets.map(short), usd)));
+        bars("Tokens", day.buckets.map((b) => b.tokens), day.buckets.map(dated), num),
+        bars("Spend", day.buckets.map((b) => b.cost_usd), day.buckets.map(dated), usd)));
     ready("overview");
   }
 
   // Keys.
   function splitList(text) { return text.split(",").map((s) => s.trim()).filter(Boolean); }
 
+  // The form's settings as the admin API takes them; an Error naming a field that is not right.
   function settingsFrom(form) {
     const get = (name) => form.elements[name].value.trim();
     const out = {};
-    for (const name of ["rpm", "tpm", "concurrency"]) out[name] = get(name) ? Number(get(name)) : null;
+    for (const name of ["rpm", "tpm", "concurrency"]) {
+      if (get(name) && !/^[0-9]+$/.test(get(name))) throw new Error(`${name}: a whole number, or empty for none`);
+      out[name] = get(name) ? Number(get(name)) : null;
+    }
     out.budgets = get("budgets") ? splitList(get("budgets")) : null;
     out.allow = get("allow") ? splitList(get("allow")) : null;
     out.deny = get("deny") ? splitList(get("deny")) : null;
     out.expires_at = get("expires_at") || null;
-    const tags = splitList(get("tags"));
+    out.owner = get("owner") || null;
+    // One tag per line: a value may hold commas.
+    const tags = form.elements.tags.value.split("\n").map((t) => t.trim()).filter(Boolean);
+    for (const t of tags) if (!t.includes("=")) throw new Error(`tag "${t}": name=value`);
     out.tags = tags.length ? Object.fromEntries(tags.map((t) => [t.split("=")[0], t.split("=").slice(1).join("=")])) : null;
     return out;
   }
@@ -153,7 +172,9 @@
       field("allow", "Allow", (s.allow || []).join(", "), "anthropic/*"),
       field("deny", "Deny", (s.deny || []).join(", ")),
       field("expires_at", "Expires", s.expires_at, "2027-01-01T00:00:00Z"),
-      field("tags", "Tags", Object.entries(s.tags || {}).map(([k, v]) => `${k}=${v}`).join(", "), "team=search"),
+      field("owner", "Owner", s.owner),
+      el("label", {}, "Tags, one per line", el("textarea", { name: "tags", rows: 2, cols: 18, placeholder: "team=search" },
+        Object.entries(s.tags || {}).map(([k, v]) => `${k}=${v}`).join("\n"))),
     ];
   }
 
@@ -178,25 +199,39 @@
         const made = await api("/admin/v1/keys", { method: "POST", body: JSON.stringify({
           name: create.elements.name.value, balance: create.elements.balance.value, settings: settingsFrom(create) }) });
         const shown = el("input", { readonly: true, id: "newkey", value: made.key });
-        const copy = el("button", { type: "button", on: { click: () => navigator.clipboard.writeText(made.key) } }, "Copy");
-        await keys(el("div", { class: "newkey" }, `Key for ${made.data.name} (shown once): `, shown, " ", copy));
+        const copied = el("span", { class: "muted" });
+        const copy = el("button", { type: "button", on: { click: async () => {
+          try {
+            await navigator.clipboard.writeText(made.key);  // only in a secure context (HTTPS, localhost)
+          } catch {
+            shown.select();
+            document.execCommand("copy");
+          }
+          copied.textContent = " copied";
+        } } }, "Copy");
+        await keys(el("div", { class: "newkey" }, `Key for ${made.data.name} (shown once): `, shown, " ", copy, copied));
       } catch (err) { notice.replaceChildren(el("span", { class: "error" }, err.message)); }
     });
+    const failed = (err) => notice.replaceChildren(el("span", { class: "error" }, err.message));
     const rows = listing.data.map((k) => {
-      const status = k.revoked_at ? "revoked" : "active";
+      const expired = k.settings.expires_at && new Date(k.settings.expires_at) <= new Date();
+      const status = k.revoked_at ? "revoked" : expired ? "expired" : "active";
       const budgets = (k.budgets || []).map((b) => el("div", {}, `${usd(b.spent)} of ${usd(b.limit)} / ${b.window}`, progress(b.spent, b.limit)));
       const limits = Object.entries(k.limits || {}).map(([name, v]) =>
         el("div", {}, name === "concurrent_requests" ? `${v.in_flight} of ${v.limit} at once` : `${num(v.remaining)} of ${num(v.limit)} ${name.replace(/_/g, " ")}`,
           progress(name === "concurrent_requests" ? v.in_flight : v.limit - v.remaining, v.limit)));
       const actions = k.revoked_at ? [] : [
         el("button", { type: "button", on: { click: async () => {
-          const amount = prompt(`Add USD to ${k.name}'s balance (negative takes off):`, "5");
-          if (amount) { await api(`/admin/v1/keys/${k.id}/balance`, { method: "POST", body: JSON.stringify({ add: amount }) }); keys(); }
+          const amount = prompt(`Add USD to ${k.name}'s balance (negative takes off):`, "");
+          if (amount) {
+            try { await api(`/admin/v1/keys/${k.id}/balance`, { method: "POST", body: JSON.stringify({ add: amount }) }); keys(); }
+            catch (err) { failed(err); }
+          }
         } } }, "Top up"),
         el("button", { type: "button", on: { click: () => edit(k) } }, "Edit"),
         el("button", { type: "button", class: "revoke", on: { click: async () => {
           if (confirm(`Revoke ${k.name}'s key? It stops working at once.`)) {
-            await api(`/admin/v1/keys/${k.id}`, { method: "DELETE" }); keys();
+            try { await api(`/admin/v1/keys/${k.id}`, { method: "DELETE" }); keys(); } catch (err) { failed(err); }
           }
         } } }, "Revoke"),
       ];
@@ -219,12 +254,14 @@
       el("label", {}, "Name", el("input", { name: "name", value: k.name })), settingsFields(k.settings),
       el("button", { class: "primary", type: "submit" }, `Save ${k.name}`),
       el("button", { type: "button", on: { click: () => keys() } }, "Cancel"));
+    const problem = el("span", { class: "error" });
+    form.append(problem);
     form.addEventListener("submit", async (event) => {
       event.preventDefault();
       try {
         await api(`/admin/v1/keys/${k.id}`, { method: "PATCH", body: JSON.stringify({ name: form.elements.name.value, settings: settingsFrom(form) }) });
         keys();
-      } catch (err) { form.append(el("span", { class: "error" }, err.message)); }
+      } catch (err) { problem.textContent = err.message; }
     });
     page.replaceChildren(el("h1", {}, `Edit key ${k.id}`), form);
   }
@@ -233,10 +270,10 @@
   const usageState = { by: "model", days: "7" };
   async function usage() {
     const since = usageState.days === "all" ? "" : `&since=${new Date(Date.now() - Number(usageState.days) * 86400000).toISOString().slice(0, 19)}Z`;
-    const query = `by=${usageState.by}${since}&limit=200`;
+    const query = `by=${usageState.by}${since}&limit=1000`;
     const result = await api(`/admin/v1/usage?${query}`);
     const rows = result.data;
-    const label = (r) => (r[usageState.by] === null ? "–" : String(r[usageState.by]));
+    const label = (r) => (r[usageState.by] === null ? "–" : usageState.by === "key" && r.name ? `${r.name} (#${r.key})` : String(r[usageState.by]));
     const chosen = rows.slice(0, 12);
     const select = (name, options) => {
       const node = el("select", { name, on: { change: (e) => { usageState[name] = e.target.value; usage(); } } },
@@ -246,11 +283,11 @@
     page.replaceChildren(el("h1", {}, "Usage"),
       el("div", { class: "toolbar" }, "By ", select("by", [["model", "model"], ["key", "key"], ["day", "day"], ["tag", "tag"]]),
         " over ", select("days", [["1", "1 day"], ["7", "7 days"], ["30", "30 days"], ["all", "all time"]]),
-        el("a", { class: "button", id: "csv", href: `/admin/v1/usage?${query.replace("limit=200", "limit=1000")}&format=csv`, download: "" }, "Download CSV")),
+        el("a", { class: "button", id: "csv", href: `/admin/v1/usage?${query.replace("limit=1000", "limit=100000")}&format=csv`, download: "" }, "Download CSV")),
       el("div", { class: "grid2" },
         hbars(`Spend, top ${chosen.length}`, chosen.map((r) => r.cost_usd), chosen.map(label), usd),
         hbars(`Tokens, top ${chosen.length}`, chosen.map((r) => r.prompt_tokens + r.completion_tokens), chosen.map(label), num)),
-      el("h2", {}, `${rows.length} rows`),
+      el("h2", {}, result.next_offset ? `The first ${rows.length} rows (the CSV has them all)` : `${rows.length} rows`),
       el("table", { id: "usage" }, el("thead", {}, el("tr", {}, [usageState.by, "Requests", "Prompt", "Completion", "Cached", "Cost"]
         .map((h, i) => el("th", { class: i ? "num" : null }, h)))),
         el("tbody", {}, rows.map((r) => el("tr", {}, el("td", {}, label(r)), el("td", { class: "num" }, num(r.requests)),
