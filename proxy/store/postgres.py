@@ -17,9 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
-import itertools
-import re
 import secrets
 import time
 from typing import Any, AsyncIterator
@@ -28,118 +25,13 @@ import asyncpg
 import structlog
 
 from proxy.keys import Account, invalid_key, load_settings
-from proxy.store import (ACCOUNT_COLUMNS, COLUMNS, USAGE_INDEX, DatabaseError, Row, Store, StoreSettings, redacted,
+from proxy.store import (ACCOUNT_COLUMNS, COLUMNS, DatabaseError, Row, Store, StoreSettings, redacted,
                          unavailable)
+from proxy.store.postgres_sql import MIGRATION_LOCK, MIGRATIONS, RESERVE, SCHEMA_VERSION, WRITE, numbered
 
 log = structlog.get_logger("turnstile.store")
 
-_SCHEMA = """
-CREATE SEQUENCE IF NOT EXISTS account_revisions;
-CREATE TABLE IF NOT EXISTS accounts (
-    id BIGSERIAL PRIMARY KEY,
-    name TEXT NOT NULL,
-    key_hash TEXT NOT NULL UNIQUE,
-    key_hint TEXT NOT NULL,
-    balance_micros BIGINT NOT NULL DEFAULT 0,
-    created_at DOUBLE PRECISION NOT NULL,
-    revoked_at DOUBLE PRECISION,
-    revision BIGINT NOT NULL DEFAULT nextval('account_revisions'),
-    holding INTEGER NOT NULL DEFAULT 0
-);
-CREATE INDEX IF NOT EXISTS accounts_revision ON accounts (revision);
-CREATE TABLE IF NOT EXISTS ledger (
-    request_id TEXT PRIMARY KEY,
-    account_id BIGINT,
-    ip_hash TEXT,
-    model_asked TEXT NOT NULL,
-    model TEXT NOT NULL,
-    provider TEXT NOT NULL,
-    prompt_tokens BIGINT NOT NULL,
-    completion_tokens BIGINT NOT NULL,
-    reasoning_tokens BIGINT NOT NULL,
-    cached_tokens BIGINT NOT NULL,
-    cache_write_tokens BIGINT NOT NULL,
-    cost_micros BIGINT NOT NULL,
-    estimated BOOLEAN NOT NULL,
-    status INTEGER NOT NULL,
-    ttfb_ms DOUBLE PRECISION,
-    duration_ms DOUBLE PRECISION NOT NULL,
-    finish_reason TEXT,
-    streamed BOOLEAN NOT NULL,
-    created_at DOUBLE PRECISION NOT NULL
-);
-CREATE INDEX IF NOT EXISTS ledger_account ON ledger (account_id, created_at);
-CREATE TABLE IF NOT EXISTS holds (
-    request_id TEXT PRIMARY KEY,
-    account_id BIGINT NOT NULL,
-    micros BIGINT NOT NULL,
-    run TEXT NOT NULL,
-    created_at DOUBLE PRECISION NOT NULL
-);
-CREATE INDEX IF NOT EXISTS holds_account ON holds (account_id);
-CREATE INDEX IF NOT EXISTS holds_run ON holds (run);
-"""
 
-# As for SQLite: MIGRATIONS[n - 1] takes the schema from version n - 1 to n, recorded in
-# meta's `schema_version`. A new version is a new entry, never an edit of an old one.
-_SETTINGS = """
-ALTER TABLE accounts ADD COLUMN IF NOT EXISTS settings TEXT NOT NULL DEFAULT '{}';
-CREATE TABLE IF NOT EXISTS key_tags (account_id BIGINT NOT NULL, tag TEXT NOT NULL, PRIMARY KEY (account_id, tag));
-CREATE INDEX IF NOT EXISTS ledger_created ON ledger (created_at);
-"""
-MIGRATIONS: list[str] = [_SCHEMA, _SETTINGS, USAGE_INDEX]
-SCHEMA_VERSION = len(MIGRATIONS)
-_MIGRATION_LOCK = 0x7475726E  # an advisory lock: one instance migrates, the others wait for it
-
-_TYPES = ["text", "bigint", "text", "text", "text", "text", "bigint", "bigint", "bigint", "bigint", "bigint", "bigint",
-          "boolean", "integer", "float8", "float8", "text", "boolean", "float8"]
-_UNNEST = ", ".join(f"${i}::{t}[]" for i, t in enumerate(_TYPES, start=1))
-_N = len(COLUMNS)
-# One statement per batch: the rows in (a row already there is skipped and debits nothing), the
-# holds of the requests that ended out, each account moved by what its rows cost less what its
-# holds had taken. Returns the rows inserted and the balances it moved.
-_WRITE = f"""
-WITH ins AS (
-    INSERT INTO ledger ({', '.join(COLUMNS)}) SELECT * FROM unnest({_UNNEST})
-    ON CONFLICT (request_id) DO NOTHING RETURNING account_id, cost_micros
-), rel AS (
-    DELETE FROM holds WHERE request_id = ANY(${_N + 1}::text[]) OR run = ${_N + 2} OR created_at < ${_N + 3}
-    RETURNING account_id, micros
-), d AS (
-    SELECT account_id, SUM(x) AS x, SUM(n) AS n FROM (
-        SELECT account_id, cost_micros AS x, 0 AS n FROM ins WHERE account_id IS NOT NULL
-        UNION ALL SELECT account_id, -micros, 1 FROM rel
-    ) t GROUP BY account_id
-), upd AS (
-    UPDATE accounts SET balance_micros = accounts.balance_micros - d.x, holding = accounts.holding - d.n FROM d
-    WHERE accounts.id = d.account_id AND (d.x <> 0 OR d.n <> 0) RETURNING accounts.id, accounts.balance_micros
-)
-SELECT (SELECT COUNT(*) FROM ins), (SELECT array_agg(id) FROM upd), (SELECT array_agg(balance_micros) FROM upd)
-"""
-# The whole estimate, or what is left of the balance when that is less and nothing else is held
-# (the rule of `Store.reserve`). `holding` counts the account's holds in its own row, so that a
-# reservation that waited for another's lock sees that one's hold.
-_RESERVE = """
-WITH a AS (
-    SELECT id, LEAST($2::bigint, balance_micros) AS amount FROM accounts
-    WHERE id = $1 AND revoked_at IS NULL AND (balance_micros >= $2::bigint OR (balance_micros > 0 AND holding = 0))
-    FOR UPDATE
-), u AS (
-    UPDATE accounts SET balance_micros = accounts.balance_micros - a.amount, holding = accounts.holding + 1
-    FROM a WHERE accounts.id = a.id
-    RETURNING a.amount, accounts.balance_micros
-), h AS (
-    INSERT INTO holds (request_id, account_id, micros, run, created_at) SELECT $3, $1, amount, $4, $5 FROM u
-)
-SELECT amount, balance_micros FROM u
-"""
-
-
-@functools.lru_cache(maxsize=64)
-def _numbered(sql: str) -> str:
-    """The shared reads' `?` placeholders as PostgreSQL's `$1`, `$2`…"""
-    count = itertools.count(1)
-    return re.sub(r"\?", lambda _: f"${next(count)}", sql)
 _NEVER = -1.0  # a hold's created_at is never below it: no hold is swept
 SETTLE_SOON = 0.05  # seconds from a request's end to the write that gives its reservation back
 
@@ -235,7 +127,7 @@ class PostgresStore(Store):
     async def _migrate(self) -> tuple[int, int]:
         async with self._conn() as conn:
             async with conn.transaction():
-                await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
+                await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
                 await conn.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
                 found = int(await conn.fetchval("SELECT value FROM meta WHERE key = 'schema_version'") or 0)
                 if found > SCHEMA_VERSION:
@@ -300,7 +192,7 @@ class PostgresStore(Store):
 
     async def _reserve(self, account_id: int, request_id: str, micros: int) -> int | None:
         async with self._conn() as conn:
-            found = await conn.fetchrow(_RESERVE, account_id, micros, request_id, self.run, time.time())
+            found = await conn.fetchrow(RESERVE, account_id, micros, request_id, self.run, time.time())
         if found is None:
             return None
         self._balance(account_id, found[1])
@@ -358,9 +250,9 @@ class PostgresStore(Store):
         self.released[:0] = released
 
     async def _settle(self, rows: list[Any], released: list[str], run: str | None, older: float) -> int:
-        columns = list(zip(*rows)) if rows else [()] * _N
+        columns = list(zip(*rows)) if rows else [()] * len(COLUMNS)
         async with self._conn() as conn:
-            inserted, ids, balances = await conn.fetchrow(_WRITE, *columns, released, run, older)
+            inserted, ids, balances = await conn.fetchrow(WRITE, *columns, released, run, older)
         for account_id, micros in zip(ids or (), balances or ()):
             self._balance(account_id, micros)
         return int(inserted)
@@ -386,7 +278,7 @@ class PostgresStore(Store):
     # Reports.
     async def _select(self, sql: str, *args: Any) -> list[Any]:
         async with self._conn() as conn:
-            return list(await conn.fetch(_numbered(sql), *args))
+            return list(await conn.fetch(numbered(sql), *args))
 
     # Accounts.
     touch = ", revision = nextval('account_revisions')"
@@ -397,7 +289,7 @@ class PostgresStore(Store):
         async with self._conn() as conn:
             async with conn.transaction():
                 for sql, args in statements:
-                    done = await conn.execute(_numbered(sql), *args)
+                    done = await conn.execute(numbered(sql), *args)
                     counts.append(int(done.rsplit(" ", 1)[-1]))
         return counts
 
