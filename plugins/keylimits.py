@@ -22,10 +22,10 @@ from limits import RateLimitItemPerMinute
 from limits.aio.storage import Storage
 from limits.aio.strategies import MovingWindowRateLimiter, SlidingWindowCounterRateLimiter
 
-from plugins.freegate import most
 from proxy.config import UpstreamSettings
 from proxy.context import Context
 from proxy.errors import GatewayError
+from proxy.estimate import most
 from proxy.keys import Account, KeySettings, iso, usd_text
 from proxy.limitstore import SharedStorage
 from proxy.pipeline import Next

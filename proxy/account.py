@@ -3,24 +3,21 @@ in OpenRouter's shapes; `GET {base}/usage`: its budgets and limits and what is l
 
 from __future__ import annotations
 
+import time
+from typing import Any
+
 import orjson
 from aiohttp import web
 
 from proxy.errors import GatewayError
-import time
-from typing import TYPE_CHECKING, Any
-
 from proxy.keys import Account, caller_key, invalid_key, iso
 from proxy.limitstore import NO_LIMIT, AdvertisedLimit
+from proxy.quota import Quota
 from proxy.store import Store, since
 
 
-if TYPE_CHECKING:
-    from plugins.keylimits import KeyLimits
-
-
 class AccountHandlers:
-    def __init__(self, store: Store, limit: AdvertisedLimit = NO_LIMIT, keylimits: KeyLimits | None = None) -> None:
+    def __init__(self, store: Store, limit: AdvertisedLimit = NO_LIMIT, keylimits: Quota | None = None) -> None:
         self.store = store
         self.keylimits = keylimits
         self.rate_limit = {"requests": limit.requests, "interval": limit.interval, "note": limit.note}

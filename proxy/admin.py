@@ -17,24 +17,20 @@ import io
 import re
 import time
 from decimal import Decimal, InvalidOperation
-from typing import TYPE_CHECKING, Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable
 
 import orjson
+import structlog
 from aiohttp import web
 from aiohttp_sse import sse_response
 
-import structlog
-
 from proxy.console.sessions import COOKIE, Sessions
-from proxy.live import Live
-from proxy.metrics import Metrics
-
 from proxy.errors import GatewayError
 from proxy.keys import Account, KeySettings, SettingsError, clean_name, iso, parse_time
+from proxy.live import Live
+from proxy.metrics import Metrics
+from proxy.quota import Quota
 from proxy.store import Store
-
-if TYPE_CHECKING:
-    from plugins.keylimits import KeyLimits
 
 log = structlog.get_logger("turnstile.admin")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -120,7 +116,7 @@ _ID = re.compile(r"[0-9]{1,15}")  # ASCII digits (not "²"), and below any store
 
 
 class AdminAPI:
-    def __init__(self, store: Store, token: str, live: Live | None = None, keylimits: KeyLimits | None = None,
+    def __init__(self, store: Store, token: str, live: Live | None = None, keylimits: Quota | None = None,
                  metrics: Metrics | None = None) -> None:
         self.store = store
         token = token.strip()  # a secret made from a file often ends with a newline

@@ -23,11 +23,11 @@ from proxy.dialects import messages
 from proxy.handlers import ChatHandler, MessagesHandler, ModelsHandler, ResponsesHandler, healthz
 from proxy.outcome import Outcome, Recorder
 from proxy.health import Readiness
-from plugins.keylimits import KeyLimits
 from proxy import store as stores
 from proxy.admin import TOKEN_ENV as ADMIN_TOKEN_ENV, AdminAPI
 from proxy.console import Console
 from proxy.live import Live
+from proxy.quota import Quota
 from proxy.store import Store
 from proxy.metrics import Metrics
 from proxy.pipeline import compose
@@ -151,7 +151,7 @@ def create_app(config: Config, env: Mapping[str, str] = os.environ) -> web.Appli
     openai_responses = ResponsesHandler(catalog, client_ip, pipeline, config.server.max_body_bytes, config.server.body_timeout)
     models = ModelsHandler(catalog)
     advertised = [s.advertised for s in stages if isinstance(getattr(s, "advertised", None), AdvertisedLimit)]
-    keylimits = next((s for s in stages if isinstance(s, KeyLimits)), None)
+    keylimits = next((s for s in stages if isinstance(s, Quota)), None)  # a stage that limits keys
     account = AccountHandlers(store, advertised[0] if advertised else NO_LIMIT, keylimits)
     metrics = Metrics(env.get(config.metrics.token_env, "") if config.metrics.token_env else "") if config.metrics.enabled else None
     forwarder.metrics = metrics
