@@ -83,7 +83,7 @@ class AccountHandlers:
             return web.Response(body=orjson.dumps({"data": data}), content_type="application/json")
         if settings.budgets:
             starts = [b.start(now) for b in settings.budgets]
-            spent = (await self.store.spent(account.id, starts))[1:]
+            spent = await self.store.window_spent(account.id, starts)
             for budget, start, used in zip(settings.budgets, starts, spent):
                 oldest = await self.store.oldest(account.id, start) if budget.sliding else None
                 data["budgets"].append({"window": budget.window, "sliding": budget.sliding, "limit": budget.micros / 1e6,

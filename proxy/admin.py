@@ -201,7 +201,7 @@ class AdminAPI:
                 settings = account.settings
                 if settings is not None and settings.budgets:
                     starts = [b.start(now) for b in settings.budgets]
-                    used = (await self.store.spent(account.id, starts))[1:]
+                    used = await self.store.window_spent(account.id, starts)
                     row["budgets"] = [{"window": b.window, "limit": b.micros / 1e6, "spent": u / 1e6,
                                        "resets_at": iso(b.resets(now))} for b, u in zip(settings.budgets, used)]
                 if settings is not None and self.keylimits is not None:

@@ -17,6 +17,8 @@ from typing import Iterator
 
 import pytest
 
+from tests.servers import running
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -115,8 +117,6 @@ _counter = iter(range(1, 1 << 30))
 
 def new_database(server_url: str) -> str:
     """A fresh database on the server, its URL."""
-    import asyncio
-
     import asyncpg
 
     name = f"t{os.getpid()}_{next(_counter)}"
@@ -128,10 +128,9 @@ def new_database(server_url: str) -> str:
         finally:
             await conn.close()
 
-    from concurrent.futures import ThreadPoolExecutor
+    from proxy.store import run_sync
 
-    with ThreadPoolExecutor(1) as pool:  # the test's own loop may be running in this thread
-        pool.submit(asyncio.run, create()).result()
+    run_sync(create)  # in a thread of its own: the test's loop may be running in this one
     return server_url.rsplit("/", 1)[0] + "/" + name
 
 
@@ -141,23 +140,15 @@ def postgres_url() -> Iterator[str]:
     if os.environ.get("TURNSTILE_TEST_POSTGRES"):
         yield os.environ["TURNSTILE_TEST_POSTGRES"]
         return
-    server = PostgresServer()
-    server.start()
-    try:
+    with running(PostgresServer()) as server:
         yield server.url
-    finally:
-        server.close()
 
 
 @pytest.fixture
 def own_postgres() -> Iterator[PostgresServer]:
     """A server for one test, started."""
-    server = PostgresServer()
-    server.start()
-    try:
+    with running(PostgresServer()) as server:
         yield server
-    finally:
-        server.close()
 
 
 __all__ = ["PostgresServer", "new_database", "postgres_url", "own_postgres"]

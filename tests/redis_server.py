@@ -13,6 +13,8 @@ from typing import Iterator
 
 import pytest
 
+from tests.servers import running
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -74,20 +76,12 @@ def redis_url() -> Iterator[str]:
     if os.environ.get("TURNSTILE_TEST_REDIS"):
         yield os.environ["TURNSTILE_TEST_REDIS"]
         return
-    server = RedisServer()
-    server.start()
-    try:
+    with running(RedisServer()) as server:
         yield server.url
-    finally:
-        server.close()
 
 
 @pytest.fixture
 def own_redis() -> Iterator[RedisServer]:
     """A redis-server for one test, started."""
-    server = RedisServer()
-    server.start()
-    try:
+    with running(RedisServer()) as server:
         yield server
-    finally:
-        server.close()

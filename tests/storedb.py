@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import re
 import sqlite3
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from proxy.store import is_postgres
+from proxy.store import is_postgres, run_sync
 
 
 def query(url: str, sql: str, *args: Any) -> list[dict[str, Any]]:
@@ -32,8 +30,7 @@ def query(url: str, sql: str, *args: Any) -> list[dict[str, Any]]:
         finally:
             await conn.close()
 
-    with ThreadPoolExecutor(1) as pool:  # the test's own loop may be running in this thread
-        return pool.submit(asyncio.run, fetch()).result()
+    return run_sync(fetch)  # in a thread of its own: the test's loop may be running in this one
 
 
 def ledger_rows(url: str) -> list[dict[str, Any]]:
