@@ -34,6 +34,17 @@ FULL_COLLECTION_AFTER = 1000  # collections of the middle generation before a fu
 PARENT_CHECK_SECONDS = 1.0
 
 
+def settle_collector() -> None:
+    """Called once the app is up, before the first request (the load-test kit's counter does the same)."""
+    # Everything built so far lives as long as the process: the cycle collector need not walk it again.
+    gc.collect()
+    gc.freeze()
+    # A full collection walks every object of every request in flight, to find next to nothing (a
+    # request leaves no cycle; tests/test_cycles.py checks it): it waits for 1,000 collections of
+    # the middle generation, not 10. (Python 3.14's incremental collector ignores this value.)
+    gc.set_threshold(*gc.get_threshold()[:2], FULL_COLLECTION_AFTER)
+
+
 def _use_uvloop() -> bool:
     try:
         import uvloop
@@ -183,13 +194,7 @@ async def serve(cfg: Config, app: web.Application, uvloop: bool, sockets: list[s
         return 2
     for sock in sockets:
         await web.SockSite(runner, sock, backlog=BACKLOG, ssl_context=tls).start()
-    # Everything built so far lives as long as the process: the cycle collector need not walk it again.
-    gc.collect()
-    gc.freeze()
-    # A full collection walks every object of every request in flight, to find next to nothing (a
-    # request leaves no cycle; tests/test_cycles.py checks it): it waits for 1,000 collections of
-    # the middle generation, not 10. (Python 3.14's incremental collector ignores this value.)
-    gc.set_threshold(*gc.get_threshold()[:2], FULL_COLLECTION_AFTER)
+    settle_collector()
     log.info("listening", url=_url(tls is not None, sockets), uvloop=uvloop, stages=[r.use for r in cfg.pipeline])
     await stopped
     log.info("stopping", grace_seconds=cfg.server.shutdown_timeout)

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import cProfile
+import pstats
 import os
 import re
 import shutil
@@ -83,7 +85,13 @@ async def _drive(port: int, scenario: str, n: int, path: str = "/v1/chat/complet
         raise SystemExit("the client failed")
 
 
+PROFILE: "cProfile.Profile | None" = None  # --profile: Python's profiler instead of callgrind's counter
+
+
 def _counted(n: int) -> None:
+    if PROFILE is not None:
+        PROFILE.enable() if n else PROFILE.disable()
+        return
     subprocess.run(["callgrind_control", "-i", "on" if n else "off", str(os.getpid())], check=True, capture_output=True)
 
 
@@ -167,6 +175,10 @@ def serve(args: argparse.Namespace) -> None:
         runner = runner_class(app, access_log=None, handle_signals=False, handler_cancellation=True)
         await runner.setup()
         await web.TCPSite(runner, "127.0.0.1", args.port).start()
+        if args.target == "turnstile":  # the collector as `turnstile serve` leaves it
+            from proxy.server import settle_collector
+
+            settle_collector()
         # Warm-up: 1,023 requests, their rows written in one batch. The ledger has then compiled the
         # INSERT of each batch size it uses (powers of two up to 512), as under steady load.
         path = PATHS.get(args.scenario, "/v1/chat/completions") if args.target == "turnstile" else "/v1/chat/completions"
@@ -191,6 +203,11 @@ def serve(args: argparse.Namespace) -> None:
 
 def count(target: str, args: argparse.Namespace, tmp: Path, mock: int, config: Path) -> float:
     out = tmp / f"callgrind.{target}.out"
+    if args.profile:  # natively, the profile to stdout
+        subprocess.run([sys.executable, __file__, "--serve", target, "--scenario", args.scenario, "--requests",
+                        str(args.requests), "--mock", str(mock), "--port", str(free_port()), "--config", str(config),
+                        "--profile", str(args.profile)], check=True)
+        return 0.0
     subprocess.run(["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}",
                     sys.executable, __file__, "--serve", target, "--scenario", args.scenario, "--requests",
                     str(args.requests), "--mock", str(mock), "--port", str(free_port()),
@@ -211,12 +228,30 @@ def main() -> int:
     for name in ("--mock", "--port"):
         ap.add_argument(name, type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--config", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--only", choices=["turnstile"], help="count Turnstile only (the bare relay moves by about 1%%)")
+    ap.add_argument("--keep", default="", metavar="DIR", help="keep callgrind's output files in DIR, for callgrind_annotate")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="no count: run Turnstile natively under cProfile and print its N costliest functions "
+                    "(own time), to see where the count goes")
     args = ap.parse_args()
     if args.floor and args.scenario != "chat":
         ap.error("--floor measures the chat scenario only")
     if args.serve:
         args.target = args.serve
+        if args.profile:
+            global PROFILE
+            PROFILE = cProfile.Profile()
         serve(args)
+        if PROFILE is not None:
+            stats = pstats.Stats(PROFILE)
+            stats.sort_stats("tottime").print_stats(args.profile)
+            by_file: dict[str, float] = {}
+            for (filename, _, _), (_, _, own, _, _) in stats.stats.items():  # type: ignore[attr-defined]
+                by_file[filename] = by_file.get(filename, 0.0) + own
+            total = sum(by_file.values())
+            print("own time by file, per request:")
+            for filename, own in sorted(by_file.items(), key=lambda kv: -kv[1])[:args.profile]:
+                print(f"  {own / args.requests * 1e6:8.1f} us  {own / total:6.1%}  {filename}")
         return 0
     if shutil.which("valgrind") is None:
         print("valgrind is not installed (Debian: apt-get install valgrind)", file=sys.stderr)
@@ -238,16 +273,26 @@ def main() -> int:
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_port(mock)
-        bare = count("bare", args, tmp, mock, config)
+        if args.profile:
+            count("turnstile", args, tmp, mock, config)
+            return 0
+        bare = count("bare", args, tmp, mock, config) if args.only is None else 0.0
         ours = count("turnstile", args, tmp, mock, config)
         floor = {half: count(half, args, tmp, mock, config) for half in ("server", "client")} if args.floor else {}
     finally:
         upstream.terminate()
         upstream.wait()
+        if args.keep:
+            os.makedirs(args.keep, exist_ok=True)
+            for out in tmp.glob("callgrind.*.out"):
+                shutil.copy(out, Path(args.keep) / f"{args.scenario}.{out.name}")
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"{args.scenario}, {args.requests} requests, 8 at a time: instructions per request")
-    print(f"  bare relay  {bare:>12,.0f}")
-    print(f"  turnstile   {ours:>12,.0f}   {ours / bare:.2f}x bare")
+    if bare:
+        print(f"  bare relay  {bare:>12,.0f}")
+        print(f"  turnstile   {ours:>12,.0f}   {ours / bare:.2f}x bare, own work {ours - bare:,.0f}")
+    else:
+        print(f"  turnstile   {ours:>12,.0f}")
     if floor:
         print(f"  aiohttp alone: server (canned answer) {floor['server']:,.0f}, client {floor['client']:,.0f}, "
               f"together {floor['server'] + floor['client']:,.0f}")
