@@ -25,7 +25,7 @@ from proxy.config import ConfigError
 from proxy.context import Context
 from proxy.errors import GatewayError
 from proxy.pipeline import Next
-from proxy.limitstore import AdvertisedLimit, SharedStorage
+from proxy.limitstore import AdvertisedLimit, SharedStorage, SweptMemoryStorage
 
 RATE_LIMITED = "Free model usage limit reached. Please try again later or upgrade to a paid model."
 PROMOTION = (
@@ -80,6 +80,8 @@ class RateLimit:
         # MovingWindowRateLimiter does, without building the same key twice per request.
         self.storage = storage
         self.shared = shared
+        # In this process: each request counted in one call (`SweptMemoryStorage`), nothing awaited.
+        self.memory = storage if isinstance(storage, SweptMemoryStorage) else None
         # A request no provider can serve is refused after this stage (503 provider_not_configured):
         # it must not use up one of the caller's requests.
         self.servable = servable
@@ -124,7 +126,11 @@ class RateLimit:
         """The X-RateLimit-* headers of an admitted request; GatewayError when it is over a limit."""
         hourly = self._hourly
         key = hourly.key(ip)
-        if self.shared is None:
+        memory = self.memory
+        if memory is not None:
+            now = time.time()
+            admitted, start, count = memory.hit_moving(key, hourly.amount, hourly.expiry, now)
+        elif self.shared is None:
             admitted = await self.storage.acquire_entry(key, hourly.amount, hourly.expiry)
             start, count = await self.storage.get_moving_window(key, hourly.amount, hourly.expiry)
         else:
@@ -140,8 +146,9 @@ class RateLimit:
                 headers["Retry-After"] = str(max(1, math.ceil(reset - time.time())))
             raise GatewayError(429, "rate_limit_exceeded", RATE_LIMITED, headers=headers)
         daily = self._daily
-        if ctx.account is None and daily is not None and not await self.storage.acquire_sliding_window_entry(
-                daily.key(ip), daily.amount, daily.expiry):
+        if ctx.account is None and daily is not None and not (
+                memory.hit_sliding(daily.key(ip), daily.amount, daily.expiry, now) if memory is not None
+                else await self.storage.acquire_sliding_window_entry(daily.key(ip), daily.amount, daily.expiry)):
             raise GatewayError(
                 401, "promotion_limit_reached", self.promotion_message, code="PROMOTION_MODEL_LIMIT_REACHED"
             )

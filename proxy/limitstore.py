@@ -6,12 +6,14 @@ import asyncio
 import bisect
 import contextlib
 import inspect
+import math
 import time
 from dataclasses import dataclass
 from typing import Any
 
 import structlog
 from limits.aio.storage import MemoryStorage, Storage
+from limits.aio.storage.memory import Entry
 from limits.errors import ConfigurationError
 from limits.storage import storage_from_string
 
@@ -45,6 +47,10 @@ class _NoLocks:
         pass
 
 
+def _newest_first(entry: Entry) -> float:
+    return -entry.atime
+
+
 class SweptMemoryStorage(MemoryStorage):
     """limits' in-process storage with a cheaper expiry sweep. The stock sweep visits every key with
     one thread hop each, and starts again as soon as it ends while traffic comes: with a key per
@@ -60,10 +66,53 @@ class SweptMemoryStorage(MemoryStorage):
         self.locks = _NoLocks()  # type: ignore[assignment]
 
     async def _schedule_sweep(self) -> None:
+        self._sweep_due()
+
+    def _sweep_due(self) -> None:
         now = time.monotonic()
         if now >= self._next_sweep and (self.timer is None or self.timer.done()):
             self._next_sweep = now + SWEEP_EVERY
             self.timer = asyncio.create_task(self._sweep())
+
+    # One request's count, in one call that never suspends: what limits' `acquire_entry` then
+    # `get_moving_window` (and `acquire_sliding_window_entry`) do, on limits' own data, the same
+    # for every other caller of this storage. Awaited one by one, the three took a dozen coroutine
+    # calls, an IndexError raised and caught for every new client address, and entries kept without end.
+
+    def hit_moving(self, key: str, limit: int, expiry: int, now: float) -> tuple[bool, float, int]:
+        """(admitted, start of the window, entries in it) of the moving window `key`."""
+        self._sweep_due()
+        events = self.events.get(key)
+        if events is None:
+            events = self.events[key] = []
+        admitted = len(events) < limit or events[limit - 1].atime < now - expiry
+        if admitted:
+            entry = Entry.__new__(Entry)
+            entry.atime, entry.expiry = now, now + expiry
+            events.insert(0, entry)
+            # Past `limit`, entries are never looked at again (the newest `limit` decide), and are
+            # outside the window: a key holds at most `limit` of them, not every request of the hour.
+            del events[limit:]
+        within = bisect.bisect_left(events, expiry - now, key=_newest_first)
+        return admitted, events[within - 1].atime if within else now, within
+
+    def hit_sliding(self, key: str, limit: int, expiry: int, now: float) -> bool:
+        """Whether the sliding-window counter `key` admits one more, counting it if so."""
+        self._sweep_due()
+        previous, current = self.sliding_window_keys(key, expiry, now)
+        counts, expirations = self.storage, self.expirations
+        for k in (previous, current):
+            if k in expirations and expirations[k] <= now:
+                counts.pop(k, None)
+                del expirations[k]
+        before, count = counts.get(previous, 0), counts.get(current, 0)
+        ttl = (1 - (((now - expiry) / expiry) % 1)) * expiry if before else 0.0
+        if math.floor(before * ttl / expiry + count) + 1 > limit:
+            return False
+        counts[current] = count + 1
+        if not count:
+            expirations[current] = now + 2 * expiry
+        return True
 
     # limits calls its private scheduler before each count; this replaces it.
     _MemoryStorage__schedule_expiry = _schedule_sweep

@@ -79,3 +79,32 @@ async def test_concurrent_hits_count_exactly_without_a_lock_per_key():
     # limits' own expiry task, which needs its locks, is still the one this storage replaces
     assert "_MemoryStorage__schedule_expiry" in vars(MemoryStorage)
     assert SweptMemoryStorage._MemoryStorage__schedule_expiry is SweptMemoryStorage._schedule_sweep
+
+
+async def test_one_call_counts_as_limits_own_calls_do(monkeypatch):
+    """`hit_moving` and `hit_sliding` decide as limits' `acquire_entry` + `get_moving_window` and
+    `acquire_sliding_window_entry` do, request by request, on a clock that jumps about windows' edges."""
+    import random
+
+    import limits.aio.storage.memory as limits_memory
+
+    clock = [1_700_000_000.0]
+
+    class Clock:
+        @staticmethod
+        def time() -> float:
+            return clock[0]
+
+    monkeypatch.setattr(limits_memory, "time", Clock)
+    ours, theirs = SweptMemoryStorage(), MemoryStorage()
+    draw = random.Random(7)
+    for step in range(3000):
+        clock[0] += draw.choice((0.0, 0.001, 0.4, 3.0, 17.0, 59.9))
+        key = draw.choice(("a", "b", "c"))
+        now = clock[0]
+        admitted = await theirs.acquire_entry("m/" + key, 5, 60)
+        start, count = await theirs.get_moving_window("m/" + key, 5, 60)
+        assert ours.hit_moving("m/" + key, 5, 60, now) == (admitted, start, count), step
+        assert ours.hit_sliding("s/" + key, 7, 60, now) == await theirs.acquire_sliding_window_entry("s/" + key, 7, 60), step
+    # Entries past the limit are dropped as they fall out of the window's reach: at most 5 a key.
+    assert max(len(events) for events in ours.events.values()) == 5
