@@ -146,15 +146,27 @@ def _last(data: bytes, forms: tuple[bytes, bytes]) -> int:
     return max(at, data.rfind(forms[1], at + 1))
 
 
-def _usage(buf: bytes, at: int) -> tuple[int, int, Any] | None:
-    """(start, end, parsed object) of the `"usage":{…}` whose key starts at `at`, by the C JSON scanner."""
+def _usage(buf: bytes, at: int) -> tuple[int, int, Any, bool] | None:
+    """(start, end, parsed object, whether orjson parsed it) of the `"usage":{…}` whose key starts at `at`. Its end is the first closing brace that balances the
+    opening ones and gives JSON that orjson reads whole (a usage object holds numbers and objects);
+    where a string holds a brace, the stdlib's scanner finds it."""
     start = buf.index(b"{", at)
+    end = buf.find(b"}", start)
+    while end >= 0:
+        end += 1
+        if buf.count(b"{", start, end) == buf.count(b"}", start, end):
+            try:
+                obj = orjson.loads(buf[start:end])
+            except orjson.JSONDecodeError:
+                break
+            return start, end, obj, True
+        end = buf.find(b"}", end)
     text = buf[start:].decode("utf-8", "replace")
     try:
         obj, end = _DECODER.raw_decode(text)
     except (ValueError, RecursionError):  # not JSON, or nested past what Python's decoder follows
         return None
-    return start, start + len(text[:end].encode()), obj
+    return start, start + len(text[:end].encode()), obj, False
 
 
 def _sse_boundary(data: bytes) -> int:
@@ -261,10 +273,16 @@ class Meter:
         found = _usage(data, at)
         if found is None:
             return data
-        start, end, raw = found
-        if not isinstance(raw, dict) or not self._believe(raw):
+        start, end, raw, fast = found
+        if not isinstance(raw, dict):
+            return data
+        if not self._believe(raw):
+            if fast:  # for the log, as sent: orjson reads integers past 64 bits as floats
+                self.doubted = json.loads(data[start:end])
             return data
         raw["cost"] = self.cost_micros / 1_000_000
+        if fast and data.find(b'"cost"', start, end) < 0:  # appended: every byte the upstream sent kept
+            return b"".join((data[:end - 1], b',"cost":', orjson.dumps(raw["cost"]), data[end - 1:]))
         try:
             encoded = orjson.dumps(raw)
         except TypeError:  # what orjson will not write: an integer beyond 64 bits, a lone surrogate
