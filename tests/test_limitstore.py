@@ -108,3 +108,35 @@ async def test_one_call_counts_as_limits_own_calls_do(monkeypatch):
         assert ours.hit_sliding("s/" + key, 7, 60, now) == await theirs.acquire_sliding_window_entry("s/" + key, 7, 60), step
     # Entries past the limit are dropped as they fall out of the window's reach: at most 5 a key.
     assert max(len(events) for events in ours.events.values()) == 5
+
+
+async def test_a_sweep_visits_only_what_is_due(monkeypatch):
+    """Keys leave when their newest entry or their counter expires, each visited once it is due:
+    an address seen once costs one visit, not one every sweep for as long as it is kept."""
+    import limits.aio.storage.memory as limits_memory
+
+    clock = [1_700_000_000.0]
+
+    class Clock:
+        time = staticmethod(lambda: clock[0])
+        monotonic = staticmethod(lambda: clock[0])
+
+    monkeypatch.setattr(limits_memory, "time", Clock)
+    monkeypatch.setattr(limitstore, "time", Clock)
+    storage = SweptMemoryStorage()
+    for i in range(100):
+        storage.hit_moving(f"hour/{i}", 200, 3600, clock[0])
+        storage.hit_sliding(f"day/{i}", 10_000, 86400, clock[0])
+    await storage.acquire_entry("rpm/key", 5, 60)  # limits' own calls are swept alike
+    await storage.incr("inflight/key", 60)
+    clock[0] += 30 * 60
+    storage.hit_moving("hour/0", 200, 3600, clock[0])  # seen again: kept an hour from now
+    await storage._sweep()
+    assert "rpm/key" not in storage.events and not any("inflight" in k for k in storage.storage)
+    clock[0] += 31 * 60
+    await storage._sweep()
+    assert list(storage.events) == ["hour/0"] and len(storage.events["hour/0"]) == 1  # its first entry left
+    assert len(storage.storage) == 100  # the daily counters stay two days
+    clock[0] += 2 * 86400
+    await storage._sweep()
+    assert not storage.events and not storage.storage and not storage.expirations and not storage._due
