@@ -85,7 +85,9 @@ def wrap(handler: Handler, route: str, max_body: int, ids: Iterator[str], record
         if not outcome.bytes_out:
             body = getattr(response, "body", None)
             outcome.bytes_out = len(body) if isinstance(body, bytes) else 0
-        record(outcome, request.method, request.path, error)
+        # Recorded once the answer is out (the access line, metrics and billing are off its
+        # latency): aiohttp writes a whole answer before this task yields to the loop.
+        record.after_reply(outcome, request.method, request.path, error)
         # No reference cycle may outlive the request: a caught error's traceback holds this frame.
         # Unlinked, everything goes when the request ends instead of waiting, with all it holds,
         # for the cycle collector.
@@ -164,6 +166,7 @@ def create_app(config: Config, env: Mapping[str, str] = os.environ) -> web.Appli
     live = Live()
     record = Recorder(logs.access_writer(), metrics, store, live)
     forwarder.recorder = record
+    app.cleanup_ctx.append(record.loop_ctx)
 
     def endpoint(handler: Handler, route: str, render: Render = GatewayError.response) -> Handler:
         return wrap(handler, route, config.server.max_body_bytes, ids, record, render)

@@ -7,9 +7,10 @@ it as the request goes; `Recorder` takes it when the request is over, however it
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, AsyncIterator, Callable
 
 import structlog
 
@@ -75,6 +76,20 @@ class Recorder:
         self.metrics = metrics
         self.store = store
         self.live = live  # the console's Live page, fed only while someone watches it
+        self.loop: asyncio.AbstractEventLoop | None = None  # the app's, taken once it runs
+
+    async def loop_ctx(self, app: object) -> AsyncIterator[None]:
+        """aiohttp cleanup_ctx: the app's loop (`get_running_loop` costs a system call each time)."""
+        self.loop = asyncio.get_running_loop()
+        yield
+        self.loop = None
+
+    def after_reply(self, outcome: Outcome, method: str, path: str, error: GatewayError | None = None) -> None:
+        """Records the request in the loop's next turn, after its answer is written."""
+        if self.loop is None:
+            self(outcome, method, path, error)
+        else:
+            self.loop.call_soon(self, outcome, method, path, error)
 
     def __call__(self, outcome: Outcome, method: str, path: str, error: GatewayError | None = None) -> None:
         now = time.monotonic()
