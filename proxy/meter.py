@@ -19,6 +19,8 @@ import orjson
 _MARKERS = (b'"usage":{', b'"usage": {')
 _NATIVE_COUNTS = (b"message_start", b"message_delta", b"response.completed", b"response.incomplete", b"response.failed")
 _FINISHES = (b'"finish_reason":"', b'"finish_reason": "')
+_USAGE_COMPACT, _USAGE_SPACED = _MARKERS
+_FINISH_COMPACT, _FINISH_SPACED = _FINISHES
 _FINISH = re.compile(rb'"finish_reason"\s*:\s*"([a-z_]+)"')
 HOLD = 16 * 1024  # also longer than any provider key
 REDACTED = b"[redacted]"
@@ -211,7 +213,7 @@ class Meter:
     def feed(self, chunk: bytes) -> bytes:
         """The part of what has arrived that can be written now."""
         data = self._pending + chunk if self._pending else chunk
-        if self.secret and self.secret in data:
+        if self.secret and data.find(self.secret) >= 0:
             data = data.replace(self.secret, REDACTED)
         if self.stream:
             if data.endswith(b"\n\n"):  # the usual read: whole events
@@ -227,13 +229,14 @@ class Meter:
             self.events += data.count(b"data: ")
             if self.native is not None:
                 return self._read_native(data)
-            at = data.rfind(_FINISHES[0])
-            at = max(at, data.rfind(_FINISHES[1], at + 1))
-            if at >= 0:
-                self._finish_at(data, at)
-            at = data.rfind(_MARKERS[0])
-            at = max(at, data.rfind(_MARKERS[1], at + 1))
-            return data if at < 0 else self._patch(data, at)
+            rfind = data.rfind
+            at = rfind(_FINISH_COMPACT)
+            spaced = rfind(_FINISH_SPACED, at + 1)
+            if at >= 0 or spaced >= 0:
+                self._finish_at(data, max(at, spaced))
+            at = rfind(_USAGE_COMPACT)
+            spaced = rfind(_USAGE_SPACED, at + 1)
+            return data if at < 0 and spaced < 0 else self._patch(data, max(at, spaced))
         if len(data) <= HOLD:
             self._pending = data
             return b""
