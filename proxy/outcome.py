@@ -93,14 +93,17 @@ class Recorder:
 
     def __call__(self, outcome: Outcome, method: str, path: str, error: GatewayError | None = None) -> None:
         now = time.monotonic()
-        first = outcome.first_byte_at
+        started, first = outcome.started_at, outcome.first_byte_at
+        # Milliseconds to two decimals, rounded half up: `round(x, 2)` formats the float as decimal digits.
+        ttfb = int((first - started) * 100_000 + 0.5) / 100 if first else None
+        total = int((now - started) * 100_000 + 0.5) / 100
         fields: dict[str, Any] = {
             "request_id": outcome.request_id,
             "method": method,
             "path": path,
             "status": outcome.status,
-            "ttfb_ms": round((first - outcome.started_at) * 1000, 2) if first else None,
-            "total_ms": round((now - outcome.started_at) * 1000, 2),
+            "ttfb_ms": ttfb,
+            "total_ms": total,
             "bytes_out": outcome.bytes_out,
         }
         if outcome.model:
@@ -114,12 +117,12 @@ class Recorder:
                 fields["fallbacks"] = outcome.fallbacks
         self.access(fields)
         if self.metrics is not None:
-            self.metrics.observe(outcome, now - outcome.started_at, error)
+            self.metrics.observe(outcome, now - started, error)
         if self.live is not None and self.live.watchers and outcome.model:  # refusals too: what fails shows
             self._publish(outcome, fields)
         try:
             if outcome.billable:
-                self._bill(outcome)
+                self.store.record(self._row(outcome, ttfb, total))
         finally:
             if outcome.reserved_micros and outcome.account_id is not None:  # after the debit: never neither
                 self.store.release(outcome.account_id, outcome.request_id, outcome.reserved_micros)
@@ -131,7 +134,7 @@ class Recorder:
         # Written in one step, for every paid stream: the columns of `Row`, in order.
         prompt = o.request_bytes // 4
         cost = (prompt * prices.prompt + prices.request + HALF_MICRO) // TO_MICROS
-        ms = round((time.monotonic() - o.started_at) * 1000, 2)
+        ms = int((time.monotonic() - o.started_at) * 100_000 + 0.5) / 100
         self.store.provisional((o.request_id, o.account_id, None, o.requested_model, o.model, o.provider, prompt,
                                  0, 0, 0, 0, cost, True, o.status, ms, ms, None, o.stream, time.time()))
 
@@ -147,28 +150,16 @@ class Recorder:
             "cost_usd": o.cost_micros / 1_000_000,
         })
 
-    def _bill(self, o: Outcome) -> None:
-        self.store.record(self._row(o, o.usage, o.cost_micros))
-
-    def _row(self, o: Outcome, usage: Usage | None, cost_micros: int) -> Row:
-        return Row(
-            request_id=o.request_id,
-            account_id=o.account_id,
-            ip_hash=None if o.account_id is not None else ip_hash(self.store.secret, o.client_ip),
-            model_asked=o.requested_model,
-            model=o.model,
-            provider=o.provider,
-            prompt_tokens=usage.prompt if usage else 0,
-            completion_tokens=usage.completion if usage else 0,
-            reasoning_tokens=usage.reasoning if usage else 0,
-            cached_tokens=usage.cached if usage else 0,
-            cache_write_tokens=usage.cache_write if usage else 0,
-            cost_micros=cost_micros,
-            estimated=bool(usage and usage.estimated),
-            status=o.status,
-            ttfb_ms=round((o.first_byte_at - o.started_at) * 1000, 2) if o.first_byte_at else None,
-            duration_ms=round((time.monotonic() - o.started_at) * 1000, 2),
-            finish_reason=o.finish_reason,
-            streamed=o.stream,
-            created_at=time.time(),
-        )
+    def _row(self, o: Outcome, ttfb_ms: float | None, duration_ms: float) -> Row:
+        usage = o.usage
+        account = o.account_id
+        # The columns of `Row`, in order, made as a tuple: a named tuple's keyword constructor is a
+        # Python call with nineteen arguments to match.
+        return tuple.__new__(Row, (  # type: ignore[type-var]
+            o.request_id, account, None if account is not None else ip_hash(self.store.secret, o.client_ip),
+            o.requested_model, o.model, o.provider,
+            *((usage.prompt, usage.completion, usage.reasoning, usage.cached, usage.cache_write) if usage
+              else (0, 0, 0, 0, 0)),
+            o.cost_micros, bool(usage and usage.estimated), o.status, ttfb_ms, duration_ms,
+            o.finish_reason, o.stream, time.time(),
+        ))
