@@ -224,11 +224,11 @@ class Meter:
                 data = data[:cut]
                 if not data:
                     return data
+            if self.native is not None:
+                self.events += data.count(b"data: ")
+                return self._read_native(data)
             # This runs for every read of every stream, and most reads hold neither a finish reason
             # nor usage: `_last`'s two searches each, inline, with no Python call until one is found.
-            self.events += data.count(b"data: ")
-            if self.native is not None:
-                return self._read_native(data)
             rfind = data.rfind
             at = rfind(_FINISH_COMPACT)
             spaced = rfind(_FINISH_SPACED, at + 1)
@@ -236,7 +236,11 @@ class Meter:
                 self._finish_at(data, max(at, spaced))
             at = rfind(_USAGE_COMPACT)
             spaced = rfind(_USAGE_SPACED, at + 1)
-            return data if at < 0 and spaced < 0 else self._patch(data, max(at, spaced))
+            if at >= 0 or spaced >= 0:
+                data = self._patch(data, max(at, spaced))
+            if self.usage is None:  # events are counted for an estimate, needed only while no usage is known
+                self.events += data.count(b"data: ")
+            return data
         if len(data) <= HOLD:
             self._pending = data
             return b""
