@@ -34,7 +34,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parents[1]))
 
-from run import free_port, wait_port  # noqa: E402
+from run import PROVIDER_KEYS, free_port, wait_port  # noqa: E402
 
 BODIES = {
     "chat": '{"model":"openai/gpt-5.4","messages":[{"role":"user","content":"Say hello"}]}',
@@ -266,9 +266,8 @@ def main() -> int:
     config.write_text(f'[server]\ntrusted_proxies = ["127.0.0.1/32"]\n[store]\nurl = "{store}"\n'
                       f'[ledger]\njournal = "{tmp}/ledger"\n[logging]\nformat = "json"\n' + CONFIG.get(args.scenario, ""))
     os.environ.update({"BENCH_KEY": key,  # in the environment, not on command lines that `ps` shows
-                       "OPENROUTER_API_KEY": "sk-bench", "OPENROUTER_BASE_URL": f"http://127.0.0.1:{mock}/v1",
-                       "ANTHROPIC_API_KEY": "sk-bench", "ANTHROPIC_BASE_URL": f"http://127.0.0.1:{mock}",
-                       "GEMINI_API_KEY": "sk-bench", "GEMINI_BASE_URL": f"http://127.0.0.1:{mock}/v1beta"})
+                       **PROVIDER_KEYS, "OPENROUTER_BASE_URL": f"http://127.0.0.1:{mock}/v1",
+                       "ANTHROPIC_BASE_URL": f"http://127.0.0.1:{mock}", "GEMINI_BASE_URL": f"http://127.0.0.1:{mock}/v1beta"})
     upstream = subprocess.Popen([sys.executable, str(HERE / "mock_upstream.py"), "--port", str(mock), "--chunks", "50"],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

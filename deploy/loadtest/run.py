@@ -39,6 +39,13 @@ CHAT = json.dumps({"model": "openai/gpt-5.4", "messages": [{"role": "user", "con
 STREAM = json.dumps({"model": "openai/gpt-5.4", "stream": True, "messages": [{"role": "user", "content": "Say hello"}]}).encode()
 
 
+# The providers' keys the mock is sent, as long as real ones: the gateway searches every answer for
+# the key its provider was sent (redaction), and a short key is slower to search for than a real one.
+_HEX = "5d41402abc4b2a76b9719d911017c592" * 2
+PROVIDER_KEYS = {"OPENROUTER_API_KEY": "sk-or-v1-" + _HEX, "ANTHROPIC_API_KEY": "sk-ant-api03-" + _HEX + _HEX[:31] + "AA",
+                 "GEMINI_API_KEY": "AIzaSy" + _HEX[:33]}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -180,9 +187,8 @@ format = "json"
 [limits]
 storage = "{'memory://' if args.workers == 1 else os.environ.get('BENCH_REDIS', 'redis://127.0.0.1:6379')}"
 """)
-    env = {"OPENROUTER_API_KEY": "sk-bench", "OPENROUTER_BASE_URL": f"http://127.0.0.1:{mock}/v1",
-           "ANTHROPIC_API_KEY": "sk-bench", "ANTHROPIC_BASE_URL": f"http://127.0.0.1:{mock}",
-           "GEMINI_API_KEY": "bench", "GEMINI_BASE_URL": f"http://127.0.0.1:{mock}/v1beta"}
+    env = {**PROVIDER_KEYS, "OPENROUTER_BASE_URL": f"http://127.0.0.1:{mock}/v1",
+           "ANTHROPIC_BASE_URL": f"http://127.0.0.1:{mock}", "GEMINI_BASE_URL": f"http://127.0.0.1:{mock}/v1beta"}
     rows: list[list[str]] = []
     with ExitStack() as stack:
         Proc(stack, [py, str(HERE / "mock_upstream.py"), "--port", str(mock), "--chunks", "50"])
