@@ -43,6 +43,7 @@ class UpstreamSettings:
     retry_after_max: float = 10.0
     keepalive_interval: float = 15.0
     fallbacks: dict[str, list[str]] = field(default_factory=dict)
+    proxy_from_env: bool = True  # HTTPS_PROXY, HTTP_PROXY, NO_PROXY
 
 
 @dataclass(slots=True)
@@ -114,6 +115,9 @@ class ProviderRow:
     def __post_init__(self) -> None:
         if not self.base_url_env:
             self.base_url_env = f"{self.name.upper().replace('-', '_')}_BASE_URL"
+        for name, value in self.headers.items():
+            if not isinstance(value, str) or any(c in name + value for c in "\r\n") or ":" in name or not name.strip():
+                raise ConfigError(f"providers: {self.name}: header {name[:40]!r} must be a name and a one-line string")
 
 
 @dataclass(slots=True)

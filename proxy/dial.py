@@ -21,10 +21,9 @@ from proxy.context import Context, Native
 from proxy.errors import GatewayError, invalid_request, upstream_error
 from proxy.provider import Provider, UpstreamRequest
 from proxy.routing import Router
+from proxy.upstream import USER_AGENT, Answer, UnsafeHeader, Upstream
 
 log = structlog.get_logger("turnstile.forward")
-
-USER_AGENT = "turnstile"
 
 
 def _takes(provider: Provider, native: Native) -> bool:
@@ -42,7 +41,7 @@ def _takes_images(entry: dict) -> bool:
 @dataclass(slots=True)
 class Opened:
     provider: Provider
-    upstream: aiohttp.ClientResponse
+    upstream: Answer
     passthrough: bool  # the request went in the caller's own dialect: its answer is relayed as it is
 
 
@@ -50,22 +49,24 @@ class Dialer:
     def __init__(self, router: Router, settings: UpstreamSettings) -> None:
         self.router = router
         self.settings = settings
+        self.upstream = Upstream(settings)
         self.session: aiohttp.ClientSession | None = None
 
     async def session_ctx(self, app: web.Application) -> AsyncIterator[None]:
-        """aiohttp cleanup_ctx: one pooled session for the app's lifetime."""
-        s = self.settings
-        connector = aiohttp.TCPConnector(limit=s.pool_size, limit_per_host=0, ttl_dns_cache=300, enable_cleanup_closed=True)
-        # `connect` bounds the wait for a free pooled connection too: a full pool gives a 504, not a hang.
-        timeout = aiohttp.ClientTimeout(total=None, connect=s.connect_timeout * 3, sock_connect=s.connect_timeout,
-                                        sock_read=s.read_timeout)
-        # Our own User-Agent, not aiohttp's: a default header costs less per request than skipping one.
+        """aiohttp cleanup_ctx: one pool for the app's lifetime. Chat requests go through `upstream`;
+        the odd other request (the catalog's sync) through a `ClientSession` on the same pool."""
+        connector = self.upstream.start()
         self.session = aiohttp.ClientSession(
-            connector=connector, timeout=timeout, auto_decompress=True, headers={"User-Agent": USER_AGENT},
+            connector=connector, connector_owner=False, headers={"User-Agent": USER_AGENT},
+            timeout=aiohttp.ClientTimeout(total=None, connect=self.settings.connect_timeout * 3,
+                                          sock_connect=self.settings.connect_timeout,
+                                          sock_read=self.settings.read_timeout),
             cookie_jar=aiohttp.DummyCookieJar(),  # a provider's cookies must not leak to other callers
+            trust_env=self.settings.proxy_from_env,
         )
         yield
         await self.session.close()
+        await self.upstream.close()
 
     def servable(self, ctx: Context) -> bool:
         """Whether some provider is configured for the request's model or one of its fallbacks."""
@@ -77,7 +78,6 @@ class Dialer:
         """429 and 5xx answers (and refused connections) are retried with back-off, then the next
         fallback model is tried. `ctx.model` is the model tried last; the outcome counts retries and
         fallbacks."""
-        assert self.session is not None, "the dialer's session opens with the app"
         outcome = ctx.outcome
         fallbacks = retry.fallback_models(ctx, self.settings, ctx.body.get("models"))
         failure: GatewayError | None = None
@@ -104,10 +104,12 @@ class Dialer:
             for attempt in range(self.settings.retries + 1):
                 last_try = attempt == self.settings.retries
                 try:
-                    upstream = await self.session.post(req.url, data=req.body, headers=req.headers, allow_redirects=False)
+                    upstream = await self.upstream.post(req.url, req.headers, req.body)
                 except asyncio.TimeoutError:
                     failure = GatewayError(504, "upstream_timeout", f"The {provider.name} provider did not answer in time.")
                     break  # a slow provider is not asked again: the next model may be quicker
+                except UnsafeHeader:  # (the configuration's headers are checked at start-up: one the caller sent)
+                    raise invalid_request("Invalid request: a header for the provider holds a line break.") from None
                 except aiohttp.ClientError as exc:
                     log.warning("upstream_unreachable", request_id=ctx.request_id, provider=provider.name,
                                 error=type(exc).__name__, attempt=attempt)

@@ -26,6 +26,7 @@ from proxy.errors import GatewayError, upstream_error
 from proxy.meter import REDACTED, Meter
 from proxy.provider import Passthrough, Provider, Translation, UnreadableAnswer, error_chunk, error_of
 from proxy.sse import DONE
+from proxy.upstream import Answer
 
 log = structlog.get_logger("turnstile.forward")
 
@@ -158,7 +159,7 @@ class Reply:
         except ConnectionResetError:
             self.outcome.status = 499
 
-    async def relay(self, provider: Provider, upstream: aiohttp.ClientResponse, meter: Meter,
+    async def relay(self, provider: Provider, upstream: Answer, meter: Meter,
                     passthrough: bool = False) -> web.StreamResponse:
         """The upstream's answer, translated and metered, as it arrives; `passthrough`: it is in the
         caller's dialect already, and goes out as it came."""
@@ -184,7 +185,7 @@ class Reply:
             else:
                 upstream.close()  # unfinished: the connection cannot go back to the pool
 
-    async def _relay(self, provider: Provider, upstream: aiohttp.ClientResponse, translation: Translation,
+    async def _relay(self, provider: Provider, upstream: Answer, translation: Translation,
                      meter: Meter, json_type: str) -> tuple[web.StreamResponse, bool]:
         status = upstream.status
         self._sse = translation.stream
@@ -227,7 +228,7 @@ class Reply:
                 # which holds the upstream: no cycle may outlive the request.
                 exc.__traceback__ = None
 
-    async def _pass(self, upstream: aiohttp.ClientResponse, meter: Meter) -> None:
+    async def _pass(self, upstream: Answer, meter: Meter) -> None:
         """The usual stream, OpenAI's chunks passed through: what `_translate`, `_send`, `_emit` and
         `_write` do for each read, inlined (each read is a few Python calls fewer: a stream has many)."""
         response, outcome, feed = self.response, self.outcome, meter.feed
@@ -248,7 +249,7 @@ class Reply:
                 self._over = True
                 self._stop_ticking()  # the stream is over; only the connection's end is left
 
-    async def _translate(self, upstream: aiohttp.ClientResponse, translation: Translation, meter: Meter, status: int,
+    async def _translate(self, upstream: Answer, translation: Translation, meter: Meter, status: int,
                          json_type: str) -> None:
         async for chunk in upstream.content.iter_any():
             made = translation.feed(chunk)
@@ -305,7 +306,7 @@ class Reply:
             self.ctx.request.transport.abort()  # a cut JSON body must not look complete
         return self.response
 
-    async def _upstream_error(self, provider: Provider, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
+    async def _upstream_error(self, provider: Provider, upstream: Answer) -> web.StreamResponse:
         status = upstream.status
         content_type = upstream.headers.get("Content-Type", "application/json")
         body = await _error_body(upstream)
@@ -360,7 +361,7 @@ def _body(error: GatewayError) -> bytes:
     return body
 
 
-async def _error_body(upstream: aiohttp.ClientResponse) -> bytes | None:
+async def _error_body(upstream: Answer) -> bytes | None:
     """An upstream's error body, read to its end (it may come in several reads); None when it is over
     MAX_ERROR_BODY, breaks off or has not ended within ERROR_BODY_SECONDS."""
     parts: list[bytes] = []

@@ -1,0 +1,184 @@
+"""The upstream client (proxy/upstream.py) where real upstreams are: over TLS, verified against the
+trust the environment gives (SSL_CERT_FILE), and through a proxy named by the environment (the whole
+URL for plain HTTP, a CONNECT tunnel for HTTPS, NO_PROXY obeyed, `proxy_from_env = false`)."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import signal
+import ssl
+import subprocess
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from yarl import URL
+
+from tests.fakes import Upstream
+from tests.processes import free_port, start, wait_up
+
+CHAT = {"model": "minimax/minimax-m2.5:free", "messages": [{"role": "user", "content": "x"}]}
+
+
+class Proxy:
+    """A forward proxy on loopback, one request per connection: CONNECT tunnels, and plain HTTP
+    requests in absolute form, each recorded."""
+
+    def __init__(self) -> None:
+        self.tunnels: list[str] = []
+        self.requests: list[tuple[str, list[bytes]]] = []
+        self.port = 0
+        self._server: asyncio.AbstractServer | None = None
+
+    async def __aenter__(self) -> Proxy:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            method, target, _ = (await reader.readline()).decode().split(" ", 2)
+            headers = []
+            while (line := await reader.readline()) not in (b"\r\n", b""):
+                headers.append(line)
+            if method == "CONNECT":
+                self.tunnels.append(target)
+                host, port = target.rsplit(":", 1)
+                up_reader, up_writer = await asyncio.open_connection(host, int(port))
+                writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+            else:
+                self.requests.append((target, headers))
+                url = URL(target)
+                up_reader, up_writer = await asyncio.open_connection(url.host, url.port)
+                kept = [h for h in headers if not h.lower().startswith((b"proxy-", b"connection"))]
+                up_writer.write(f"{method} {url.raw_path_qs} HTTP/1.1\r\n".encode() + b"".join(kept)
+                                + b"Connection: close\r\n\r\n")
+            await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
+        except (OSError, ValueError):
+            writer.close()
+
+
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+    except OSError:
+        pass
+    finally:
+        writer.close()
+
+
+async def test_through_the_environments_proxy_unless_no_proxy_or_switched_off(gateway, upstream, monkeypatch):
+    for name in ("NO_PROXY", "no_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "http_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    async with Proxy() as proxy:
+        monkeypatch.setenv("HTTP_PROXY", proxy.url.replace("http://", "http://someone:secret@"))
+        client = await gateway()
+        for stream in (False, True):
+            resp = await client.post("/v1/chat/completions", json={**CHAT, "stream": stream})
+            assert resp.status == 200, await resp.text()
+            body = await resp.read()
+            assert body.endswith(b"data: [DONE]\n\n") if stream else b'"choices"' in body
+        # Plain HTTP through a proxy: the whole URL, the proxy's credentials for the proxy alone.
+        assert [target for target, _ in proxy.requests] == [upstream.url.rstrip("/") + "/chat/completions"] * 2
+        assert all(b"Proxy-Authorization: Basic c29tZW9uZTpzZWNyZXQ=\r\n" in headers for _, headers in proxy.requests)
+        assert all("Proxy-Authorization" not in seen.headers for seen in upstream.seen)
+        assert upstream.seen[0].headers["Authorization"] == "Bearer sk-or-test-key"
+
+        monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+        resp = await (await gateway()).post("/v1/chat/completions", json=CHAT)
+        assert resp.status == 200 and len(proxy.requests) == 2  # straight to the upstream
+
+        monkeypatch.delenv("NO_PROXY")
+        resp = await (await gateway(upstream={"proxy_from_env": False})).post("/v1/chat/completions", json=CHAT)
+        assert resp.status == 200 and len(proxy.requests) == 2 and len(upstream.seen) == 4
+
+
+def _certificate(tmp_path: Any) -> tuple[str, str]:
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+    cert, key = tmp_path / "upstream.pem", tmp_path / "upstream.key"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    return str(cert), str(key)
+
+
+async def _served(config: Any, env: dict[str, str], streams: bool = True) -> list[tuple[int, bytes]]:
+    """Starts `turnstile serve`, makes a JSON then (if `streams`) a streamed chat request, stops it."""
+    port = int(config.read_text().split("port = ")[1].split("\n")[0])
+    proc = await start(config, env)
+    got = []
+    try:
+        async with aiohttp.ClientSession() as session:
+            await wait_up(session, f"http://127.0.0.1:{port}")
+            for stream in (False, True) if streams else (False,):
+                async with session.post(f"http://127.0.0.1:{port}/v1/chat/completions", json={**CHAT, "stream": stream}) as resp:
+                    got.append((resp.status, await resp.read()))
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        output, _ = await proc.communicate()
+    assert proc.returncode == 0, output.decode()[-1500:]
+    return got
+
+
+async def test_an_https_upstream_verified_by_the_environments_trust_directly_and_tunnelled(tmp_path):
+    cert, key = _certificate(tmp_path)
+    fake = Upstream()
+    runner = web.AppRunner(fake.app())
+    await runner.setup()
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls.load_cert_chain(cert, key)
+    upstream_port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", upstream_port, ssl_context=tls).start()
+    config = tmp_path / "turnstile.toml"
+    config.write_text(f'[server]\nport = {free_port()}\n[keys]\ndb = "{tmp_path / "k.db"}"\n[upstream]\nretries = 0\n')
+    env = {"OPENROUTER_API_KEY": "sk-or-test", "OPENROUTER_BASE_URL": f"https://127.0.0.1:{upstream_port}/v1"}
+    try:
+        # Trusted (the certificate is its own authority): JSON and a stream, straight to the upstream.
+        answers = await _served(config, {**env, "SSL_CERT_FILE": cert})
+        assert [status for status, _ in answers] == [200, 200] and answers[1][1].endswith(b"data: [DONE]\n\n")
+        assert [seen.path for seen in fake.seen] == ["/v1/chat/completions"] * 2
+        # Not trusted: refused, never sent.
+        [(status, body)] = await _served(config, env, streams=False)
+        assert status == 502 and b"could not be reached" in body and len(fake.seen) == 2
+        # Through HTTPS_PROXY: a CONNECT tunnel, TLS to the upstream inside it.
+        async with Proxy() as proxy:
+            answers = await _served(config, {**env, "SSL_CERT_FILE": cert, "HTTPS_PROXY": proxy.url})
+        assert [status for status, _ in answers] == [200, 200] and len(fake.seen) == 4
+        assert proxy.tunnels and set(proxy.tunnels) == {f"127.0.0.1:{upstream_port}"} and not proxy.requests
+    finally:
+        await runner.cleanup()
+
+
+def test_a_provider_header_with_a_line_break_is_refused_at_start_up():
+    """It would split every request to the provider."""
+    from proxy.config import ConfigError
+    from tests.conftest import make_config
+
+    with pytest.raises(ConfigError, match="X-Title"):
+        make_config(providers=[{"name": "openrouter", "headers": {"X-Title": "a\r\nX-Injected: 1"}}])
+
+
+async def test_a_request_header_with_a_line_break_is_refused_before_it_is_sent():
+    from proxy.config import UpstreamSettings
+    from proxy.upstream import Upstream as Client
+
+    client = Client(UpstreamSettings())
+    client.start()
+    try:
+        with pytest.raises(ValueError, match="line break"):
+            await client.post("http://127.0.0.1:9/x", {"anthropic-beta": "a\r\nX-Injected: 1"}, b"{}")
+    finally:
+        await client.close()
