@@ -4,7 +4,7 @@ The same build gives the same count (within about 1%) however busy the machine i
 moves by ±20% on a shared one.
 
     python deploy/loadtest/instructions.py                       # chat, 1,000 requests, 30 s to 2 min
-    python deploy/loadtest/instructions.py --scenario stream --requests 500   # or anonymous, anthropic, gemini, messages, responses, passthrough
+    python deploy/loadtest/instructions.py --scenario stream --requests 500   # or anonymous, mix, anthropic, gemini, messages, responses, passthrough
     python deploy/loadtest/instructions.py --floor               # and aiohttp's server and client alone
     python deploy/loadtest/instructions.py --store postgresql://turnstile@127.0.0.1:5432/bench   # on PostgreSQL
 
@@ -46,6 +46,12 @@ BODIES = {
     # each dialect's translation.
     "messages": '{"model":"openai/gpt-5.4","stream":true,"max_tokens":100,"messages":[{"role":"user","content":"Say hello"}]}',
     "responses": '{"model":"openai/gpt-5.4","stream":true,"input":"Say hello"}',
+    # wrk's mix, request by request in turn: paid, free (with a key), an auto tier, a translated Anthropic stream.
+    "mix": "\n".join((
+        '{"model":"openai/gpt-5.4","messages":[{"role":"user","content":"Say hello"}]}',
+        '{"model":"minimax/minimax-m2.5:free","messages":[{"role":"user","content":"Say hello"}]}',
+        '{"model":"kilo-auto/balanced","messages":[{"role":"user","content":"Say hello"}]}',
+        '{"model":"anthropic/claude-sonnet-4.6","stream":true,"messages":[{"role":"user","content":"Say hello"}]}')),
     # Anthropic Messages in and out (OpenRouter serves them): the passthrough of 50 Anthropic events.
     "passthrough": '{"model":"openai/gpt-5.4","stream":true,"max_tokens":100,"messages":[{"role":"user","content":"Say hello"}]}',
 }
@@ -57,19 +63,19 @@ CONFIG = {"messages": CHAT_ONLY, "responses": CHAT_ONLY}
 # The client, run natively: `n` requests, 8 at a time; anonymous ones from many client addresses.
 CLIENT = """
 import asyncio, os, random, sys, aiohttp
-url, body, keyed, n = sys.argv[1], sys.argv[2].encode(), sys.argv[3] == "key", int(sys.argv[4])
+url, bodies, keyed, n = sys.argv[1], sys.argv[2].encode().split(b"\n"), sys.argv[3] == "key", int(sys.argv[4])
 key = os.environ["BENCH_KEY"] if keyed else ""
 async def main():
     todo = iter(range(n))
     async with aiohttp.ClientSession() as s:
         async def worker():
-            for _ in todo:
+            for i in todo:
                 headers = {"Content-Type": "application/json"}
                 if key:
                     headers["Authorization"] = "Bearer " + key
                 else:
                     headers["X-Forwarded-For"] = "198.18.%d.%d" % (random.randrange(256), random.randrange(1, 255))
-                async with s.post(url, data=body, headers=headers) as r:
+                async with s.post(url, data=bodies[i % len(bodies)], headers=headers) as r:
                     await r.read()
                     assert r.status == 200, r.status
         await asyncio.gather(*(worker() for _ in range(8)))
