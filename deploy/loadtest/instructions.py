@@ -63,7 +63,7 @@ CONFIG = {"messages": CHAT_ONLY, "responses": CHAT_ONLY}
 # The client, run natively: `n` requests, 8 at a time; anonymous ones from many client addresses.
 CLIENT = """
 import asyncio, os, random, sys, aiohttp
-url, bodies, keyed, n = sys.argv[1], sys.argv[2].encode().split(b"\n"), sys.argv[3] == "key", int(sys.argv[4])
+url, bodies, keyed, n = sys.argv[1], sys.argv[2].encode().split(b"\\n"), sys.argv[3] == "key", int(sys.argv[4])
 key = os.environ["BENCH_KEY"] if keyed else ""
 async def main():
     todo = iter(range(n))
