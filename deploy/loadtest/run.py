@@ -149,6 +149,11 @@ def measure(proc: Proc | None, fn):
     return result, (proc.cpu() - before if proc else 0.0), peak[0]
 
 
+def _cpus(part: str) -> range:
+    low, _, high = part.partition("-")
+    return range(int(low), int(high or low) + 1)
+
+
 def fmt(v: float, digits: int = 2) -> str:
     return "-" if v != v else f"{v:,.{digits}f}"
 
@@ -159,7 +164,17 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--connections", type=int, default=32)
     ap.add_argument("--workers", type=int, default=1, help="Turnstile worker processes")
+    ap.add_argument("--cpus", default="", metavar="SERVERS:LOAD",
+                    help="pin the relay and Turnstile (its workers) to the CPUs SERVERS and everything else (wrk, the "
+                    "mock, the Python load generator) to LOAD, as taskset lists them: --cpus 0:1, --cpus 0-1:2-3")
     args = ap.parse_args()
+    pin: list[str] = []
+    if args.cpus:
+        servers, _, load = args.cpus.partition(":")
+        if not servers or not load or shutil.which("taskset") is None:
+            ap.error("--cpus takes SERVERS:LOAD CPU lists, and needs taskset (util-linux)")
+        pin = ["taskset", "-c", servers]
+        os.sched_setaffinity(0, {cpu for part in load.split(",") for cpu in _cpus(part)})  # inherited by wrk and the mock
     if shutil.which("wrk") is None:
         print("wrk is not installed (Debian: apt-get install wrk)", file=sys.stderr)
         return 2
@@ -193,8 +208,8 @@ storage = "{'memory://' if args.workers == 1 else os.environ.get('BENCH_REDIS', 
     with ExitStack() as stack:
         Proc(stack, [py, str(HERE / "mock_upstream.py"), "--port", str(mock), "--chunks", "50"])
         targets = {"direct": None}
-        targets["bare"] = Proc(stack, [py, str(HERE / "bare_relay.py"), "--port", str(bare), "--upstream", f"http://127.0.0.1:{mock}"])
-        targets["turnstile"] = Proc(stack, [py, "-m", "proxy", "serve", "--config", str(config)], env)
+        targets["bare"] = Proc(stack, [*pin, py, str(HERE / "bare_relay.py"), "--port", str(bare), "--upstream", f"http://127.0.0.1:{mock}"])
+        targets["turnstile"] = Proc(stack, [*pin, py, "-m", "proxy", "serve", "--config", str(config)], env)
         urls = {"direct": f"http://127.0.0.1:{mock}", "bare": f"http://127.0.0.1:{bare}", "turnstile": f"http://127.0.0.1:{gw}"}
         for port in (mock, bare, gw):
             wait_port(port)
@@ -218,6 +233,7 @@ storage = "{'memory://' if args.workers == 1 else os.environ.get('BENCH_REDIS', 
                          fmt(r["rss"], 0) if name != "direct" else "-", str(int(r["non2xx"]))])
         print(f"\nwrk -t2 -c{args.connections}, {seconds:g} s per run, mock stream of 50 chunks; Turnstile: "
               f"{args.workers} worker(s), default pipeline (auth, automodel, freegate, ratelimit 200/hour per IP); "
+              f"{'servers on CPUs ' + pin[2] + ', load on ' + args.cpus.partition(':')[2] + '; ' if pin else ''}"
               f"idle RSS {idle:.0f} MB\n")
         table(header, rows)
 
