@@ -201,11 +201,18 @@ class Chunks:
 
     def delta(self, delta: dict[str, Any], finish: str | None = None) -> bytes:
         """`data({**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})`."""
+        end = b',"finish_reason":null}]}\n\n' if finish is None else b',"finish_reason":' + orjson.dumps(finish) + b"}]}\n\n"
+        return b"".join((self._start(), orjson.dumps(delta), end))
+
+    def content(self, text: bytes) -> bytes:
+        """`delta({"content": …})` for `text` already a JSON string (as an upstream wrote it)."""
+        return b"".join((self._start(), b'{"content":', text, b'},"finish_reason":null}]}\n\n'))
+
+    def _start(self) -> bytes:
         if self._head_id is not self.base["id"]:
             self._head_id = self.base["id"]
             self._head = b"data: " + orjson.dumps(self.base)[:-1] + b',"choices":[{"index":0,"delta":'
-        end = b',"finish_reason":null}]}\n\n' if finish is None else b',"finish_reason":' + orjson.dumps(finish) + b"}]}\n\n"
-        return b"".join((self._head, orjson.dumps(delta), end))
+        return self._head
 
     def usage(self, usage: Usage) -> bytes:
         return data({**self.base, "choices": [], "usage": usage})

@@ -256,6 +256,17 @@ class _Message(WholeTranslation):
                           usage(msg.get("usage") or {}))
 
 
+_TEXT_EVENT = b'{"type":"content_block_delta","index":'
+_TEXT_DELTA = b',"delta":{"type":"text_delta","text":'
+
+
+def _one_string(text: bytes) -> bool:
+    try:
+        return type(orjson.loads(text)) is str
+    except orjson.JSONDecodeError:
+        return False
+
+
 class _Stream(EventTranslation):
     """Anthropic events in, OpenAI chunks out."""
 
@@ -270,6 +281,14 @@ class _Stream(EventTranslation):
         for name, raw in events:
             if not name or self.over:
                 continue
+            if name == "content_block_delta" and raw.startswith(_TEXT_EVENT) and raw.endswith(b'"}}'):
+                # Most of a stream: a piece of text, passed on as the JSON string it came as (checked
+                # to be one string, the delta's last field), not parsed into a dict and written again.
+                at = raw.find(_TEXT_DELTA, len(_TEXT_EVENT))
+                text = raw[at + len(_TEXT_DELTA):-2] if at > 0 else b""
+                if text and _one_string(text):
+                    parts.append(out.content(text))
+                    continue
             try:
                 event = orjson.loads(raw)
             except orjson.JSONDecodeError:

@@ -287,3 +287,30 @@ async def test_text_before_an_event_that_cannot_be_translated_still_goes_out():
         provider.translation(ctx, "text/event-stream").feed(read)
     docs, _ = chunks_of(broken.value.made)
     assert [d["choices"][0]["delta"].get("content") for d in docs] == ["", "Hello"]
+
+
+async def test_text_passed_on_as_sent_reads_as_the_parsed_way_does():
+    """Compact text deltas (as Anthropic writes them) go out as the JSON strings they came as; they
+    read the same as what parsing and writing them again gives (the spaced form takes that way)."""
+    import orjson
+    from types import SimpleNamespace
+
+    from plugins.providers.anthropic import Anthropic
+
+    texts = ['plain', 'quote " and \\ backslash', 'é, ☃, 😀 and \u2028', '\n\t', '', '}}"}}']
+    events = [{"type": "message_start", "message": {"id": "msg_1", "usage": {"input_tokens": 3}}}]
+    events += [{"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": t}} for t in texts]
+    events += [{"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "x", "extra": 1}},
+               {"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 7}},
+               {"type": "message_stop"}]
+    provider = Anthropic(name="anthropic", base_url="http://127.0.0.1:1")
+    ctx = SimpleNamespace(body=chat(), request_id="r1", model=SimpleNamespace(id=SONNET), stream=True)
+
+    def frames(dump) -> list[bytes]:
+        return [b"event: " + e["type"].encode() + b"\ndata: " + dump(e) + b"\n\n" for e in events]
+
+    compact = translate_reads(provider, ctx, frames(orjson.dumps))
+    spaced = translate_reads(provider, ctx, frames(lambda e: json.dumps(e).encode()))
+    assert [d["choices"] for d in chunks_of(compact)[0]] == [d["choices"] for d in chunks_of(spaced)[0]]
+    contents = [d["choices"][0]["delta"].get("content") for d in chunks_of(compact)[0] if d["choices"]]
+    assert contents == ["", *texts, "x", None]
