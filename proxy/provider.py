@@ -147,6 +147,10 @@ class EventTranslation:
     def translate(self, events: list[tuple[str, bytes]]) -> None:
         raise NotImplementedError
 
+    def read(self, chunk: bytes) -> None:
+        """One upstream read: its events, translated (a subclass may take some of them another way)."""
+        self.translate(self._events.feed(chunk))
+
     def closing(self) -> bytes:
         """What follows when the upstream closes the stream before the answer is over."""
         return self.out.error("The provider closed the stream before it was complete.")
@@ -160,7 +164,7 @@ class EventTranslation:
         if self.over:
             return b""
         try:
-            self.translate(self._events.feed(chunk))
+            self.read(chunk)
         except Exception as exc:
             self.over = True
             raise UnreadableAnswer(f"{type(exc).__name__}: {exc}", self._take()) from None
@@ -179,6 +183,9 @@ class EventTranslation:
         made = b"".join(self.parts)
         self.parts.clear()
         return made
+
+
+_CONTENT_END = b'},"finish_reason":null}]}\n\n'
 
 
 class Chunks:
@@ -206,7 +213,13 @@ class Chunks:
 
     def content(self, text: bytes) -> bytes:
         """`delta({"content": …})` for `text` already a JSON string (as an upstream wrote it)."""
-        return b"".join((self._start(), b'{"content":', text, b'},"finish_reason":null}]}\n\n'))
+        return b"".join((self._start(), b'{"content":', text, _CONTENT_END))
+
+    def contents(self, texts: bytes, between: bytes) -> bytes:
+        """`content` for each JSON string in `texts`, `between` between them (bytes that no JSON
+        string can hold), in one pass."""
+        start = self._start() + b'{"content":'
+        return b"".join((start, texts.replace(between, _CONTENT_END + start), _CONTENT_END))
 
     def _start(self) -> bytes:
         if self._head_id is not self.base["id"]:

@@ -18,6 +18,11 @@ class Events:
         self._buffer = b""
         self._names: dict[bytes, str] = {}  # `event: x` line -> name, decoded once per stream
 
+    @property
+    def pending(self) -> bool:
+        """Part of an event is waiting for the rest."""
+        return bool(self._buffer)
+
     def feed(self, chunk: bytes) -> list[tuple[str, bytes]]:
         buffer = self._buffer + chunk if self._buffer else chunk
         plain = buffer.find(b"\r") < 0  # (`in` tries the needle as an int first: slower)

@@ -258,6 +258,9 @@ class _Message(WholeTranslation):
 
 _TEXT_EVENT = b'{"type":"content_block_delta","index":'
 _TEXT_DELTA = b',"delta":{"type":"text_delta","text":'
+_TEXT_LINE = b"event: content_block_delta\n"
+_TEXT_DATA = b"data: " + _TEXT_EVENT
+_EVENT_END = b"}}\n\n"
 
 
 def _one_string(text: bytes) -> bool:
@@ -275,6 +278,51 @@ class _Stream(EventTranslation):
         self.exclude = excluded(ctx.body)
         self.tool_index: dict[int, int] = {}
         self.counts: dict[str, Any] = {}
+
+    def read(self, chunk: bytes) -> None:
+        """A read's run of text deltas (most of a stream) is made in a few C-level passes, whatever
+        its length; what comes before and after it goes event by event, in order.
+
+        The run is `L H s E L H s E … L H s E`: L, the `event:` line; H, the data line up to the
+        text (the type, the block's index, the delta's type); s, each text as a JSON string; E,
+        `}}` and the blank line. Without its Hs, what is left must parse, E L for a comma, as an
+        array of as many values as there were Hs, each a string (H then a quote): another event
+        in the run, a delta with another field after its text, or a cut string, would not."""
+        events = self._events
+        mid = -1 if events.pending else chunk.find(_TEXT_DELTA)
+        if mid < 0:
+            self.translate(events.feed(chunk))
+            return
+        first = chunk.rfind(b"\n\n", 0, mid)
+        first = 0 if first < 0 else first + 2
+        data = chunk.find(b"\ndata: ", first, mid) + 1  # H without its `event:` line: under 100 bytes,
+        head = chunk[data:mid + len(_TEXT_DELTA)]      # which CPython searches for without preparing it first
+        whole = chunk.rfind(b"\n\n") + 2  # the end of the read's last whole event
+        last = chunk.rfind(head, first, whole)
+        if (chunk[first:data] != _TEXT_LINE or not head.startswith(_TEXT_DATA) or last < 0
+                or not head[len(_TEXT_DATA):-len(_TEXT_DELTA)].isdigit()):
+            self.translate(events.feed(chunk))
+            return
+        end = chunk.find(b"\n\n", last) + 2
+        run = chunk[first:end]
+        pieces = run.split(head)  # the `event:` line, then each text with E and the next `event:` line
+        n = len(pieces) - 1
+        between = _EVENT_END + _TEXT_LINE
+        texts = b"".join(pieces[1:])  # s E L s E L … s E (another event in the run would be left in it: not JSON)
+        try:
+            made = (pieces[0] == _TEXT_LINE and run.count(head + b'"') == n
+                    and len(orjson.loads(b"[" + texts[:-len(_EVENT_END)].replace(between, b",") + b"]")) == n)
+        except orjson.JSONDecodeError:
+            made = False
+        if first:
+            self.translate(events.feed(chunk[:first]))
+        if not self.over:
+            if made:
+                self.parts.append(self.out.contents(texts[:-len(_EVENT_END)], between))
+            else:
+                self.translate(events.feed(run))
+        if end < len(chunk):
+            self.translate(events.feed(chunk[end:]))
 
     def translate(self, events: list[tuple[str, bytes]]) -> None:
         out, parts = self.out, self.parts
