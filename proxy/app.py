@@ -33,7 +33,7 @@ from proxy.metrics import Metrics
 from proxy.pipeline import compose
 from proxy.limitstore import NO_LIMIT, AdvertisedLimit, SharedStorage, is_shared, open_storage
 from proxy.registry import STAGES, build, load
-from proxy.routing import Router, build_providers
+from proxy.routing import Router, build_providers, provider_key
 from proxy import logs, sync
 
 BASES = ("/api/gateway", "/api/gateway/v1", "/api/openrouter", "/api/openrouter/v1", "/api/v1", "/v1")
@@ -135,7 +135,7 @@ def create_app(config: Config, env: Mapping[str, str] = os.environ) -> web.Appli
     catalog.update(config.models)
     router = Router(build_providers(config.providers, env), catalog)
     store = stores.open_store(stores.settings(config, env))
-    secrets = {row.name: env.get(row.api_key_env, "") for row in config.providers if row.api_key_env}
+    secrets = {row.name: provider_key(row, env) for row in config.providers if row.api_key_env}
     forwarder = Forwarder(router, config.upstream, secrets)
     client_ip = ClientIP(config.server.trusted_proxies)
     storage = open_storage(config.limits)

@@ -99,6 +99,11 @@ class StageRow:
     options: dict[str, Any] = field(default_factory=dict)
 
 
+# What says where a request ends or what the connection does: never a provider's configured header.
+FRAMING_HEADERS = frozenset({"content-length", "transfer-encoding", "connection", "upgrade", "expect", "te", "trailer",
+                             "keep-alive", "proxy-connection"})
+
+
 @dataclass(slots=True)
 class ProviderRow:
     name: str
@@ -118,6 +123,8 @@ class ProviderRow:
         for name, value in self.headers.items():
             if not isinstance(value, str) or any(c in name + value for c in "\r\n") or ":" in name or not name.strip():
                 raise ConfigError(f"providers: {self.name}: header {name[:40]!r} must be a name and a one-line string")
+            if name.strip().lower() in FRAMING_HEADERS:
+                raise ConfigError(f"providers: {self.name}: header {name!r} is the gateway's to set (it frames the request)")
 
 
 @dataclass(slots=True)

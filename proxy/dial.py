@@ -111,9 +111,13 @@ class Dialer:
                 except UnsafeHeader:  # (the configuration's headers are checked at start-up: one the caller sent)
                     raise invalid_request("Invalid request: a header for the provider holds a line break.") from None
                 except aiohttp.ClientError as exc:
+                    # What went wrong, for the operator (aiohttp's words name a host, a proxy, a
+                    # certificate or a malformed answer, never a key).
                     log.warning("upstream_unreachable", request_id=ctx.request_id, provider=provider.name,
-                                error=type(exc).__name__, attempt=attempt)
+                                error=type(exc).__name__, reason=str(exc)[:300], attempt=attempt)
                     failure = upstream_error(502, f"The {provider.name} provider could not be reached.")
+                    if isinstance(exc, aiohttp.ClientSSLError):
+                        break  # a certificate that is not trusted now will not be trusted in a moment
                     wait = retry.delay(self.settings, attempt)
                 else:
                     if upstream.status not in retry.RETRYABLE or (last_try and last_model):

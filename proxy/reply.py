@@ -38,7 +38,7 @@ MAX_ERROR_BODY = 64 * 1024
 ERROR_BODY_SECONDS = 10.0
 # An upstream refusing *our* key or credit is the operator's problem, not the caller's (whose
 # client would ask them to sign in or pay): they get a 503, the operator gets the log line.
-_OURS = {401, 402, 403}
+_OURS = {401, 402, 403, 407}
 _UNREADABLE = (ValueError, KeyError, TypeError, AttributeError, RecursionError)
 
 
@@ -318,7 +318,9 @@ class Reply:
             for secret in self.secrets:
                 body = body.replace(secret, REDACTED)
             if status in _OURS:
-                log.error("upstream_refused_gateway_key", request_id=self.ctx.request_id, provider=provider.name,
+                # 407: a forward proxy (HTTP_PROXY) that wants other credentials, not the provider.
+                log.error("upstream_proxy_refused" if status == 407 else "upstream_refused_gateway_key",
+                          request_id=self.ctx.request_id, provider=provider.name,
                           status=status, body=body[:500].decode("utf-8", "replace"))
                 error = GatewayError(503, "temporarily_unavailable",
                                      "The service is temporarily unavailable. Please try again later.")

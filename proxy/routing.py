@@ -9,7 +9,7 @@ from functools import partial
 from typing import Any, Callable, Mapping
 
 from proxy.catalog import Catalog, Model
-from proxy.config import ProviderRow
+from proxy.config import ConfigError, ProviderRow
 from proxy.errors import GatewayError, model_not_found
 from proxy.provider import Provider
 from proxy.registry import PROVIDERS, build, load
@@ -37,12 +37,21 @@ class _Candidate:
         return None
 
 
+def provider_key(row: ProviderRow, env: Mapping[str, str]) -> str:
+    """The provider's key from the environment, without the line end a key read from a file brings;
+    a key with a line break or a space inside would make a broken header: refused at start-up."""
+    key = env.get(row.api_key_env, "").strip() if row.api_key_env else ""
+    if any(c.isspace() for c in key):
+        raise ConfigError(f"{row.api_key_env}: the {row.name} key holds a line break or a space")
+    return key
+
+
 def build_providers(rows: list[ProviderRow], env: Mapping[str, str] = os.environ) -> list[_Candidate]:
     upstreams = []
     for i, row in enumerate(rows):
         where = f"providers[{i}] ({row.name})"
         cls = load(PROVIDERS, row.use, where)
-        key = env.get(row.api_key_env, "") if row.api_key_env else ""
+        key = provider_key(row, env)
         adapter = None
         if key or not row.api_key_env:
             base_url = env.get(row.base_url_env) or row.base_url

@@ -16,22 +16,49 @@ or ~/.netrc), chosen once per upstream, unless `[upstream] proxy_from_env = fals
 from __future__ import annotations
 
 import asyncio
+import functools
 from typing import Any, Mapping
 
 import aiohttp
-from aiohttp.helpers import get_env_proxy_for_url
+from aiohttp.client_proto import ResponseHandler
+from aiohttp.helpers import _EXC_SENTINEL, get_env_proxy_for_url
+from aiohttp.http_exceptions import HttpProcessingError
 from multidict import CIMultiDictProxy
 from yarl import URL
 
-from proxy.config import UpstreamSettings
+from proxy.config import FRAMING_HEADERS, UpstreamSettings
 
 USER_AGENT = "turnstile"
 _BUFSIZE = 2**16  # what a connection reads ahead of the relay before it pauses (aiohttp's default)
 _HEADS = 256  # encoded header sets kept (a provider's are the same on every request)
+_NO_ANSWER = frozenset({101, 204, 205, 304})  # statuses that carry no body: no chat answer
 
 
 class UnsafeHeader(ValueError):
-    """A header that would split the request (a line break in it)."""
+    """A header that would split the request (a line break in it), or frame it."""
+
+
+class MalformedAnswer(aiohttp.ClientResponseError):
+    """An answer that is not HTTP aiohttp can read (a broken status line, headers past its limits),
+    or that no chat answer can be (101, 204, 304): the upstream is broken, as an unreachable one is."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(None, (), status=502, message=message)  # type: ignore[arg-type]
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class _Handler(ResponseHandler):
+    """aiohttp's response protocol, and a body that breaks off is an error for its reader: aiohttp
+    3.14 closes the connection on a malformed chunk but leaves the body's reader waiting, for ever
+    (its read timeout dropped with it)."""
+
+    def set_exception(self, exc: BaseException, exc_cause: BaseException = _EXC_SENTINEL) -> None:
+        body = self._payload
+        super().set_exception(exc, exc_cause)
+        if body is not None and not body.is_eof() and body.exception() is None:
+            body.set_exception(aiohttp.ClientPayloadError(f"The answer broke off: {exc}"))
 
 
 class Answer:
@@ -58,9 +85,10 @@ class Answer:
 
 class _Origin:
     """One upstream URL: the pool's key for it (a request aiohttp's connector reads host, port, TLS
-    and proxy from) and the start of every request's head."""
+    and proxy from), and its request line and the headers the gateway sets, which a provider's own
+    `Host` or `User-Agent` replaces."""
 
-    __slots__ = ("key", "head")
+    __slots__ = ("key", "line", "host", "proxy_auth")
 
     def __init__(self, url: str, loop: asyncio.AbstractEventLoop, from_env: bool) -> None:
         target = URL(url)
@@ -75,19 +103,25 @@ class _Origin:
         self.key = aiohttp.ClientRequest("POST", target, loop=loop, proxy=proxy, proxy_auth=auth)
         # Through a proxy, plain HTTP names the whole URL (an https upstream is tunnelled: CONNECT).
         path = str(target) if proxy is not None and target.scheme == "http" else target.raw_path_qs
-        head = f"POST {path} HTTP/1.1\r\nHost: {target.host_port_subcomponent}\r\nUser-Agent: {USER_AGENT}\r\n"
-        if proxy is not None and target.scheme == "http" and auth is not None:
-            head += f"Proxy-Authorization: {auth.encode()}\r\n"
-        self.head = head.encode()
+        self.line = f"POST {path} HTTP/1.1\r\n"
+        self.host = target.host_port_subcomponent
+        self.proxy_auth = auth.encode() if proxy is not None and target.scheme == "http" and auth is not None else ""
 
-
-def _encoded(headers: Mapping[str, str]) -> bytes:
-    lines = []
-    for name, value in headers.items():
-        if "\r" in name or "\n" in name or ":" in name or "\r" in value or "\n" in value:
-            raise UnsafeHeader(f"header {name[:40]!r}: a line break or colon where none may be")
-        lines.append(f"{name}: {value}\r\n")
-    return "".join(lines).encode("utf-8", "surrogateescape")
+    def head(self, headers: Mapping[str, str]) -> bytes:
+        """The request's head but for its length."""
+        own = {"host": ("Host", self.host), "user-agent": ("User-Agent", USER_AGENT)}
+        lines = [self.line]
+        for name, value in headers.items():
+            if "\r" in name or "\n" in name or ":" in name or "\r" in value or "\n" in value:
+                raise UnsafeHeader(f"header {name[:40]!r}: a line break or colon where none may be")
+            if name.lower() in FRAMING_HEADERS:
+                raise UnsafeHeader(f"header {name[:40]!r}: the gateway's to set")
+            own.pop(name.lower(), None)
+            lines.append(f"{name}: {value}\r\n")
+        lines[1:1] = [f"{name}: {value}\r\n" for name, value in own.values()]
+        if self.proxy_auth:
+            lines.append(f"Proxy-Authorization: {self.proxy_auth}\r\n")
+        return "".join(lines).encode("utf-8", "surrogateescape")
 
 
 class Upstream:
@@ -100,13 +134,14 @@ class Upstream:
                                              sock_connect=settings.connect_timeout)
         self.connector: aiohttp.TCPConnector | None = None
         self._origins: dict[str, _Origin] = {}
-        self._heads: dict[tuple[tuple[str, str], ...], bytes] = {}
+        self._heads: dict[tuple[str, tuple[tuple[str, str], ...]], bytes] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def start(self) -> aiohttp.TCPConnector:
         self._loop = asyncio.get_running_loop()
         self.connector = aiohttp.TCPConnector(limit=self.settings.pool_size, limit_per_host=0, ttl_dns_cache=300,
                                               enable_cleanup_closed=True)
+        self.connector._factory = functools.partial(_Handler, loop=self._loop)  # (aiohttp's own, but for `_Handler`)
         return self.connector
 
     async def close(self) -> None:
@@ -118,13 +153,13 @@ class Upstream:
         if origin is None:
             assert self._loop is not None, "the upstream client starts with the app"
             origin = self._origins[url] = _Origin(url, self._loop, self.settings.proxy_from_env)
-        key = tuple(headers.items())
-        block = self._heads.get(key)
-        if block is None:
+        key = (url, tuple(headers.items()))
+        head = self._heads.get(key)
+        if head is None:
             if len(self._heads) >= _HEADS:  # requests that each bring their own (passed-through headers)
                 self._heads.clear()
-            block = self._heads[key] = _encoded(headers)
-        return origin, b"%b%bContent-Length: %d\r\n\r\n" % (origin.head, block, size)
+            head = self._heads[key] = origin.head(headers)
+        return origin, b"%bContent-Length: %d\r\n\r\n" % (head, size)
 
     async def post(self, url: str, headers: Mapping[str, str], body: bytes) -> Answer:
         """The answer's status and headers; its body is read from `content`. aiohttp's errors:
@@ -140,9 +175,14 @@ class Upstream:
                                          read_timeout=self.settings.read_timeout)
             protocol.transport.writelines((head, body))
             protocol.start_timeout()
-            message, payload = await protocol.read()
-            while 100 <= message.code < 200 and message.code != 101:  # interim answers (100 Continue)
+            try:
                 message, payload = await protocol.read()
+                while 100 <= message.code < 200 and message.code != 101:  # interim answers (100 Continue)
+                    message, payload = await protocol.read()
+            except HttpProcessingError as exc:  # (ClientSession raises it as a ClientResponseError)
+                raise MalformedAnswer(f"an answer that is not HTTP: {exc.message}"[:300]) from None
+            if message.code in _NO_ANSWER:
+                raise MalformedAnswer(f"answered {message.code} to a POST")
         except BaseException:
             conn.close()  # mid-exchange (the caller left, a timeout): the connection cannot be reused
             raise

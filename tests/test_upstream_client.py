@@ -182,3 +182,115 @@ async def test_a_request_header_with_a_line_break_is_refused_before_it_is_sent()
             await client.post("http://127.0.0.1:9/x", {"anthropic-beta": "a\r\nX-Injected: 1"}, b"{}")
     finally:
         await client.close()
+
+
+class Raw:
+    """An upstream that answers every request with `answer` (bytes, as they go on the wire, in
+    pieces), after reading the request's head and body."""
+
+    def __init__(self, *answer: bytes) -> None:
+        self.answer = answer  # pieces, sent 0.1 s apart
+        self.heads: list[bytes] = []
+        self._server: asyncio.AbstractServer | None = None
+
+    async def __aenter__(self) -> Raw:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+
+    @property
+    def url(self) -> str:
+        assert self._server is not None
+        return f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            self.heads.append(head)
+            size = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+            await reader.readexactly(size)
+            for i, piece in enumerate(self.answer):
+                if i:
+                    await asyncio.sleep(0.1)
+                writer.write(piece)
+                await writer.drain()
+            await asyncio.sleep(0.5)  # the connection held open after the answer
+        except (OSError, asyncio.IncompleteReadError, asyncio.CancelledError):
+            pass
+        finally:
+            writer.close()
+
+
+SSE_START = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+             b"3a\r\ndata: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hi\"}}]}\n\n\r\n")
+
+
+@pytest.mark.parametrize("answer", [
+    b"HTTP/1.1 2OO OK\r\nContent-Length: 2\r\n\r\n{}",  # a broken status line
+    b"HTTP/1.1 200 OK\r\nX-Big: " + b"x" * 9000 + b"\r\nContent-Length: 2\r\n\r\n{}",  # a header past aiohttp's limit
+    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n\r\n",
+    b"HTTP/1.1 204 No Content\r\n\r\n",
+], ids=["status-line", "huge-header", "101", "204"])
+async def test_an_answer_that_is_not_a_chat_answer_is_a_502(gateway, answer, caplog):
+    async with Raw(answer) as raw:
+        client = await gateway(env={"OPENROUTER_BASE_URL": raw.url}, upstream={"retries": 0})
+        for stream in (False, True):
+            resp = await asyncio.wait_for(client.post("/v1/chat/completions", json={**CHAT, "stream": stream}), 10)
+            body = await resp.json()
+            assert resp.status == 502 and body["error"]["code"] == "upstream_error", body
+
+
+async def test_a_body_that_breaks_off_ends_the_stream_with_the_error_chunk(gateway):
+    """aiohttp closes the connection on a malformed chunk and leaves the body's reader waiting: the
+    stream ends at once with the error chunk, not at the read timeout (nor never, with keep-alives)."""
+    async with Raw(SSE_START, b"zz\r\nxx\r\n") as raw:
+        client = await gateway(env={"OPENROUTER_BASE_URL": raw.url}, upstream={"read_timeout": 60.0})
+        resp = await asyncio.wait_for(client.post("/v1/chat/completions", json={**CHAT, "stream": True}), 10)
+        body = await asyncio.wait_for(resp.read(), 10)
+    assert resp.status == 200 and b'"content":"Hi"' in body
+    assert b'"finish_reason":"error"' in body and body.endswith(b"data: [DONE]\n\n")
+
+
+async def test_a_providers_host_and_user_agent_replace_the_gateways(gateway):
+    async with Raw(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}") as raw:
+        client = await gateway(env={"OPENROUTER_BASE_URL": raw.url}, providers=[
+            {"name": "openrouter", "headers": {"Host": "api.example.com", "User-Agent": "acme/1.0"}}])
+        await client.post("/v1/chat/completions", json=CHAT)
+    head = raw.heads[0].lower()
+    assert head.count(b"\r\nhost: ") == 1 and b"\r\nhost: api.example.com\r\n" in head
+    assert head.count(b"\r\nuser-agent: ") == 1 and b"\r\nuser-agent: acme/1.0\r\n" in head
+    assert head.count(b"\r\ncontent-length: ") == 1
+
+
+@pytest.mark.parametrize("header", ["Content-Length", "transfer-encoding", "Connection"])
+def test_a_provider_header_that_frames_the_request_is_refused_at_start_up(header):
+    from proxy.config import ConfigError
+    from tests.conftest import make_config
+
+    with pytest.raises(ConfigError, match="frames the request"):
+        make_config(providers=[{"name": "openrouter", "headers": {header: "0"}}])
+
+
+async def test_a_key_read_from_a_file_keeps_its_line_end_out_of_the_header(gateway, upstream):
+    client = await gateway(env={"OPENROUTER_API_KEY": "sk-or-test-key\n"})
+    resp = await client.post("/v1/chat/completions", json=CHAT)
+    assert resp.status == 200 and upstream.seen[0].headers["Authorization"] == "Bearer sk-or-test-key"
+    from proxy.app import create_app
+    from proxy.config import ConfigError
+    from tests.conftest import make_config
+
+    with pytest.raises(ConfigError, match="OPENROUTER_API_KEY"):
+        create_app(make_config(), {"OPENROUTER_API_KEY": "sk-or\ninjected", "OPENROUTER_BASE_URL": upstream.url})
+
+
+async def test_a_proxy_that_wants_other_credentials_is_the_operators_503(gateway, monkeypatch, caplog):
+    for name in ("NO_PROXY", "no_proxy", "http_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    async with Raw(b"HTTP/1.1 407 Proxy Authentication Required\r\nProxy-Authenticate: Basic\r\n"
+                   b"Content-Type: text/html\r\nContent-Length: 5\r\n\r\n<h1/>") as proxy:
+        monkeypatch.setenv("HTTP_PROXY", proxy.url)
+        resp = await (await gateway()).post("/v1/chat/completions", json=CHAT)
+        assert resp.status == 503 and (await resp.json())["error_type"] == "temporarily_unavailable"
