@@ -215,11 +215,10 @@ class Chunks:
         """`delta({"content": …})` for `text` already a JSON string (as an upstream wrote it)."""
         return b"".join((self._start(), b'{"content":', text, _CONTENT_END))
 
-    def contents(self, texts: bytes, between: bytes) -> bytes:
-        """`content` for each JSON string in `texts`, `between` between them (bytes that no JSON
-        string can hold), in one pass."""
+    def contents(self, texts: list[bytes]) -> bytes:
+        """`content` for each of `texts` (JSON strings), in one join."""
         start = self._start() + b'{"content":'
-        return b"".join((start, texts.replace(between, _CONTENT_END + start), _CONTENT_END))
+        return b"".join((start, (_CONTENT_END + start).join(texts), _CONTENT_END))
 
     def _start(self) -> bytes:
         if self._head_id is not self.base["id"]:

@@ -258,8 +258,7 @@ class _Message(WholeTranslation):
 
 _TEXT_EVENT = b'{"type":"content_block_delta","index":'
 _TEXT_DELTA = b',"delta":{"type":"text_delta","text":'
-_TEXT_LINE = b"event: content_block_delta\n"
-_TEXT_DATA = b"data: " + _TEXT_EVENT
+_TEXT_HEAD = b"event: content_block_delta\ndata: " + _TEXT_EVENT
 _EVENT_END = b"}}\n\n"
 
 
@@ -280,14 +279,15 @@ class _Stream(EventTranslation):
         self.counts: dict[str, Any] = {}
 
     def read(self, chunk: bytes) -> None:
-        """A read's run of text deltas (most of a stream) is made in a few C-level passes, whatever
-        its length; what comes before and after it goes event by event, in order.
+        """A read's run of text deltas (most of a stream) is made in a few C-level passes and one
+        slice per event, whatever its length; what comes before and after it goes event by event,
+        in order.
 
-        The run is `L H s E L H s E … L H s E`: L, the `event:` line; H, the data line up to the
-        text (the type, the block's index, the delta's type); s, each text as a JSON string; E,
-        `}}` and the blank line. Without its Hs, what is left must parse, E L for a comma, as an
-        array of as many values as there were Hs, each a string (H then a quote): another event
-        in the run, a delta with another field after its text, or a cut string, would not."""
+        The run is `P s E P s E … P s E`: P, the event's head up to its text (the `event:` line,
+        the type, the block's index, the delta's type), the same for each; s, the text as a JSON
+        string; E, `}}` and the blank line, which no JSON string can hold: the run splits on it.
+        Every piece must be P and a string, and the strings must parse as one array (a delta with
+        another field after its text, or a cut string, would not)."""
         events = self._events
         mid = -1 if events.pending else chunk.find(_TEXT_DELTA)
         if mid < 0:
@@ -295,30 +295,26 @@ class _Stream(EventTranslation):
             return
         first = chunk.rfind(b"\n\n", 0, mid)
         first = 0 if first < 0 else first + 2
-        data = chunk.find(b"\ndata: ", first, mid) + 1  # H without its `event:` line: under 100 bytes,
-        head = chunk[data:mid + len(_TEXT_DELTA)]      # which CPython searches for without preparing it first
+        head = chunk[first:mid + len(_TEXT_DELTA)] + b'"'
         whole = chunk.rfind(b"\n\n") + 2  # the end of the read's last whole event
-        last = chunk.rfind(head, first, whole)
-        if (chunk[first:data] != _TEXT_LINE or not head.startswith(_TEXT_DATA) or last < 0
-                or not head[len(_TEXT_DATA):-len(_TEXT_DELTA)].isdigit()):
+        last = chunk.rfind(head[-60:], first, whole)  # (under 100 bytes: CPython need not prepare it)
+        if not head.startswith(_TEXT_HEAD) or not head[len(_TEXT_HEAD):-len(_TEXT_DELTA) - 1].isdigit() or last < 0:
             self.translate(events.feed(chunk))
             return
         end = chunk.find(b"\n\n", last) + 2
         run = chunk[first:end]
-        pieces = run.split(head)  # the `event:` line, then each text with E and the next `event:` line
-        n = len(pieces) - 1
-        between = _EVENT_END + _TEXT_LINE
-        texts = b"".join(pieces[1:])  # s E L s E L … s E (another event in the run would be left in it: not JSON)
+        size = len(head) - 1
+        pieces = run.split(_EVENT_END)
+        texts = [piece[size:] for piece in pieces if piece[:size + 1] == head]
         try:
-            made = (pieces[0] == _TEXT_LINE and run.count(head + b'"') == n
-                    and len(orjson.loads(b"[" + texts[:-len(_EVENT_END)].replace(between, b",") + b"]")) == n)
+            made = len(texts) == len(pieces) - 1 and len(orjson.loads(b"[" + b",".join(texts) + b"]")) == len(texts)
         except orjson.JSONDecodeError:
             made = False
         if first:
             self.translate(events.feed(chunk[:first]))
         if not self.over:
             if made:
-                self.parts.append(self.out.contents(texts[:-len(_EVENT_END)], between))
+                self.parts.append(self.out.contents(texts))
             else:
                 self.translate(events.feed(run))
         if end < len(chunk):
