@@ -6,8 +6,11 @@ import asyncio
 import os
 import random
 import signal
+import shutil
 import socket
+import subprocess
 import sys
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -80,3 +83,17 @@ async def exit_of(proc: asyncio.subprocess.Process, seconds: float = 30) -> tupl
         raise AssertionError("still running: " + output.decode()[-2000:]) from None
     assert proc.returncode is not None
     return proc.returncode, output.decode()
+
+
+def self_signed(tmp_path: Any) -> tuple[str, str]:
+    """A certificate for 127.0.0.1 that is its own authority, and its key (files); skips the test
+    where openssl is missing."""
+    import pytest
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    return str(cert), str(key)

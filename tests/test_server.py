@@ -13,7 +13,7 @@ import pytest
 
 from tests.fakes import Upstream
 from tests.storedb import ledger_rows
-from tests.processes import exit_of, free_port, start, wait_up, workers_config
+from tests.processes import exit_of, free_port, self_signed, start, wait_up, workers_config
 
 
 async def test_sigterm_under_load_loses_no_ledger_row(upstream: Upstream, account, store_url, tmp_path):
@@ -105,16 +105,9 @@ async def test_sigterm_lets_20_streams_finish_and_refuses_new_connections(upstre
 
 
 async def test_tls_with_a_self_signed_certificate(upstream: Upstream, tmp_path):
-    import shutil
     import ssl
-    import subprocess
 
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl is not installed")
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
-                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
-                   check=True, capture_output=True)
+    cert, key = self_signed(tmp_path)
     port = free_port()
     config = tmp_path / "turnstile.toml"
     config.write_text(f'[server]\nport = {port}\ntls_cert = "{cert}"\ntls_key = "{key}"\n[keys]\ndb = "{tmp_path / "k.db"}"\n')

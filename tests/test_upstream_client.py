@@ -5,10 +5,8 @@ URL for plain HTTP, a CONNECT tunnel for HTTPS, NO_PROXY obeyed, `proxy_from_env
 from __future__ import annotations
 
 import asyncio
-import shutil
 import signal
 import ssl
-import subprocess
 from typing import Any
 
 import aiohttp
@@ -17,24 +15,18 @@ from aiohttp import web
 from yarl import URL
 
 from tests.fakes import Upstream
-from tests.processes import free_port, start, wait_up
+from tests.processes import free_port, self_signed, start, wait_up
 
 CHAT = {"model": "minimax/minimax-m2.5:free", "messages": [{"role": "user", "content": "x"}]}
 
 
-class Proxy:
-    """A forward proxy on loopback, one request per connection: CONNECT tunnels, and plain HTTP
-    requests in absolute form, each recorded."""
+class Loopback:
+    """A raw TCP server on loopback, for as long as `async with` lasts; subclasses write `_serve`."""
 
-    def __init__(self) -> None:
-        self.tunnels: list[str] = []
-        self.requests: list[tuple[str, list[bytes]]] = []
-        self.port = 0
-        self._server: asyncio.AbstractServer | None = None
+    _server: asyncio.AbstractServer | None = None
 
-    async def __aenter__(self) -> Proxy:
+    async def __aenter__(self):  # noqa: ANN204 (the subclass)
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -43,7 +35,20 @@ class Proxy:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        assert self._server is not None
+        return f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        raise NotImplementedError
+
+
+class Proxy(Loopback):
+    """A forward proxy on loopback, one request per connection: CONNECT tunnels, and plain HTTP
+    requests in absolute form, each recorded."""
+
+    def __init__(self) -> None:
+        self.tunnels: list[str] = []
+        self.requests: list[tuple[str, list[bytes]]] = []
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -105,16 +110,6 @@ async def test_through_the_environments_proxy_unless_no_proxy_or_switched_off(ga
         assert resp.status == 200 and len(proxy.requests) == 2 and len(upstream.seen) == 4
 
 
-def _certificate(tmp_path: Any) -> tuple[str, str]:
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl is not installed")
-    cert, key = tmp_path / "upstream.pem", tmp_path / "upstream.key"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
-                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
-                   check=True, capture_output=True)
-    return str(cert), str(key)
-
-
 async def _served(config: Any, env: dict[str, str], streams: bool = True) -> list[tuple[int, bytes]]:
     """Starts `turnstile serve`, makes a JSON then (if `streams`) a streamed chat request, stops it."""
     port = int(config.read_text().split("port = ")[1].split("\n")[0])
@@ -134,7 +129,7 @@ async def _served(config: Any, env: dict[str, str], streams: bool = True) -> lis
 
 
 async def test_an_https_upstream_verified_by_the_environments_trust_directly_and_tunnelled(tmp_path):
-    cert, key = _certificate(tmp_path)
+    cert, key = self_signed(tmp_path)
     fake = Upstream()
     runner = web.AppRunner(fake.app())
     await runner.setup()
@@ -184,27 +179,13 @@ async def test_a_request_header_with_a_line_break_is_refused_before_it_is_sent()
         await client.close()
 
 
-class Raw:
+class Raw(Loopback):
     """An upstream that answers every request with `answer` (bytes, as they go on the wire, in
     pieces), after reading the request's head and body."""
 
     def __init__(self, *answer: bytes) -> None:
         self.answer = answer  # pieces, sent 0.1 s apart
         self.heads: list[bytes] = []
-        self._server: asyncio.AbstractServer | None = None
-
-    async def __aenter__(self) -> Raw:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self._server is not None
-        self._server.close()
-
-    @property
-    def url(self) -> str:
-        assert self._server is not None
-        return f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
