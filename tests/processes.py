@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import os
 import random
-import signal
 import shutil
+import signal
 import socket
 import subprocess
 import sys
