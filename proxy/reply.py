@@ -163,11 +163,10 @@ class Reply:
                     passthrough: bool = False) -> web.StreamResponse:
         """The upstream's answer, translated and metered, as it arrives; `passthrough`: it is in the
         caller's dialect already, and goes out as it came."""
-        # Keep-alives were for the wait; a stream gets them again once its headers are out.
-        self._stop_ticking()
         clean = False
         try:
             if upstream.status >= 400:
+                self._stop_ticking()  # what remains is one error, in the stream if it has begun
                 return await self._upstream_error(provider, upstream)
             content_type = upstream.headers.get("Content-Type", "")
             if passthrough:
@@ -190,10 +189,13 @@ class Reply:
         status = upstream.status
         self._sse = translation.stream
         await self._settle()
-        if translation.stream:
+        if translation.stream:  # the keep-alives of the wait go on through the stream's silences
             if self.response is None:
                 await self._begin(status, SSE_HEADERS)
-            self.keep_alive()
+            if self._timer is None:
+                self.keep_alive()
+        else:
+            self._stop_ticking()  # a JSON answer (which a stream request may get) has no comments
         if self.response is not None:
             self.outcome.status = status
         try:

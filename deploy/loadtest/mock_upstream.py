@@ -29,11 +29,15 @@ def openai_bodies(chunks: int) -> tuple[bytes, list[bytes]]:
 def anthropic_events(chunks: int) -> list[bytes]:
     def ev(obj: dict) -> bytes:
         return b"event: " + obj["type"].encode() + b"\ndata: " + _json(obj).encode() + b"\n\n"
-    out = [ev({"type": "message_start", "message": {"id": "msg_mock", "usage": {"input_tokens": 12, "output_tokens": 1}}}),
+    # message_start whole, as Anthropic sends it (the SDK's stream helper builds the message from it).
+    out = [ev({"type": "message_start", "message": {"id": "msg_mock", "type": "message", "role": "assistant", "model": "mock",
+                                                    "content": [], "stop_reason": None, "stop_sequence": None,
+                                                    "usage": {"input_tokens": 12, "output_tokens": 1}}}),
            ev({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}})]
     out += [ev({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "word "}})] * chunks
     out += [ev({"type": "content_block_stop", "index": 0}),
-            ev({"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": chunks}}),
+            ev({"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                "usage": {"output_tokens": chunks}}),
             ev({"type": "message_stop"})]
     return out
 
