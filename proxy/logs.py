@@ -87,11 +87,11 @@ class Stamp:
 
     def __call__(self, logger: Any, method: str, event: dict[str, Any]) -> dict[str, Any]:
         event["level"] = _LEVEL_NAMES.get(method, method)
-        now = time.time()
-        second = int(now)
+        second, micro = divmod(time.time_ns() // 1000, 1_000_000)
         if second != self._second:
-            self._second, self._prefix = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        event["timestamp"] = f"{self._prefix}.{int((now - second) * 1_000_000):06d}Z"
+            self._second, self._prefix = second, time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(second))
+        # Six digits with their zeros by the string of a seven-digit number: a format spec is parsed each time.
+        event["timestamp"] = self._prefix + str(micro + 1_000_000)[1:] + "Z"
         return event
 
 
