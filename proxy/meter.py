@@ -289,7 +289,8 @@ class Meter:
             return data
         raw["cost"] = self.cost_micros / 1_000_000
         if fast and data.find(b'"cost"', start, end) < 0:  # appended: every byte the upstream sent kept
-            return b"".join((data[:end - 1], b',"cost":', orjson.dumps(raw["cost"]), data[end - 1:]))
+            view = memoryview(data)  # (the join copies the read once; slices of bytes would copy it twice more)
+            return b"".join((view[:end - 1], b',"cost":', orjson.dumps(raw["cost"]), view[end - 1:]))
         try:
             encoded = orjson.dumps(raw)
         except TypeError:  # what orjson will not write: an integer beyond 64 bits, a lone surrogate
