@@ -31,9 +31,11 @@ log = structlog.get_logger("turnstile.ledger")
 
 
 def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
+    written = os.write(fd, data)  # a line is written whole, but for a full disk or a signal
+    if written < len(data):
+        view = memoryview(data)[written:]
+        while view:
+            view = view[os.write(fd, view):]
 
 
 class Journal:
