@@ -187,7 +187,7 @@ class Meter:
     """Watches one response on its way out; `usage` and `cost_micros` are set once seen."""
 
     __slots__ = ("prices", "bounds", "stream", "secret", "usage", "doubted", "cost_micros", "finish_reason", "events",
-                 "native", "partial", "_parts", "_pending")
+                 "native", "partial", "compact", "_parts", "_pending")
 
     def __init__(self, prices: Prices, stream: bool, bounds: Bounds = Bounds(UNKNOWN, UNKNOWN),
                  secret: bytes = b"", native: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> None:
@@ -207,6 +207,7 @@ class Meter:
         # chat usage) and left as they are; `partial` is what a stream said before its final count.
         self.native = native
         self.partial: dict[str, Any] | None = None
+        self.compact = False  # the answer is the gateway's own JSON (a translation's): no spaced form to look for
         self._parts: list[bytes] = []  # a passed-through JSON answer, but for its held tail
         self._pending = b""
 
@@ -231,11 +232,11 @@ class Meter:
             # nor usage: `_last`'s two searches each, inline, with no Python call until one is found.
             rfind = data.rfind
             at = rfind(_FINISH_COMPACT)
-            spaced = rfind(_FINISH_SPACED, at + 1)
+            spaced = -1 if self.compact else rfind(_FINISH_SPACED, at + 1)
             if at >= 0 or spaced >= 0:
                 self._finish_at(data, max(at, spaced))
             at = rfind(_USAGE_COMPACT)
-            spaced = rfind(_USAGE_SPACED, at + 1)
+            spaced = -1 if self.compact else rfind(_USAGE_SPACED, at + 1)
             if at >= 0 or spaced >= 0:
                 data = self._patch(data, max(at, spaced))
             if self.usage is None:  # events are counted for an estimate, needed only while no usage is known

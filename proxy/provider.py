@@ -52,7 +52,9 @@ class UnreadableAnswer(ValueError):
 
 class Translation(Protocol):
     """One answer on its way back. `stream`: whether the gateway's answer is server-sent events;
-    `over`: the answer has ended (an upstream that goes on sending after it is not read further)."""
+    `over`: the answer has ended (an upstream that goes on sending after it is not read further).
+    Optional `compact = True`: all it makes is compact JSON (orjson's, as `Chunks` writes it), so
+    the meter need not also look for the spaced form of `"usage": {` in every read."""
 
     stream: bool
     over: bool

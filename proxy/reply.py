@@ -175,6 +175,7 @@ class Reply:
             else:
                 translation = provider.translation(self.ctx, content_type)
             meter.stream = translation.stream
+            meter.compact = getattr(translation, "compact", False)
             json_type = content_type if content_type.startswith("application/json") else "application/json"
             response, clean = await self._relay(provider, upstream, translation, meter, json_type)
             return response

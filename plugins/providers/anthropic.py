@@ -233,6 +233,8 @@ class Anthropic:
 class _Message(WholeTranslation):
     """An Anthropic message in, an OpenAI chat completion out."""
 
+    compact = True  # every chunk made by `Chunks` or orjson
+
     def translate(self, body: bytes) -> bytes:
         ctx = self.ctx
         msg = orjson.loads(body)
@@ -271,6 +273,8 @@ def _one_string(text: bytes) -> bool:
 
 class _Stream(EventTranslation):
     """Anthropic events in, OpenAI chunks out."""
+
+    compact = True  # every chunk made by `Chunks` or orjson
 
     def __init__(self, ctx: Context) -> None:
         super().__init__(ctx)

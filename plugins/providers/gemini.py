@@ -226,6 +226,8 @@ def _candidate(doc: dict[str, Any]) -> tuple[list[dict[str, Any]], str | None]:
 class _Response(WholeTranslation):
     """A Gemini response in, an OpenAI chat completion out."""
 
+    compact = True  # every chunk made by `Chunks` or orjson
+
     def translate(self, body: bytes) -> bytes:
         ctx = self.ctx
         doc = orjson.loads(body)
@@ -252,6 +254,8 @@ class _Response(WholeTranslation):
 
 class _Stream(EventTranslation):
     """Gemini responses in, OpenAI chunks out."""
+
+    compact = True  # every chunk made by `Chunks` or orjson
 
     def __init__(self, ctx: Context) -> None:
         super().__init__(ctx)
