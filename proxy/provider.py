@@ -213,10 +213,6 @@ class Chunks:
         end = b',"finish_reason":null}]}\n\n' if finish is None else b',"finish_reason":' + orjson.dumps(finish) + b"}]}\n\n"
         return b"".join((self._start(), orjson.dumps(delta), end))
 
-    def content(self, text: bytes) -> bytes:
-        """`delta({"content": …})` for `text` already a JSON string (as an upstream wrote it)."""
-        return b"".join((self._start(), b'{"content":', text, _CONTENT_END))
-
     def contents(self, texts: list[bytes]) -> bytes:
         """`content` for each of `texts` (JSON strings), in one join."""
         start = self._start() + b'{"content":'

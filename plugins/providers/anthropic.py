@@ -264,13 +264,6 @@ _TEXT_HEAD = b"event: content_block_delta\ndata: " + _TEXT_EVENT
 _EVENT_END = b"}}\n\n"
 
 
-def _one_string(text: bytes) -> bool:
-    try:
-        return type(orjson.loads(text)) is str
-    except orjson.JSONDecodeError:
-        return False
-
-
 class _Stream(EventTranslation):
     """Anthropic events in, OpenAI chunks out."""
 
@@ -329,14 +322,6 @@ class _Stream(EventTranslation):
         for name, raw in events:
             if not name or self.over:
                 continue
-            if name == "content_block_delta" and raw.startswith(_TEXT_EVENT) and raw.endswith(b'"}}'):
-                # Most of a stream: a piece of text, passed on as the JSON string it came as (checked
-                # to be one string, the delta's last field), not parsed into a dict and written again.
-                at = raw.find(_TEXT_DELTA, len(_TEXT_EVENT))
-                text = raw[at + len(_TEXT_DELTA):-2] if at > 0 else b""
-                if text and _one_string(text):
-                    parts.append(out.content(text))
-                    continue
             try:
                 event = orjson.loads(raw)
             except orjson.JSONDecodeError:

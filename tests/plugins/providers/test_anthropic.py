@@ -312,5 +312,9 @@ async def test_text_passed_on_as_sent_reads_as_the_parsed_way_does():
     compact = translate_reads(provider, ctx, frames(orjson.dumps))
     spaced = translate_reads(provider, ctx, frames(lambda e: json.dumps(e).encode()))
     assert [d["choices"] for d in chunks_of(compact)[0]] == [d["choices"] for d in chunks_of(spaced)[0]]
+    whole = b"".join(frames(orjson.dumps))  # the run made in one piece, or cut anywhere
+    for reads in ([whole], [whole[i:i + 7] for i in range(0, len(whole), 7)], [whole[:300], whole[300:]]):
+        made = translate_reads(provider, ctx, reads)
+        assert [d["choices"] for d in chunks_of(made)[0]] == [d["choices"] for d in chunks_of(spaced)[0]]
     contents = [d["choices"][0]["delta"].get("content") for d in chunks_of(compact)[0] if d["choices"]]
     assert contents == ["", *texts, "x", None]
