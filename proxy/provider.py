@@ -34,6 +34,14 @@ if TYPE_CHECKING:
 Usage = dict[str, Any]  # OpenAI's usage object: prompt_tokens, completion_tokens, their details
 
 
+def under(base_url: str, path: str) -> str:
+    """`path` under a provider's base URL, the base's query kept after it (Azure OpenAI's
+    `?api-version=…`): `under("https://h/v1?x=1", "/chat/completions")` is
+    `https://h/v1/chat/completions?x=1`."""
+    head, mark, query = base_url.partition("?")
+    return head.rstrip("/") + path + mark + query
+
+
 @dataclass(slots=True)
 class UpstreamRequest:
     url: str

@@ -14,7 +14,8 @@ from aiohttp import web
 from proxy.catalog import from_upstream
 from proxy.config import CatalogSettings, ConfigError
 from proxy.dial import Dialer
-from proxy.routing import Router
+from proxy.provider import under
+from proxy.routing import Router, provider_key
 
 log = structlog.get_logger("turnstile.catalog")
 
@@ -39,9 +40,9 @@ def catalog_sync(
     row = next((u.row for u in router.upstreams if u.row.name == settings.sync_provider), None)
     if row is None:
         raise ConfigError(f"catalog.sync_provider: no provider named {settings.sync_provider!r}")
-    url = (env.get(row.base_url_env) or row.base_url).rstrip("/") + "/models"
+    url = under(env.get(row.base_url_env) or row.base_url, "/models")
     headers = dict(row.headers)
-    key = env.get(row.api_key_env, "") if row.api_key_env else ""
+    key = provider_key(row, env)
     if key:
         headers["Authorization"] = f"Bearer {key}"
 

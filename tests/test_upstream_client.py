@@ -275,3 +275,20 @@ async def test_a_proxy_that_wants_other_credentials_is_the_operators_503(gateway
         monkeypatch.setenv("HTTP_PROXY", proxy.url)
         resp = await (await gateway()).post("/v1/chat/completions", json=CHAT)
         assert resp.status == 503 and (await resp.json())["error_type"] == "temporarily_unavailable"
+
+
+async def test_a_base_url_with_a_query_keeps_it_after_the_path(gateway):
+    """Azure OpenAI's base URLs carry `?api-version=…`: the path goes before it, the query as it was."""
+    async with Raw(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}") as raw:
+        client = await gateway(env={"OPENROUTER_BASE_URL": raw.url + "/openai/deployments/d/?api-version=2024-10-21&x=a%20b"})
+        await client.post("/v1/chat/completions", json=CHAT)
+    assert raw.heads[0].startswith(b"POST /openai/deployments/d/chat/completions?api-version=2024-10-21&x=a%20b HTTP/1.1\r\n")
+
+
+async def test_every_anthropic_beta_the_client_sent_is_passed_on(gateway, upstream):
+    client = await gateway(native=True)
+    resp = await client.post("/v1/messages", json={"model": "anthropic/claude-sonnet-4.6", "max_tokens": 10,
+                                                   "messages": [{"role": "user", "content": "x"}]},
+                             headers=[("anthropic-beta", "a-2025"), ("anthropic-beta", "b-2025")])
+    assert resp.status == 200, await resp.text()
+    assert upstream.seen[-1].headers.get("anthropic-beta") == "a-2025, b-2025"

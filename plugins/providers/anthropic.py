@@ -22,7 +22,7 @@ from proxy.dialects import passthrough
 from proxy.dialects.messages import chat_usage as usage
 from proxy.errors import invalid_request
 from proxy.provider import (
-    EventTranslation, Translation, UpstreamRequest, WholeTranslation, error_body, error_of,
+    EventTranslation, Translation, UpstreamRequest, WholeTranslation, error_body, error_of, under,
 )
 
 VERSION = "2023-06-01"
@@ -164,7 +164,7 @@ class Anthropic:
 
     def __init__(self, *, name: str, base_url: str, api_key: str = "", headers: dict[str, str] | None = None) -> None:
         self.name = name
-        self.url = base_url.rstrip("/") + "/v1/messages"
+        self.url = under(base_url, "/v1/messages")
         self.headers = {"Content-Type": "application/json", "anthropic-version": VERSION, **(headers or {})}
         if api_key:
             self.headers["x-api-key"] = api_key

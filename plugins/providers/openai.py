@@ -14,7 +14,7 @@ import orjson
 
 from proxy.dialects import passthrough
 from proxy.config import ConfigError
-from proxy.provider import Passthrough, Translation, UpstreamRequest
+from proxy.provider import Passthrough, Translation, UpstreamRequest, under
 
 if TYPE_CHECKING:
     from proxy.context import Context, Native
@@ -107,8 +107,8 @@ class OpenAICompatible:
         self.name = name
         self.speaks = frozenset(dialects)
         self.hosted_tools = hosted_tools
-        self.base = base_url.rstrip("/")
-        self.url = self.base + "/chat/completions"
+        self.base = base_url
+        self.url = under(base_url, "/chat/completions")
         self.headers = {"Content-Type": "application/json", **(headers or {})}
         if api_key:
             self.headers["Authorization"] = f"Bearer {api_key}"
@@ -128,7 +128,7 @@ class OpenAICompatible:
 
     def native_request(self, ctx: Context, upstream_model: str) -> UpstreamRequest:
         assert ctx.native is not None
-        return UpstreamRequest(f"{self.base}/{ctx.native.dialect}", passthrough.headers(ctx, self.headers),
+        return UpstreamRequest(under(self.base, "/" + ctx.native.dialect), passthrough.headers(ctx, self.headers),
                                passthrough.body(ctx, upstream_model))
 
     def translation(self, ctx: Context, content_type: str) -> Translation:

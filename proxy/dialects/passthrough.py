@@ -145,7 +145,8 @@ def headers(ctx: Context, base: dict[str, str]) -> dict[str, str]:
     if native is None or native.dialect != "messages":
         return base
     given = ctx.request.headers
-    extra = {name: given[name] for name in ANTHROPIC_HEADERS if name in given}
+    # A header sent several times (one `anthropic-beta` a beta) is one comma-separated list.
+    extra = {name: ", ".join(given.getall(name)) for name in ANTHROPIC_HEADERS if name in given}
     return {**base, **extra} if extra else base
 
 
