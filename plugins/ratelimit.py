@@ -45,6 +45,15 @@ class _Window:
         return self.head + ip + self.tail
 
 
+def _reachable(hourly: RateLimitItem, daily: RateLimitItem) -> bool:
+    """Whether the daily cap can ever refuse a request the hourly window admits. It counts admitted
+    requests only, and its sliding counter weighs at most the last whole day and this one: when the
+    window lets through too few for that to reach the cap (the defaults: 2 x 24 x 200 = 9,600 of
+    10,000), counting it would change no answer, and with Redis cost every request a round trip."""
+    most = hourly.amount * math.ceil(daily.get_expiry() / hourly.get_expiry())
+    return 2 * most > daily.amount
+
+
 class RateLimit:
     def __init__(
         self,
@@ -86,7 +95,7 @@ class RateLimit:
         # it must not use up one of the caller's requests.
         self.servable = servable
         self._hourly = _Window(self.hourly, "free")
-        self._daily = _Window(self.daily, "promo") if self.daily else None
+        self._daily = _Window(self.daily, "promo") if self.daily and _reachable(self.hourly, self.daily) else None
         self.everyone = who == "free"
         amount, _, per = limit.partition("/")
         self.advertised = AdvertisedLimit(int(amount), per, "Free models, per client IP.") if self.everyone else None

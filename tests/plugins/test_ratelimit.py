@@ -149,3 +149,27 @@ async def test_the_daily_cap_keeps_counters_not_an_entry_per_request():
     assert answers == ["served"] * 45 + [401] * 3  # the hourly window (50) counted all 48
     assert [len(entries) for entries in storage.events.values()] == [48]  # the hourly window's only
     assert sorted(storage.storage.values()) == [45]  # the daily cap: one counter for this day
+
+
+@pytest.mark.parametrize("limit, daily, counted", [("200/hour", "10000/day", False), ("500/hour", "10000/day", True),
+                                                   ("50/hour", "45/day", True), ("10/minute", "28800/day", False)])
+async def test_a_daily_cap_the_window_can_never_reach_is_not_counted(limit, daily, counted):
+    """The daily cap counts admitted requests: where the hourly window admits too few to reach it
+    (at most two days' worth weigh in), it cannot refuse anything, and is not counted (with Redis,
+    a round trip a request saved)."""
+    from types import SimpleNamespace
+
+    from plugins.ratelimit import RateLimit
+    from proxy.limitstore import SweptMemoryStorage
+
+    storage = SweptMemoryStorage()
+    stage = RateLimit(storage, limit=limit, daily_limit=daily)
+
+    async def served(ctx):
+        return "served"
+
+    for _ in range(3):
+        ctx = SimpleNamespace(model=SimpleNamespace(free=True), account=None, client_ip="198.51.100.41",
+                              response_headers={})
+        assert await stage(ctx, served) == "served"
+    assert any("promo" in key for key in storage.storage) is counted
